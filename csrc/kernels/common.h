@@ -1,0 +1,93 @@
+// Shared definitions for the framework-agnostic kernels: element types, half-precision
+// conversions and the host/device qualifier. No torch headers here, on purpose: this layer
+// builds in seconds with CMake and is unit-tested without a GPU.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define RF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RF_HOST_DEVICE inline
+#endif
+
+namespace regmean_fast {
+namespace kernels {
+
+// Element type of the activations X. G is always fp32.
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline const char* dtype_name(DType dt) {
+  switch (dt) {
+    case DType::F32: return "float32";
+    case DType::BF16: return "bfloat16";
+    case DType::F16: return "float16";
+  }
+  return "?";
+}
+
+inline int64_t dtype_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+// bfloat16 is the top half of an IEEE float: widening is a shift.
+RF_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+#if defined(__CUDA_ARCH__)
+  f = __uint_as_float(u);
+#else
+  std::memcpy(&f, &u, sizeof(f));
+#endif
+  return f;
+}
+
+// Round-to-nearest-even narrowing, used by tests and the CPU twins to make bf16 data.
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, NaN).
+RF_HOST_DEVICE float f16_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {
+    // Subnormal: normalise the mantissa.
+    int e = -1;
+    do {
+      man <<= 1;
+      ++e;
+    } while ((man & 0x400u) == 0);
+    u = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+#if defined(__CUDA_ARCH__)
+  f = __uint_as_float(u);
+#else
+  std::memcpy(&f, &u, sizeof(f));
+#endif
+  return f;
+}
+
+// Widen element `i` of a buffer of the given type.
+RF_HOST_DEVICE float load_as_float(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::BF16: return bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]);
+    case DType::F16: return f16_bits_to_float(static_cast<const uint16_t*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+}  // namespace kernels
+}  // namespace regmean_fast

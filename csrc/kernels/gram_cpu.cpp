@@ -1,0 +1,295 @@
+// CPU Gram accumulation: triu(G) += X^T X with fp32 accumulation.
+//
+// Two implementations behind one contract:
+//  * MKL (resolved at run time with dlsym; torch's x86 wheels export cblas_gemm_bf16bf16f32,
+//    cblas_gemm_f16f16f32 and sgemm_): one GEMM per block row of the upper triangle, beta = 1,
+//    straight into G. The diagonal block goes through a scratch tile so the strict lower
+//    triangle of G stays untouched.
+//  * Portable: rows are packed (widened to fp32, zero-padded to the tile) one chunk at a time and
+//    every tile on or above the diagonal is computed with a register-blocked micro-kernel written
+//    with GCC/Clang vector extensions, so it vectorises on any ISA the compiler targets.
+#include "gram_cpu.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "tiling.h"
+
+namespace regmean_fast {
+namespace kernels {
+
+void ThreadRunner::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) const {
+  if (n <= 0) return;
+  const int64_t parts = std::min<int64_t>(threads_, n);
+  if (parts == 1) {
+    body(0, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t p = 1; p < parts; ++p) {
+    int64_t b, e;
+    split_range(n, parts, p, &b, &e);
+    pool.emplace_back([&body, b, e] { body(b, e); });
+  }
+  int64_t b, e;
+  split_range(n, parts, 0, &b, &e);
+  body(b, e);
+  for (auto& t : pool) t.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run-time BLAS resolution.
+
+namespace {
+
+constexpr int kCblasRowMajor = 101;
+constexpr int kCblasNoTrans = 111;
+constexpr int kCblasTrans = 112;
+
+using GemmHalfFn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc);
+using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, const int* n,
+                         const int* k, const float* alpha, const float* a, const int* lda,
+                         const float* b, const int* ldb, const float* beta, float* c,
+                         const int* ldc);
+
+struct BlasTable {
+  GemmHalfFn gemm_bf16 = nullptr;
+  GemmHalfFn gemm_f16 = nullptr;
+  SgemmFn sgemm = nullptr;
+  const char* source = "none";
+};
+
+// Only libraries already in the process are searched (RTLD_NOLOAD): we never load a BLAS of our
+// own, we use the one torch (or the host program) brought. torch's own MKL comes first so that a
+// different sgemm_ elsewhere in the process (another BLAS, another integer width) is not picked.
+const BlasTable& blas() {
+  static BlasTable table;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* libs[] = {"libtorch_cpu.so", "libmkl_rt.so.2", "libmkl_rt.so"};
+    for (const char* name : libs) {
+      void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
+      if (!h) continue;
+      table.gemm_bf16 = reinterpret_cast<GemmHalfFn>(dlsym(h, "cblas_gemm_bf16bf16f32"));
+      table.gemm_f16 = reinterpret_cast<GemmHalfFn>(dlsym(h, "cblas_gemm_f16f16f32"));
+      table.sgemm = reinterpret_cast<SgemmFn>(dlsym(h, "sgemm_"));
+      if (table.gemm_bf16 || table.gemm_f16 || table.sgemm) {
+        table.source = name;
+        return;
+      }
+    }
+  });
+  return table;
+}
+
+bool forced_portable() {
+  const char* v = std::getenv("REGMEAN_FAST_CPU_GEMM");
+  return v && std::strcmp(v, "portable") == 0;
+}
+
+// Rows per BLAS call: MKL's LP64 interface takes 32-bit sizes.
+constexpr int64_t kMaxBlasRows = int64_t(1) << 30;
+// Block-row height of the BLAS path: the triangle costs (1/2 + 1/(2 nb)) of a full GEMM.
+constexpr int64_t kBlasBlock = 256;
+
+// One GEMM C[m x n] (+)= sum_r X[r, i0 + a] * X[r, j0 + b] for the selected path.
+void blas_xtx(CpuGemmPath path, const void* X, DType dt, int64_t rows, int64_t ldx, int64_t i0,
+              int64_t m, int64_t j0, int64_t n, float beta, float* C, int64_t ldc) {
+  const BlasTable& t = blas();
+  const int64_t es = dtype_size(dt);
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxBlasRows) {
+    const int k = static_cast<int>(std::min(kMaxBlasRows, rows - r0));
+    const char* base = static_cast<const char*>(X) + r0 * ldx * es;
+    const float b = r0 == 0 ? beta : 1.0f;
+    if (path == CpuGemmPath::BlasF32) {
+      // Column-major view: X is the d x rows matrix Xc = X^T with ld = ldx. C (col-major, ldc)
+      // at C + 0 is the row-major block we want, transposed; the block of X^T X is symmetric in
+      // (i, j) so C_cm[b, a] = sum_r X[r, j0+b] X[r, i0+a] is what sgemm computes with A = Xc
+      // rows j0.., B = Xc rows i0.. transposed.
+      const float* xf = reinterpret_cast<const float*>(base);
+      const int mm = static_cast<int>(n), nn = static_cast<int>(m), lda = static_cast<int>(ldx),
+                ldcc = static_cast<int>(ldc);
+      const float one = 1.0f;
+      t.sgemm("N", "T", &mm, &nn, &k, &one, xf + j0, &lda, xf + i0, &lda, &b, C, &ldcc);
+    } else {
+      const uint16_t* xh = reinterpret_cast<const uint16_t*>(base);
+      GemmHalfFn fn = path == CpuGemmPath::MklBf16 ? t.gemm_bf16 : t.gemm_f16;
+      fn(kCblasRowMajor, kCblasTrans, kCblasNoTrans, static_cast<int>(m), static_cast<int>(n), k,
+         1.0f, xh + i0, static_cast<int>(ldx), xh + j0, static_cast<int>(ldx), b, C,
+         static_cast<int>(ldc));
+    }
+  }
+}
+
+void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
+                      CpuGemmPath path) {
+  // BLAS threads internally (MKL uses torch's OpenMP pool), so the block rows run in order.
+  std::vector<float> diag(static_cast<size_t>(kBlasBlock * kBlasBlock));
+  const int64_t nb = ceil_div(d, kBlasBlock);
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const int64_t i0 = bi * kBlasBlock, ti = block_extent(bi, kBlasBlock, d);
+    blas_xtx(path, X, dt, rows, ldx, i0, ti, i0, ti, 0.0f, diag.data(), ti);
+    for (int64_t a = 0; a < ti; ++a) {
+      float* g = G + (i0 + a) * d + i0;
+      const float* s = diag.data() + a * ti;
+      for (int64_t b = a; b < ti; ++b) g[b] += s[b];
+    }
+    const int64_t j0 = i0 + ti;
+    if (j0 < d) blas_xtx(path, X, dt, rows, ldx, i0, ti, j0, d - j0, 1.0f, G + i0 * d + j0, d);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable path.
+
+constexpr int64_t kTile = 64;       // tile side (both i and j)
+constexpr int64_t kRowChunk = 512;  // rows packed at a time
+constexpr int kMR = 4;              // micro-kernel rows (i)
+constexpr int kVec = 16;            // floats per vector
+constexpr int kNV = kTile / kVec;   // vectors per micro-kernel row (j)
+
+typedef float vfloat __attribute__((vector_size(kVec * sizeof(float))));
+typedef float vfloat_u __attribute__((vector_size(kVec * sizeof(float)), aligned(4)));
+
+// out[a][b] = sum_r P[r, i0 + a] * P[r, j0 + b], a < kMR, b < kTile. P is zero-padded, so the
+// micro-kernel never needs an edge case.
+inline void micro_kernel(const float* P, int64_t ldp, int64_t nr, int64_t i0, int64_t j0,
+                         float* out) {
+  vfloat acc[kMR][kNV];
+  for (int a = 0; a < kMR; ++a)
+    for (int v = 0; v < kNV; ++v) acc[a][v] = vfloat{};
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* row = P + r * ldp;
+    vfloat bj[kNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) bj[v] = *reinterpret_cast<const vfloat_u*>(row + j0 + v * kVec);
+#pragma GCC unroll 4
+    for (int a = 0; a < kMR; ++a) {
+      const float s = row[i0 + a];
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) acc[a][v] += s * bj[v];
+    }
+  }
+  for (int a = 0; a < kMR; ++a)
+    for (int v = 0; v < kNV; ++v) std::memcpy(out + a * kTile + v * kVec, &acc[a][v], sizeof(vfloat));
+}
+
+void gram_update_portable(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
+                          const TaskRunner& runner) {
+  const int64_t ldp = round_up(d, kTile);
+  const int64_t nb = ldp / kTile;
+  const int64_t ntiles = triangle_tile_count(nb);
+  const int64_t chunk = std::min(kRowChunk, rows);
+  std::vector<float> P(static_cast<size_t>(chunk * ldp));
+  const int64_t es = dtype_size(dt);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+    const int64_t nr = std::min(kRowChunk, rows - r0);
+    runner.parallel_for(nr, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const void* src = static_cast<const char*>(X) + (r0 + r) * ldx * es;
+        float* dst = P.data() + r * ldp;
+        if (dt == DType::F32) {
+          std::memcpy(dst, src, static_cast<size_t>(d) * sizeof(float));
+        } else {
+          for (int64_t c = 0; c < d; ++c) dst[c] = load_as_float(src, dt, c);
+        }
+        std::fill(dst + d, dst + ldp, 0.0f);
+      }
+    });
+    runner.parallel_for(ntiles, [&](int64_t tb, int64_t te) {
+      alignas(64) float out[kMR * kTile];
+      for (int64_t t = tb; t < te; ++t) {
+        int64_t bi, bj;
+        triangle_tile_coords(t, nb, &bi, &bj);
+        const int64_t i0 = bi * kTile, j0 = bj * kTile;
+        const int64_t iend = std::min(i0 + kTile, d), jend = std::min(j0 + kTile, d);
+        for (int64_t ii = i0; ii < iend; ii += kMR) {
+          micro_kernel(P.data(), ldp, nr, ii, j0, out);
+          for (int64_t a = 0; a < kMR && ii + a < iend; ++a) {
+            const int64_t i = ii + a;
+            const int64_t jstart = std::max(j0, i);  // upper triangle only
+            float* g = G + i * d;
+            const float* o = out + a * kTile - j0;
+            for (int64_t j = jstart; j < jend; ++j) g[j] += o[j];
+          }
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+const char* cpu_gemm_path_name(CpuGemmPath p) {
+  switch (p) {
+    case CpuGemmPath::Portable: return "portable";
+    case CpuGemmPath::MklBf16: return "mkl-bf16";
+    case CpuGemmPath::MklF16: return "mkl-f16";
+    case CpuGemmPath::BlasF32: return "blas-sgemm";
+  }
+  return "?";
+}
+
+CpuGemmPath cpu_gemm_path(DType dt) {
+  if (forced_portable()) return CpuGemmPath::Portable;
+  const BlasTable& t = blas();
+  switch (dt) {
+    case DType::BF16: return t.gemm_bf16 ? CpuGemmPath::MklBf16 : CpuGemmPath::Portable;
+    case DType::F16: return t.gemm_f16 ? CpuGemmPath::MklF16 : CpuGemmPath::Portable;
+    case DType::F32: return t.sgemm ? CpuGemmPath::BlasF32 : CpuGemmPath::Portable;
+  }
+  return CpuGemmPath::Portable;
+}
+
+void cpu_blas_summary(char* buf, int64_t buflen) {
+  const BlasTable& t = blas();
+  if (!t.gemm_bf16 && !t.gemm_f16 && !t.sgemm) {
+    std::snprintf(buf, static_cast<size_t>(buflen), "none");
+    return;
+  }
+  std::snprintf(buf, static_cast<size_t>(buflen), "%s:%s%s%s", t.source, t.gemm_bf16 ? " bf16" : "",
+                t.gemm_f16 ? " f16" : "", t.sgemm ? " f32" : "");
+}
+
+void gram_update_cpu_path(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
+                          const TaskRunner& runner, CpuGemmPath path) {
+  if (d <= 0 || rows <= 0) return;
+  if (path == CpuGemmPath::Portable || d > INT_MAX || ldx > INT_MAX) {
+    gram_update_portable(G, d, X, dt, rows, ldx, runner);
+  } else {
+    gram_update_blas(G, d, X, dt, rows, ldx, path);
+  }
+}
+
+void gram_update_cpu(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
+                     const TaskRunner& runner) {
+  gram_update_cpu_path(G, d, X, dt, rows, ldx, runner, cpu_gemm_path(dt));
+}
+
+void symmetrize_cpu(float* G, int64_t d, const TaskRunner& runner) {
+  // Tile pairs (bi <= bj): the lower tile (bj, bi) is the transpose of the upper (bi, bj).
+  const int64_t nb = ceil_div(d, kTile);
+  runner.parallel_for(triangle_tile_count(nb), [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      int64_t bi, bj;
+      triangle_tile_coords(t, nb, &bi, &bj);
+      const int64_t i0 = bi * kTile, iend = std::min(i0 + kTile, d);
+      const int64_t j0 = bj * kTile, jend = std::min(j0 + kTile, d);
+      for (int64_t i = i0; i < iend; ++i)
+        for (int64_t j = std::max(j0, i + 1); j < jend; ++j) G[j * d + i] = G[i * d + j];
+    }
+  });
+}
+
+}  // namespace kernels
+}  // namespace regmean_fast

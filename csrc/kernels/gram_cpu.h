@@ -1,0 +1,70 @@
+// CPU kernels for Gram accumulation. Raw pointers only; threads come from the caller through a
+// TaskRunner so that the torch binding can use torch's own pool (no second OpenMP runtime).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "common.h"
+
+namespace regmean_fast {
+namespace kernels {
+
+// Runs body(begin, end) over [0, n) in parallel chunks. The torch binding wraps at::parallel_for.
+class TaskRunner {
+ public:
+  virtual ~TaskRunner() = default;
+  virtual void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) const = 0;
+};
+
+class SerialRunner final : public TaskRunner {
+ public:
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) const override {
+    if (n > 0) body(0, n);
+  }
+};
+
+// std::thread pool-less runner for tests and the CMake-only build.
+class ThreadRunner final : public TaskRunner {
+ public:
+  explicit ThreadRunner(int threads) : threads_(threads < 1 ? 1 : threads) {}
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) const override;
+
+ private:
+  int threads_;
+};
+
+// Which CPU implementation gram_update_cpu uses.
+enum class CpuGemmPath : int {
+  Portable = 0,  // blocked, packed fp32 micro-kernel (any CPU)
+  MklBf16 = 1,   // cblas_gemm_bf16bf16f32 (AMX/AVX512-BF16 where MKL has it)
+  MklF16 = 2,    // cblas_gemm_f16f16f32
+  BlasF32 = 3,   // Fortran sgemm_ found in the process
+};
+
+const char* cpu_gemm_path_name(CpuGemmPath p);
+
+// The path that gram_update_cpu will take for inputs of type dt in this process right now.
+// The environment variable REGMEAN_FAST_CPU_GEMM=portable forces the portable path (read per
+// call, so tests can flip it).
+CpuGemmPath cpu_gemm_path(DType dt);
+
+// Summary of the fast BLAS entry points that were found at run time (for build_info).
+// Writes e.g. "mkl:bf16,f16,f32" or "none" into buf.
+void cpu_blas_summary(char* buf, int64_t buflen);
+
+// G[i, j] += sum_r X[r, i] * X[r, j] for every i <= j (the strict lower triangle is not touched).
+//   G:    d x d fp32, row-major, leading dimension d.
+//   X:    rows x d, row-major with row stride ldx elements and unit column stride, of type dt.
+void gram_update_cpu(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
+                     const TaskRunner& runner);
+
+// Same contract, forcing one path (tests compare paths).
+void gram_update_cpu_path(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
+                          const TaskRunner& runner, CpuGemmPath path);
+
+// Copy the upper triangle of the d x d row-major matrix G into the lower triangle.
+void symmetrize_cpu(float* G, int64_t d, const TaskRunner& runner);
+
+}  // namespace kernels
+}  // namespace regmean_fast

@@ -1,0 +1,43 @@
+"""Command line: python -m regmean_fast {info, ...}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_info(args) -> int:
+    from . import build_info
+
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"regmean_fast extension : {'built' if info['extension'] else 'missing (pure-PyTorch path)'}")
+    print(f"torch                  : {info['torch']}")
+    print(f"CPU kernels            : {'yes' if info['cpu_kernels'] else 'no'}")
+    print(f"CUDA kernels           : {'yes' if info['cuda_kernels'] else 'no'}")
+    print(f"CUDA archs             : {', '.join(info['cuda_archs']) or '-'}")
+    print(f"CPU BLAS found         : {info['cpu_blas']}")
+    for dt, path in info["cpu_gemm_path"].items():
+        print(f"gram_update CPU path   : {dt:<9} -> {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m regmean_fast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="what was compiled and which fast paths are live")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The closed-form RegMean solve, the fast path used by the merge engine.
+
+For one shared-input group (the modules reading the same input, e.g. q/k/v) and K models:
+
+    A = sum_i c_i (alpha N(G_i) + (1 - alpha) diag(N(G_i)))          (one pass over the K Grams)
+    B = sum_i c_i (alpha N(G_i) + (1 - alpha) diag(N(G_i))) W_i^T    (all modules' W_i concatenated)
+    W* ^T = A^-1 B                                                    (one Cholesky for the group)
+
+N divides by the token count ("mean", the published codes' choice) or not ("sum"). The reference
+implementation (regmean_fast.reference) is the oracle these are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+NORMALIZATIONS = ("mean", "sum")
+RIDGE_START = 1e-6
+RIDGE_MAX = 1e-1
+
+
+@dataclass
+class SolveReport:
+    """What the solve needed: the plain Cholesky, a ridge (lambda * mean(diag) * I), or least squares."""
+
+    method: str = "cholesky"  # "cholesky", "cholesky+ridge" or "lstsq"
+    ridge: float = 0.0  # lambda used (relative to mean(diag(A)))
+    attempts: int = 1
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "ridge": self.ridge, "attempts": self.attempts, "notes": list(self.notes)}
+
+
+def normalized_coeffs(coeffs: Sequence[float] | None, k: int) -> list[float]:
+    """Model weights c_i, validated and scaled to sum to 1 (None -> equal weights)."""
+    if coeffs is None:
+        return [1.0 / k] * k
+    c = [float(x) for x in coeffs]
+    if len(c) != k:
+        raise ValueError(f"got {len(c)} coefficients for {k} models")
+    if any(x < 0 or x != x for x in c):
+        raise ValueError(f"coefficients must be non-negative numbers, got {c}")
+    total = sum(c)
+    if total <= 0:
+        raise ValueError("coefficients must not all be zero")
+    return [x / total for x in c]
+
+
+def gram_scales(counts: Sequence[int] | None, k: int, normalization: str) -> list[float]:
+    """The factor N(G) = scale * G for each model."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "sum" or counts is None:
+        return [1.0] * k
+    if len(counts) != k:
+        raise ValueError(f"got {len(counts)} token counts for {k} models")
+    if any(int(n) <= 0 for n in counts):
+        raise ValueError(f"token counts must be positive, got {list(counts)}")
+    return [1.0 / float(n) for n in counts]
+
+
+def reduce_grams(grams: Sequence[torch.Tensor], factors: Sequence[float], alpha: float,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A = sum_i f_i (alpha G_i + (1 - alpha) diag(G_i)), symmetric, in `dtype`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    A = torch.zeros_like(grams[0], dtype=dtype)
+    diag = torch.zeros(A.size(0), dtype=dtype, device=A.device)
+    for G, f in zip(grams, factors):
+        Gd = G.to(dtype)
+        A.add_(Gd, alpha=f * alpha)
+        diag.add_(torch.diagonal(Gd), alpha=f * (1.0 - alpha))
+    A.diagonal().add_(diag)
+    return A
+
+
+def robust_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
+    """Solve A X = B for symmetric positive (semi-)definite A.
+
+    Cholesky first; when it fails (info > 0, or a non-finite factor, which CUDA can return with
+    info == 0) add lambda * mean(diag(A)) * I with lambda = 1e-6, 1e-5, ... up to 1e-1; then least
+    squares. A may be modified in place only through the ridge on a copy.
+    """
+    if not torch.isfinite(A).all() or not torch.isfinite(B).all():
+        raise FloatingPointError("non-finite values in the system to solve")
+    report = SolveReport()
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0 and torch.isfinite(L).all():
+        return torch.cholesky_solve(B, L), report
+    scale = float(torch.diagonal(A).abs().mean())
+    if scale == 0.0 or scale != scale:
+        scale = 1.0
+    lam = RIDGE_START
+    while lam <= RIDGE_MAX * (1 + 1e-9):
+        report.attempts += 1
+        Ar = A.clone()
+        Ar.diagonal().add_(lam * scale)
+        L, info = torch.linalg.cholesky_ex(Ar)
+        if int(info) == 0 and torch.isfinite(L).all():
+            report.method, report.ridge = "cholesky+ridge", lam
+            return torch.cholesky_solve(B, L), report
+        lam *= 10.0
+    report.attempts += 1
+    report.method, report.ridge = "lstsq", 0.0
+    report.notes.append("Cholesky failed even with a ridge of 1e-1 * mean(diag); used least squares")
+    X = torch.linalg.lstsq(A.double().cpu(), B.double().cpu(), driver="gelsd").solution
+    return X.to(dtype=A.dtype, device=A.device), report
+
+
+def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[torch.Tensor], *,
+                  alpha: float = 1.0, coeffs: Sequence[float] | None = None,
+                  counts: Sequence[int] | None = None, normalization: str = "mean",
+                  solve_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], SolveReport]:
+    """Merge every module of one shared-input group with one factorisation.
+
+    weights[m][i]: module m's weight in model i, oriented [d_out_m, d_in] (callers transpose
+    transformers Conv1D weights). grams[i]: model i's raw symmetric Gram [d_in, d_in];
+    counts[i]: its token count (needed for normalization="mean"). Returns the merged weights
+    (solve_dtype, [d_out_m, d_in] each) and what the solve needed.
+    """
+    k = len(grams)
+    if k == 0:
+        raise ValueError("no models to merge")
+    for m, per_model in enumerate(weights):
+        if len(per_model) != k:
+            raise ValueError(f"module {m}: {len(per_model)} weights for {k} Grams")
+    d = grams[0].size(0)
+    for i, G in enumerate(grams):
+        if G.shape != (d, d):
+            raise ValueError(f"Gram {i} has shape {tuple(G.shape)}, expected ({d}, {d})")
+    for m, per_model in enumerate(weights):
+        for i, W in enumerate(per_model):
+            if W.dim() != 2 or W.size(1) != d:
+                raise ValueError(f"module {m}, model {i}: weight shape {tuple(W.shape)} does not take inputs of size {d}")
+    factors = [c * s for c, s in zip(normalized_coeffs(coeffs, k), gram_scales(counts, k, normalization))]
+    A = reduce_grams(grams, factors, alpha, solve_dtype)
+    widths = [per_model[0].size(0) for per_model in weights]
+    B = torch.zeros(d, sum(widths), dtype=solve_dtype, device=A.device)
+    for i, (G, f) in enumerate(zip(grams, factors)):
+        Gt = G.to(solve_dtype) * (f * alpha)
+        Gt.diagonal().add_(torch.diagonal(G).to(solve_dtype) * (f * (1.0 - alpha)))
+        Wt = torch.cat([per_model[i].to(device=A.device, dtype=solve_dtype) for per_model in weights], dim=0).T
+        B.addmm_(Gt, Wt)
+    X, report = robust_spd_solve(A, B)
+    merged = [part.T.contiguous() for part in torch.split(X, widths, dim=1)]
+    return merged, report
+
+
+def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float = 1.0,
+                  coeffs: Sequence[float] | None = None) -> torch.Tensor:
+    """Merge one layer: K weights [d_out, d_in] and their already normalised Grams [d_in, d_in]."""
+    merged, _ = regmean_group([list(weights)], list(grams), alpha=alpha, coeffs=coeffs, normalization="sum",
+                              solve_dtype=torch.float32 if weights[0].dtype != torch.float64 else torch.float64)
+    return merged[0]
