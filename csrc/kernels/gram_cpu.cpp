@@ -100,7 +100,7 @@ bool forced_portable() {
 // Rows per BLAS call: MKL's LP64 interface takes 32-bit sizes.
 constexpr int64_t kMaxBlasRows = int64_t(1) << 30;
 // Block-row height of the BLAS path: the triangle costs (1/2 + 1/(2 nb)) of a full GEMM.
-constexpr int64_t kBlasBlock = 256;
+constexpr int64_t kBlasBlock = 512;
 
 // One GEMM C[m x n] (+)= sum_r X[r, i0 + a] * X[r, j0 + b] for the selected path.
 void blas_xtx(CpuGemmPath path, const void* X, DType dt, int64_t rows, int64_t ldx, int64_t i0,
@@ -161,21 +161,25 @@ constexpr int kNV = kTile / kVec;   // vectors per micro-kernel row (j)
 typedef float vfloat __attribute__((vector_size(kVec * sizeof(float))));
 typedef float vfloat_u __attribute__((vector_size(kVec * sizeof(float)), aligned(4)));
 
-// out[a][b] = sum_r P[r, i0 + a] * P[r, j0 + b], a < kMR, b < kTile. P is zero-padded, so the
-// micro-kernel never needs an edge case.
-inline void micro_kernel(const float* P, int64_t ldp, int64_t nr, int64_t i0, int64_t j0,
-                         float* out) {
+// Packed layout of a chunk of nr rows: column block b (kTile wide, zero-padded past d) is a
+// contiguous [nr x kTile] panel, so the micro-kernel streams both operands with unit stride.
+inline float* panel(float* P, int64_t b, int64_t nr) { return P + b * nr * kTile; }
+
+// out[a][c] = sum_r Pi[r, a] * Pj[r, c] for a < kMR, c < kTile, where Pi = panel_i + a0 and
+// Pj = panel_j (rows of kTile floats). Padding is zero, so there is no edge case here.
+inline void micro_kernel(const float* pi, const float* pj, int64_t nr, float* out) {
   vfloat acc[kMR][kNV];
   for (int a = 0; a < kMR; ++a)
     for (int v = 0; v < kNV; ++v) acc[a][v] = vfloat{};
   for (int64_t r = 0; r < nr; ++r) {
-    const float* row = P + r * ldp;
+    const float* ri = pi + r * kTile;
+    const float* rj = pj + r * kTile;
     vfloat bj[kNV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) bj[v] = *reinterpret_cast<const vfloat_u*>(row + j0 + v * kVec);
+    for (int v = 0; v < kNV; ++v) bj[v] = *reinterpret_cast<const vfloat_u*>(rj + v * kVec);
 #pragma GCC unroll 4
     for (int a = 0; a < kMR; ++a) {
-      const float s = row[i0 + a];
+      const float s = ri[a];
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[a][v] += s * bj[v];
     }
@@ -184,26 +188,47 @@ inline void micro_kernel(const float* P, int64_t ldp, int64_t nr, int64_t i0, in
     for (int v = 0; v < kNV; ++v) std::memcpy(out + a * kTile + v * kVec, &acc[a][v], sizeof(vfloat));
 }
 
+template <typename Load>
+void pack_rows(const char* X, int64_t es, int64_t ldx, int64_t d, int64_t nb, int64_t r0, int64_t nr, int64_t rb,
+               int64_t re, float* P, Load load) {
+  for (int64_t r = rb; r < re; ++r) {
+    const char* src = X + (r0 + r) * ldx * es;
+    for (int64_t b = 0; b < nb; ++b) {
+      float* dst = panel(P, b, nr) + r * kTile;
+      const int64_t c0 = b * kTile, w = block_extent(b, kTile, d);
+      for (int64_t c = 0; c < w; ++c) dst[c] = load(src, c0 + c);
+      for (int64_t c = w; c < kTile; ++c) dst[c] = 0.0f;
+    }
+  }
+}
+
 void gram_update_portable(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                           const TaskRunner& runner) {
-  const int64_t ldp = round_up(d, kTile);
-  const int64_t nb = ldp / kTile;
+  const int64_t nb = ceil_div(d, kTile);
   const int64_t ntiles = triangle_tile_count(nb);
   const int64_t chunk = std::min(kRowChunk, rows);
-  std::vector<float> P(static_cast<size_t>(chunk * ldp));
+  std::vector<float> P(static_cast<size_t>(chunk * nb * kTile));
   const int64_t es = dtype_size(dt);
+  const char* xb = static_cast<const char*>(X);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
     const int64_t nr = std::min(kRowChunk, rows - r0);
     runner.parallel_for(nr, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const void* src = static_cast<const char*>(X) + (r0 + r) * ldx * es;
-        float* dst = P.data() + r * ldp;
-        if (dt == DType::F32) {
-          std::memcpy(dst, src, static_cast<size_t>(d) * sizeof(float));
-        } else {
-          for (int64_t c = 0; c < d; ++c) dst[c] = load_as_float(src, dt, c);
-        }
-        std::fill(dst + d, dst + ldp, 0.0f);
+      // One instantiation per type keeps the widening loop branch-free.
+      switch (dt) {
+        case DType::F32:
+          pack_rows(xb, es, ldx, d, nb, r0, nr, b, e, P.data(),
+                    [](const char* p, int64_t c) { return reinterpret_cast<const float*>(p)[c]; });
+          break;
+        case DType::BF16:
+          pack_rows(xb, es, ldx, d, nb, r0, nr, b, e, P.data(), [](const char* p, int64_t c) {
+            return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[c]);
+          });
+          break;
+        case DType::F16:
+          pack_rows(xb, es, ldx, d, nb, r0, nr, b, e, P.data(), [](const char* p, int64_t c) {
+            return f16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[c]);
+          });
+          break;
       }
     });
     runner.parallel_for(ntiles, [&](int64_t tb, int64_t te) {
@@ -213,8 +238,10 @@ void gram_update_portable(float* G, int64_t d, const void* X, DType dt, int64_t 
         triangle_tile_coords(t, nb, &bi, &bj);
         const int64_t i0 = bi * kTile, j0 = bj * kTile;
         const int64_t iend = std::min(i0 + kTile, d), jend = std::min(j0 + kTile, d);
+        const float* pi = panel(P.data(), bi, nr);
+        const float* pj = panel(P.data(), bj, nr);
         for (int64_t ii = i0; ii < iend; ii += kMR) {
-          micro_kernel(P.data(), ldp, nr, ii, j0, out);
+          micro_kernel(pi + (ii - i0), pj, nr, out);
           for (int64_t a = 0; a < kMR && ii + a < iend; ++a) {
             const int64_t i = ii + a;
             const int64_t jstart = std::max(j0, i);  // upper triangle only

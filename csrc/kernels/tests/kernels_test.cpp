@@ -1,0 +1,262 @@
+// Unit tests of the framework-agnostic kernels: the tile/index math shared with the CUDA kernels,
+// half-precision conversions, and the CPU Gram kernel against a double-precision loop.
+// Run by ctest; no GPU, no torch.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "gram_cpu.h"
+#include "tiling.h"
+
+using namespace regmean_fast::kernels;
+
+static int g_failures = 0;
+static int g_checks = 0;
+
+#define CHECK(cond, ...)                                             \
+  do {                                                               \
+    ++g_checks;                                                      \
+    if (!(cond)) {                                                   \
+      ++g_failures;                                                  \
+      std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                             \
+      std::fprintf(stderr, "\n");                                    \
+    }                                                                \
+  } while (0)
+
+static void test_triangle_enumeration() {
+  for (int64_t nb = 1; nb <= 300; ++nb) {
+    int64_t t = 0;
+    bool ok = true;
+    for (int64_t i = 0; i < nb && ok; ++i) {
+      ok = triangle_row_offset(i, nb) == t;
+      for (int64_t j = i; j < nb && ok; ++j, ++t) {
+        int64_t bi, bj;
+        triangle_tile_coords(t, nb, &bi, &bj);
+        ok = bi == i && bj == j;
+      }
+    }
+    CHECK(ok, "nb=%lld", (long long)nb);
+    CHECK(t == triangle_tile_count(nb), "nb=%lld count", (long long)nb);
+  }
+  // Large grids: exact at the ends of rows far beyond float precision of a sqrt formula.
+  const int64_t nb = 3000000;
+  for (int64_t i : {int64_t(0), int64_t(1), int64_t(12345), nb - 2, nb - 1}) {
+    int64_t bi, bj;
+    triangle_tile_coords(triangle_row_offset(i, nb), nb, &bi, &bj);
+    CHECK(bi == i && bj == i, "row start %lld", (long long)i);
+    triangle_tile_coords(triangle_row_offset(i, nb) + (nb - 1 - i), nb, &bi, &bj);
+    CHECK(bi == i && bj == nb - 1, "row end %lld", (long long)i);
+  }
+}
+
+static void test_ranges() {
+  CHECK(ceil_div(0, 64) == 0 && ceil_div(1, 64) == 1 && ceil_div(64, 64) == 1 && ceil_div(65, 64) == 2, "ceil_div");
+  CHECK(round_up(130, 64) == 192, "round_up");
+  CHECK(block_extent(0, 64, 130) == 64 && block_extent(2, 64, 130) == 2 && block_extent(3, 64, 130) == 0, "extent");
+  for (int64_t n : {0, 1, 7, 100, 1001}) {
+    for (int64_t parts : {1, 2, 3, 8, 13}) {
+      int64_t expect_begin = 0, lo = n, hi = 0;
+      for (int64_t p = 0; p < parts; ++p) {
+        int64_t b, e;
+        split_range(n, parts, p, &b, &e);
+        CHECK(b == expect_begin && e >= b, "split n=%lld parts=%lld p=%lld", (long long)n, (long long)parts, (long long)p);
+        lo = std::min(lo, e - b);
+        hi = std::max(hi, e - b);
+        expect_begin = e;
+      }
+      CHECK(expect_begin == n && hi - lo <= 1, "split cover n=%lld parts=%lld", (long long)n, (long long)parts);
+    }
+  }
+  // Row splits: at least one, at most max, never fewer than min_rows rows a split (when > 1).
+  for (int64_t tiles : {1, 10, 2080, 100000}) {
+    for (int64_t rows : {1, 63, 64, 1000, 1 << 20}) {
+      const int64_t s = gram_row_splits(tiles, rows, 132, 64, 65535);
+      CHECK(s >= 1 && s <= 65535, "splits range");
+      CHECK(s == 1 || rows / s >= 64, "splits rows tiles=%lld rows=%lld s=%lld", (long long)tiles, (long long)rows, (long long)s);
+      CHECK(tiles * s <= std::max<int64_t>(tiles, 2 * 132 + tiles), "splits not excessive");
+    }
+  }
+}
+
+static float f16_reference(uint16_t h) {
+  const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+  const float sign = s ? -1.f : 1.f;
+  if (e == 31) return m ? NAN : sign * INFINITY;
+  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -24);
+  return sign * std::ldexp(1.f + m / 1024.f, e - 15);
+}
+
+static void test_conversions() {
+  int bad = 0;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float a = f16_bits_to_float(static_cast<uint16_t>(h)), b = f16_reference(static_cast<uint16_t>(h));
+    if (!((std::isnan(a) && std::isnan(b)) || a == b)) ++bad;
+  }
+  CHECK(bad == 0, "%d float16 values widen wrongly", bad);
+  bad = 0;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float a = bf16_bits_to_float(static_cast<uint16_t>(h));
+    if (!std::isnan(a) && float_to_bf16_bits(a) != h) ++bad;
+  }
+  CHECK(bad == 0, "%d bfloat16 values do not round-trip", bad);
+  CHECK(bf16_bits_to_float(float_to_bf16_bits(1.00390625f)) == 1.0f, "ties to even (down)");
+  CHECK(bf16_bits_to_float(float_to_bf16_bits(1.01171875f)) == 1.015625f, "ties to even (up)");
+}
+
+// Random activations of type dt, rows x d with row stride ldx, and their widened values.
+struct Activations {
+  std::vector<uint16_t> half;
+  std::vector<float> f32;
+  std::vector<double> widened;
+  const void* data(DType dt) const { return dt == DType::F32 ? static_cast<const void*>(f32.data()) : half.data(); }
+};
+
+static Activations make_activations(DType dt, int64_t rows, int64_t d, int64_t ldx, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Activations a;
+  const size_t n = static_cast<size_t>(rows * ldx);
+  a.widened.assign(n, 0.0);
+  if (dt == DType::F32) a.f32.assign(n, 0.f); else a.half.assign(n, 0);
+  for (size_t k = 0; k < n; ++k) {
+    if (static_cast<int64_t>(k) % ldx >= d) continue;  // the gap between strided rows stays zero
+    const float v = normal(rng);
+    if (dt == DType::F32) {
+      a.f32[k] = v;
+      a.widened[k] = v;
+    } else {
+      // bf16: round; fp16: build bits from the value range by rounding through the reference.
+      uint16_t bits;
+      if (dt == DType::BF16) {
+        bits = float_to_bf16_bits(v);
+      } else {
+        // Search-free fp16 encoding of small normal values: quantise to 10 mantissa bits.
+        int e;
+        const float m = std::frexp(std::fabs(v), &e);  // v = m * 2^e, m in [0.5, 1)
+        const int exp16 = e - 1 + 15;
+        int man = static_cast<int>(std::lround((m * 2.f - 1.f) * 1024.f));
+        int ex = exp16;
+        if (man == 1024) { man = 0; ++ex; }
+        bits = (ex <= 0) ? 0 : static_cast<uint16_t>((v < 0 ? 0x8000 : 0) | (ex << 10) | man);
+      }
+      a.half[k] = bits;
+      a.widened[k] = load_as_float(a.half.data(), dt, static_cast<int64_t>(k));
+    }
+  }
+  return a;
+}
+
+static void check_gram(DType dt, int64_t d, int64_t rows, int64_t ldx, const TaskRunner& runner, CpuGemmPath path,
+                       std::mt19937& rng) {
+  const Activations a = make_activations(dt, rows, d, ldx, rng);
+  const float poison = 12345.f;
+  std::vector<float> G(static_cast<size_t>(d * d), poison);
+  // Two updates: accumulation on top of existing values is part of the contract.
+  gram_update_cpu_path(G.data(), d, a.data(dt), dt, rows, ldx, runner, path);
+  gram_update_cpu_path(G.data(), d, a.data(dt), dt, rows, ldx, runner, path);
+  double max_err = 0.0, scale = 1.0;
+  bool lower_ok = true;
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t j = 0; j < d; ++j) {
+      const float g = G[i * d + j];
+      if (j < i) {
+        lower_ok = lower_ok && g == poison;
+        continue;
+      }
+      double s = 0.0;
+      for (int64_t r = 0; r < rows; ++r) s += a.widened[r * ldx + i] * a.widened[r * ldx + j];
+      const double expect = poison + 2.0 * s;
+      max_err = std::max(max_err, std::fabs(g - expect));
+      scale = std::max(scale, std::fabs(2.0 * s));
+    }
+  }
+  const double tol = 1e-6 * (rows + 1) + 2e-3;  // poison 12345 stored in fp32 has ulp ~1e-3
+  CHECK(lower_ok, "lower triangle modified: dt=%s d=%lld rows=%lld", dtype_name(dt), (long long)d, (long long)rows);
+  CHECK(max_err / scale <= tol, "dt=%s d=%lld rows=%lld ldx=%lld path=%s err=%g scale=%g", dtype_name(dt),
+        (long long)d, (long long)rows, (long long)ldx, cpu_gemm_path_name(path), max_err, scale);
+}
+
+static void test_gram_portable() {
+  std::mt19937 rng(1234);
+  SerialRunner serial;
+  ThreadRunner threads(3);
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    for (int64_t d : {1, 3, 7, 64, 65, 129, 200}) {
+      for (int64_t rows : {0, 1, 5, 513, 1100}) {
+        const TaskRunner& runner = (d + rows) % 2 ? static_cast<const TaskRunner&>(threads) : serial;
+        check_gram(dt, d, rows, d, runner, CpuGemmPath::Portable, rng);
+      }
+      check_gram(dt, d, 37, d + 5, threads, CpuGemmPath::Portable, rng);  // strided rows
+    }
+  }
+}
+
+static void test_symmetrize() {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  ThreadRunner threads(2);
+  for (int64_t d : {1, 2, 63, 64, 65, 130}) {
+    std::vector<float> G(static_cast<size_t>(d * d));
+    for (auto& v : G) v = u(rng);
+    const std::vector<float> before = G;
+    symmetrize_cpu(G.data(), d, threads);
+    bool ok = true;
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j)
+        ok = ok && G[i * d + j] == (j >= i ? before[i * d + j] : before[j * d + i]);
+    CHECK(ok, "symmetrize d=%lld", (long long)d);
+  }
+}
+
+// The CUDA kernel's schedule replayed on the host: every (tile, split) block of the launch grid
+// accumulates its rows into its tile's upper part. Together they must cover each (i <= j, row)
+// exactly once, which is what makes the unsynchronised / atomic adds on the GPU correct.
+static void test_cuda_schedule_covers_once() {
+  const int64_t tile = 64;
+  for (int64_t d : {1, 63, 64, 65, 300}) {
+    for (int64_t rows : {1, 64, 1000, 5000}) {
+      const int64_t nb = ceil_div(d, tile), tiles = triangle_tile_count(nb);
+      const int64_t splits = gram_row_splits(tiles, rows, 132, tile, 65535);
+      std::vector<int64_t> hits(static_cast<size_t>(d * d), 0);
+      for (int64_t bx = 0; bx < tiles; ++bx) {
+        int64_t bi, bj;
+        triangle_tile_coords(bx, nb, &bi, &bj);
+        for (int64_t by = 0; by < splits; ++by) {
+          int64_t rb, re;
+          split_range(rows, splits, by, &rb, &re);
+          for (int64_t i = bi * tile; i < std::min(d, (bi + 1) * tile); ++i)
+            for (int64_t j = std::max(i, bj * tile); j < std::min(d, (bj + 1) * tile); ++j) hits[i * d + j] += re - rb;
+        }
+      }
+      bool ok = true;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) ok = ok && hits[i * d + j] == (j >= i ? rows : 0);
+      CHECK(ok, "schedule d=%lld rows=%lld splits=%lld", (long long)d, (long long)rows, (long long)splits);
+    }
+  }
+}
+
+static void test_path_selection() {
+  // This test binary does not load torch or MKL: the portable path must be chosen and named.
+  CHECK(cpu_gemm_path(DType::BF16) == CpuGemmPath::Portable, "no BLAS in process -> portable");
+  char buf[128];
+  cpu_blas_summary(buf, sizeof(buf));
+  CHECK(std::string(buf) == "none", "blas summary '%s'", buf);
+  CHECK(std::string(cpu_gemm_path_name(CpuGemmPath::MklBf16)) == "mkl-bf16", "path name");
+}
+
+int main() {
+  test_triangle_enumeration();
+  test_ranges();
+  test_conversions();
+  test_gram_portable();
+  test_symmetrize();
+  test_cuda_schedule_covers_once();
+  test_path_selection();
+  std::printf("kernels_test: %d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

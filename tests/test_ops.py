@@ -1,0 +1,182 @@
+"""The registered ops against fp64 computations: every CPU path, odd sizes, masks, strides, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regmean_fast as rf
+from regmean_fast import ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU_PATHS = ["auto", "portable"]
+
+
+def devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append(pytest.param("cuda", marks=pytest.mark.cuda))
+    return out
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpu_path(request, monkeypatch):
+    if request.param == "portable":
+        monkeypatch.setenv("REGMEAN_FAST_CPU_GEMM", "portable")
+    else:
+        monkeypatch.delenv("REGMEAN_FAST_CPU_GEMM", raising=False)
+    return request.param
+
+
+def expected_update(G0: torch.Tensor, X: torch.Tensor, mask) -> torch.Tensor:
+    """fp64: G0 with triu(R^T R) added, R the kept rows of X as given (already rounded) values."""
+    rows = X.double().reshape(-1, X.size(-1))
+    if mask is not None:
+        rows = rows[mask.expand(X.shape[:-1]).reshape(-1)]
+    return G0.double() + torch.triu(rows.T @ rows)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 3, 7, 130, 257])
+@pytest.mark.parametrize("mask_kind", ["none", "all", "empty", "mixed"])
+def test_gram_update_matches_fp64(cpu_path, device, dtype, d, mask_kind):
+    g = torch.Generator().manual_seed(d * 31 + len(mask_kind))
+    X = torch.randn(3, 41, d, generator=g).to(dtype).to(device)
+    mask = {
+        "none": None,
+        "all": torch.ones(3, 41, dtype=torch.bool),
+        "empty": torch.zeros(3, 41, dtype=torch.bool),
+        "mixed": torch.rand(3, 41, generator=g) > 0.4,
+    }[mask_kind]
+    if mask is not None:
+        mask = mask.to(device)
+    # The strict lower triangle is poisoned: the op must leave it untouched.
+    G0 = torch.triu(torch.randn(d, d, generator=g)) + torch.tril(torch.full((d, d), 7.5), -1)
+    G = G0.clone().to(device)
+    out = ops.gram_update(G, X, mask)
+    assert out is G
+    expect = expected_update(G0, X.cpu(), None if mask is None else mask.cpu())
+    assert rel_err(G.cpu(), expect) < 1e-5
+    assert torch.equal(torch.tril(G.cpu(), -1), torch.tril(G0, -1))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gram_update_noncontiguous_and_offset_views(cpu_path, device, dtype):
+    g = torch.Generator().manual_seed(5)
+    d = 65
+    base = torch.randn(4, 50, 2 * d + 3, generator=g).to(dtype).to(device)
+    X = base[1:, ::2, 3 : 3 + 2 * d : 2]  # offset, strided rows and strided columns
+    assert not X.is_contiguous()
+    mask = (torch.arange(25) % 3 != 0).to(device)  # broadcast over the batch dimension
+    G = torch.zeros(d, d, device=device)
+    ops.gram_update(G, X, mask)
+    expect = expected_update(torch.zeros(d, d), X.cpu(), mask.cpu())
+    assert rel_err(G.cpu(), expect) < 1e-5
+
+
+def test_gram_update_bf16_large_rows_accuracy(cpu_path):
+    """fp32 accumulation of bf16 products: relative error within 1e-5 of fp64 over many rows."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(4096, 96, generator=g).bfloat16()
+    G = torch.zeros(96, 96)
+    ops.gram_update(G, X)
+    assert rel_err(G, expected_update(torch.zeros(96, 96), X, None)) < 1e-5
+
+
+def test_paths_are_the_ones_reported(monkeypatch):
+    info = rf.build_info()
+    if not info["extension"]:
+        pytest.skip("pure-PyTorch build")
+    monkeypatch.setenv("REGMEAN_FAST_CPU_GEMM", "portable")
+    assert set(rf.build_info()["cpu_gemm_path"].values()) == {"portable"}
+    monkeypatch.delenv("REGMEAN_FAST_CPU_GEMM")
+    paths = rf.build_info()["cpu_gemm_path"]
+    if "bf16" in info["cpu_blas"]:
+        assert paths["bfloat16"] == "mkl-bf16"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("d", [1, 2, 63, 64, 65, 130])
+def test_symmetrize(device, d):
+    G = torch.randn(d, d, generator=torch.Generator().manual_seed(d))
+    expect = torch.triu(G) + torch.triu(G, 1).T
+    Gd = G.to(device)
+    assert ops.symmetrize_(Gd) is Gd
+    assert torch.equal(Gd.cpu(), expect)
+
+
+def test_gram_then_symmetrize_is_full_gram():
+    X = torch.randn(100, 33, dtype=torch.float32)
+    G = torch.zeros(33, 33)
+    ops.symmetrize_(ops.gram_update(G, X))
+    torch.testing.assert_close(G.double(), X.double().T @ X.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make, err, words",
+    [
+        (lambda: (torch.zeros(4, 4, dtype=torch.float64), torch.zeros(2, 4), None), TypeError, "G must be float32"),
+        (lambda: (torch.zeros(4, 5), torch.zeros(2, 4), None), ValueError, "square"),
+        (lambda: (torch.zeros(8, 8)[::2, ::2], torch.zeros(2, 4), None), ValueError, "contiguous"),
+        (lambda: (torch.zeros(4, 4), torch.zeros(2, 4, dtype=torch.int32), None), TypeError, "X must be float32"),
+        (lambda: (torch.zeros(4, 4), torch.zeros(2, 5), None), ValueError, "last dimension"),
+        (lambda: (torch.zeros(4, 4), torch.zeros(2, 3, 4), torch.ones(2, 3)), TypeError, "mask must be bool"),
+        (lambda: (torch.zeros(4, 4), torch.zeros(2, 3, 4), torch.ones(3, 2, dtype=torch.bool)), ValueError, "broadcast"),
+    ],
+)
+def test_gram_update_rejects_bad_arguments(make, err, words):
+    G, X, mask = make()
+    with pytest.raises(err, match=words):
+        ops.gram_update(G, X, mask)
+
+
+def test_symmetrize_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="float32"):
+        ops.symmetrize_(torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="square"):
+        ops.symmetrize_(torch.zeros(3, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_gram_update_rejects_mixed_devices():
+    with pytest.raises(ValueError, match="same device"):
+        ops.gram_update(torch.zeros(4, 4, device="cuda"), torch.zeros(2, 4))
+
+
+def test_ops_are_registered_and_pass_opcheck():
+    G = torch.zeros(9, 9)
+    X = torch.randn(2, 5, 9).bfloat16()
+    mask = torch.rand(2, 5) > 0.5
+    torch.library.opcheck(torch.ops.regmean_fast.gram_update.default, (G, X, mask))
+    torch.library.opcheck(torch.ops.regmean_fast.gram_update.default, (G, X.float(), None))
+    torch.library.opcheck(torch.ops.regmean_fast.symmetrize_.default, (torch.randn(9, 9),))
+
+
+def test_ops_work_under_torch_compile():
+    def step(G, X, mask):
+        torch.ops.regmean_fast.gram_update(G, X, mask)
+        return G
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    X = torch.randn(2, 6, 10)
+    mask = torch.rand(2, 6) > 0.3
+    G = torch.zeros(10, 10)
+    compiled(G, X, mask)
+    assert rel_err(G, expected_update(torch.zeros(10, 10), X, mask)) < 1e-5
+
+
+def test_fake_tensor_shapes_are_checked():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        G = torch.empty(5, 5)
+        X = torch.empty(3, 6)
+        with pytest.raises(ValueError, match="last dimension"):
+            torch.ops.regmean_fast.gram_update(G, X, None)

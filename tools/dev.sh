@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone:
+#   bash tools/dev.sh demo   set up, then run the main job (python -m regmean_fast demo)
+#   bash tools/dev.sh test   set up, then build the kernels with CMake, run ctest and pytest
+#   bash tools/dev.sh setup  only set up
+# Setup = a virtualenv outside the clone (REGMEAN_FAST_VENV, default ~/.cache/regmean_fast/venv),
+# reused when present, with torch and the project installed from this clone (extension built).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+venv="${REGMEAN_FAST_VENV:-$HOME/.cache/regmean_fast/venv}"
+torch_spec="${REGMEAN_FAST_TORCH:-torch==2.14.1}"   # a CUDA build: CUDA code compiles here too
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+log() { printf '\n== %s\n' "$*"; }
+
+setup() {
+  if [ ! -x "$venv/bin/python" ]; then
+    log "creating virtualenv $venv"
+    python3 -m venv "$venv"
+  fi
+  # shellcheck disable=SC1091
+  source "$venv/bin/activate"
+  if ! python -c "import torch" 2>/dev/null; then
+    log "installing $torch_spec (first run only; about a minute)"
+    python -m pip install -q "$torch_spec"
+  fi
+  log "installing regmean_fast from $here (builds the extension)"
+  python -m pip install -q --no-build-isolation -e ".[test]"
+  python -m regmean_fast info
+}
+
+run_tests() {
+  local build="${REGMEAN_FAST_CMAKE_BUILD:-$here/build/cmake}"
+  log "C++ kernels: cmake + ctest ($build)"
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release > "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
+  cmake --build "$build" >> "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
+  ctest --test-dir "$build" --output-on-failure
+  log "pytest"
+  # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+  set +e
+  python -m pytest -q -p no:cacheprovider tests "$@"
+  local rc=$?
+  set -e
+  if [ "$rc" -eq 5 ]; then echo "pytest ran no tests"; exit 1; fi
+  exit "$rc"
+}
+
+cmd="${1:-test}"
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test) setup; run_tests "$@" ;;
+  demo) setup; python -m regmean_fast demo "$@" ;;
+  *) echo "usage: bash tools/dev.sh {demo|test|setup}" >&2; exit 2 ;;
+esac
