@@ -29,6 +29,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     )
 
 
+# The merge-side reduction has no CUDA kernel yet: CUDA tensors take the torch expression.
+HAS_CUDA_REDUCE = False
+
+
 def build_info() -> dict:
     """What was compiled and which fast paths are live in this process."""
     info = {

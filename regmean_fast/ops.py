@@ -17,6 +17,9 @@ GRAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCHEMAS = {
     "gram_update": "gram_update(Tensor(a!) G, Tensor X, Tensor? mask=None) -> ()",
     "symmetrize_": "symmetrize_(Tensor(a!) G) -> ()",
+    "gram_reduce": "gram_reduce(Tensor[] grams, float[] factors, float alpha, ScalarType? dtype=None) -> Tensor",
+    "pack_triu": "pack_triu(Tensor G) -> Tensor",
+    "unpack_triu": "unpack_triu(Tensor packed) -> Tensor",
 }
 
 
@@ -59,6 +62,76 @@ def check_symmetrize_args(G: torch.Tensor) -> None:
         raise ValueError("symmetrize_: G must be contiguous")
 
 
+def packed_order(n: int) -> int:
+    """d such that d (d + 1) / 2 == n, or ValueError."""
+    d = int(((8 * n + 1) ** 0.5 - 1) / 2)
+    while d * (d + 1) // 2 < n:
+        d += 1
+    while d > 0 and d * (d + 1) // 2 > n:
+        d -= 1
+    if d * (d + 1) // 2 != n:
+        raise ValueError(f"{n} is not the size of a packed triangle")
+    return d
+
+
+def gram_order(g: torch.Tensor, op: str) -> int:
+    """Order of a full [d, d] or packed [d (d + 1) / 2] Gram."""
+    if g.dim() == 2:
+        if g.size(0) != g.size(1):
+            raise ValueError(f"{op}: a full Gram must be square, got shape {tuple(g.shape)}")
+        return g.size(0)
+    if g.dim() != 1:
+        raise ValueError(f"{op}: a Gram must be [d, d] or a packed [d (d + 1) / 2] triangle, got shape {tuple(g.shape)}")
+    return packed_order(g.size(0))
+
+
+def check_gram_reduce_args(grams, factors, alpha, dtype) -> int:
+    if len(grams) == 0:
+        raise ValueError("gram_reduce: no Grams given")
+    if len(factors) != len(grams):
+        raise ValueError(f"gram_reduce: {len(factors)} factors for {len(grams)} Grams")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"gram_reduce: alpha must be in [0, 1], got {alpha}")
+    if dtype not in (None, torch.float32, torch.float64):
+        raise TypeError(f"gram_reduce: dtype must be float32 or float64, got {dtype}")
+    for g in grams:
+        if g.dtype != torch.float32:
+            raise TypeError(f"gram_reduce: Grams must be float32, got {g.dtype}")
+        if g.shape != grams[0].shape:
+            raise ValueError(f"gram_reduce: all Grams must have one shape, got {tuple(g.shape)} and {tuple(grams[0].shape)}")
+    return gram_order(grams[0], "gram_reduce")
+
+
+def reduce_expression(grams, factors, alpha, dtype) -> torch.Tensor:
+    """sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)) as the straightforward tensor expression, for
+    full Grams of any float dtype (no checks: callers check)."""
+    return sum(
+        f * (alpha * G.to(dtype) + (1 - alpha) * torch.diag(torch.diagonal(G).to(dtype))) for G, f in zip(grams, factors)
+    )
+
+
+def torch_gram_reduce(grams, factors, alpha, dtype=None) -> torch.Tensor:
+    """gram_reduce in pure PyTorch (the benchmark baseline and the no-extension path)."""
+    check_gram_reduce_args(grams, factors, alpha, dtype)
+    full = [torch_unpack_triu(g) if g.dim() == 1 else g for g in grams]
+    return reduce_expression(full, factors, alpha, dtype or torch.float32)
+
+
+def torch_pack_triu(G: torch.Tensor) -> torch.Tensor:
+    check_symmetrize_args(G)
+    rows, cols = torch.triu_indices(G.size(0), G.size(0), device=G.device)
+    return G[rows, cols]
+
+
+def torch_unpack_triu(packed: torch.Tensor) -> torch.Tensor:
+    d = packed_order(packed.numel())
+    rows, cols = torch.triu_indices(d, d, device=packed.device)
+    G = packed.new_zeros(d, d)
+    G[rows, cols] = packed
+    G[cols, rows] = packed
+    return G
+
+
 if not _ext.HAVE_EXTENSION:
     # Same operators, pure-PyTorch bodies: callers never need to know which one they got.
     _fallback_lib = torch.library.Library("regmean_fast", "DEF")
@@ -74,6 +147,9 @@ if not _ext.HAVE_EXTENSION:
         reference.symmetrize_(G)
 
     _fallback_lib.impl("gram_update", _gram_update_fallback, "CompositeExplicitAutograd")
+    _fallback_lib.impl("gram_reduce", torch_gram_reduce, "CompositeExplicitAutograd")
+    _fallback_lib.impl("pack_triu", torch_pack_triu, "CompositeExplicitAutograd")
+    _fallback_lib.impl("unpack_triu", torch_unpack_triu, "CompositeExplicitAutograd")
     _fallback_lib.impl("symmetrize_", _symmetrize_fallback, "CompositeExplicitAutograd")
 
 
@@ -85,6 +161,25 @@ def _gram_update_fake(G, X, mask=None):
 @torch.library.register_fake("regmean_fast::symmetrize_")
 def _symmetrize_fake(G):
     check_symmetrize_args(G)
+
+
+@torch.library.register_fake("regmean_fast::gram_reduce")
+def _gram_reduce_fake(grams, factors, alpha, dtype=None):
+    d = check_gram_reduce_args(grams, factors, alpha, dtype)
+    return grams[0].new_empty((d, d), dtype=dtype or torch.float32)
+
+
+@torch.library.register_fake("regmean_fast::pack_triu")
+def _pack_triu_fake(G):
+    check_symmetrize_args(G)
+    d = G.size(0)
+    return G.new_empty((d * (d + 1) // 2,))
+
+
+@torch.library.register_fake("regmean_fast::unpack_triu")
+def _unpack_triu_fake(packed):
+    d = packed_order(packed.size(0))
+    return packed.new_empty((d, d))
 
 
 def gram_update(G: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,3 +199,31 @@ def symmetrize_(G: torch.Tensor) -> torch.Tensor:
     """In place: copy the upper triangle of the float32 square matrix G into its lower triangle."""
     torch.ops.regmean_fast.symmetrize_(G)
     return G
+
+
+def gram_reduce(grams, factors, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``A = sum_k factors[k] * (alpha G_k + (1 - alpha) diag(G_k))`` in one pass, full symmetric.
+
+    grams: K float32 Grams, all full [d, d] (only the upper triangle is read) or all packed
+    [d (d + 1) / 2] upper triangles. dtype: float32 (default) or float64 for A. The factors carry
+    the model coefficients and the normalisation (c_k / n_k for "mean").
+    """
+    grams = list(grams)
+    factors = [float(f) for f in factors]
+    if grams and grams[0].device.type != "cpu" and not _ext.HAS_CUDA_REDUCE:
+        return torch_gram_reduce(grams, factors, float(alpha), dtype)
+    return torch.ops.regmean_fast.gram_reduce(grams, factors, float(alpha), dtype)
+
+
+def pack_triu(G: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of the float32 square G, row-major, as a 1-D tensor of d (d + 1) / 2."""
+    if G.device.type != "cpu" and not _ext.HAS_CUDA_REDUCE:
+        return torch_pack_triu(G)
+    return torch.ops.regmean_fast.pack_triu(G)
+
+
+def unpack_triu(packed: torch.Tensor) -> torch.Tensor:
+    """The full symmetric [d, d] matrix whose packed upper triangle is given."""
+    if packed.device.type != "cpu" and not _ext.HAS_CUDA_REDUCE:
+        return torch_unpack_triu(packed)
+    return torch.ops.regmean_fast.unpack_triu(packed)

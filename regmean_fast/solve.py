@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from . import ops
+
 NORMALIZATIONS = ("mean", "sum")
 RIDGE_START = 1e-6
 RIDGE_MAX = 1e-1
@@ -65,17 +67,16 @@ def gram_scales(counts: Sequence[int] | None, k: int, normalization: str) -> lis
 
 def reduce_grams(grams: Sequence[torch.Tensor], factors: Sequence[float], alpha: float,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A = sum_i f_i (alpha G_i + (1 - alpha) diag(G_i)), symmetric, in `dtype`."""
+    """A = sum_i f_i (alpha G_i + (1 - alpha) diag(G_i)), symmetric, in `dtype`.
+
+    float32 Grams (full or packed) go through the fused one-pass op; other dtypes through the
+    tensor expression.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    A = torch.zeros_like(grams[0], dtype=dtype)
-    diag = torch.zeros(A.size(0), dtype=dtype, device=A.device)
-    for G, f in zip(grams, factors):
-        Gd = G.to(dtype)
-        A.add_(Gd, alpha=f * alpha)
-        diag.add_(torch.diagonal(Gd), alpha=f * (1.0 - alpha))
-    A.diagonal().add_(diag)
-    return A
+    if all(G.dtype == torch.float32 and G.is_contiguous() for G in grams) and dtype in (torch.float32, torch.float64):
+        return ops.gram_reduce(grams, factors, alpha, dtype)
+    return ops.reduce_expression(grams, factors, alpha, dtype)
 
 
 def robust_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
@@ -152,7 +153,11 @@ def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[tor
 
 def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float = 1.0,
                   coeffs: Sequence[float] | None = None) -> torch.Tensor:
-    """Merge one layer: K weights [d_out, d_in] and their already normalised Grams [d_in, d_in]."""
+    """Merge one layer: K weights [d_out, d_in] and their already normalised Grams [d_in, d_in].
+
+    Solved in float64 when any input is float64, else float32; returned in the weights' dtype.
+    """
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in [*weights, *grams]) else torch.float32
     merged, _ = regmean_group([list(weights)], list(grams), alpha=alpha, coeffs=coeffs, normalization="sum",
-                              solve_dtype=torch.float32 if weights[0].dtype != torch.float64 else torch.float64)
-    return merged[0]
+                              solve_dtype=wide)
+    return merged[0].to(weights[0].dtype)

@@ -180,3 +180,64 @@ def test_fake_tensor_shapes_are_checked():
         X = torch.empty(3, 6)
         with pytest.raises(ValueError, match="last dimension"):
             torch.ops.regmean_fast.gram_update(G, X, None)
+
+
+def reduce_fp64(grams, factors, alpha):
+    """The definition, in fp64, from the upper triangles (the lower ones of the inputs are noise)."""
+    out = 0
+    for G, f in zip(grams, factors):
+        U = torch.triu(G.double())
+        S = U + torch.triu(U, 1).T
+        out = out + f * (alpha * S + (1 - alpha) * torch.diag(torch.diagonal(S)))
+    return out
+
+
+@pytest.mark.parametrize("d", [1, 7, 129])
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_reduce_matches_definition(d, k, alpha, packed, dtype):
+    g = torch.Generator().manual_seed(d * 7 + k)
+    grams = [torch.randn(d, d, generator=g) for _ in range(k)]
+    factors = [0.5 + i for i in range(k)]
+    inputs = [ops.pack_triu(G) for G in grams] if packed else grams
+    A = ops.gram_reduce(inputs, factors, alpha, dtype)
+    assert A.dtype == dtype and A.shape == (d, d)
+    assert torch.equal(A, A.T)
+    expect = reduce_fp64(grams, factors, alpha)
+    assert rel_err(A, expect) < (1e-6 if dtype == torch.float32 else 1e-14)
+    baseline = ops.torch_gram_reduce([G + G.T - torch.diag(torch.diagonal(G)) for G in [torch.triu(G) for G in grams]], factors, alpha, dtype)
+    assert rel_err(baseline, expect) < (1e-6 if dtype == torch.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("d", [1, 2, 64, 65])
+def test_pack_unpack_round_trip(d):
+    G = torch.randn(d, d, generator=torch.Generator().manual_seed(d))
+    P = ops.pack_triu(G)
+    rows, cols = torch.triu_indices(d, d)
+    assert torch.equal(P, G[rows, cols])
+    assert torch.equal(ops.unpack_triu(P), torch.triu(G) + torch.triu(G, 1).T)
+    assert torch.equal(ops.torch_unpack_triu(P), ops.unpack_triu(P))
+    assert torch.equal(ops.torch_pack_triu(G), P)
+
+
+def test_gram_reduce_rejects_bad_arguments():
+    G = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="factors"):
+        ops.gram_reduce([G, G], [1.0], 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        ops.gram_reduce([G], [1.0], 1.5)
+    with pytest.raises(ValueError, match="one shape"):
+        ops.gram_reduce([G, torch.zeros(5, 5)], [1.0, 1.0], 0.5)
+    with pytest.raises(TypeError, match="float32"):
+        ops.gram_reduce([G.double()], [1.0], 0.5)
+    with pytest.raises(ValueError, match="packed triangle"):
+        ops.unpack_triu(torch.zeros(5))
+
+
+def test_reduce_ops_pass_opcheck():
+    grams = [torch.randn(6, 6), torch.randn(6, 6)]
+    torch.library.opcheck(torch.ops.regmean_fast.gram_reduce.default, (grams, [0.3, 0.7], 0.5, None))
+    torch.library.opcheck(torch.ops.regmean_fast.pack_triu.default, (grams[0],))
+    torch.library.opcheck(torch.ops.regmean_fast.unpack_triu.default, (torch.randn(21),))

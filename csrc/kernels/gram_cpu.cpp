@@ -1,8 +1,8 @@
 // CPU Gram accumulation: triu(G) += X^T X with fp32 accumulation.
 //
 // Two implementations behind one contract:
-//  * MKL (resolved at run time with dlsym; torch's x86 wheels export cblas_gemm_bf16bf16f32,
-//    cblas_gemm_f16f16f32 and sgemm_): one GEMM per block row of the upper triangle, beta = 1,
+//  * MKL (resolved at run time with dlsym; torch's x86 wheels export cblas_gemm_bf16bf16f32 and
+//    sgemm_): one GEMM per block row of the upper triangle, beta = 1,
 //    straight into G. The diagonal block goes through a scratch tile so the strict lower
 //    triangle of G stays untouched.
 //  * Portable: rows are packed (widened to fp32, zero-padded to the tile) one chunk at a time and
@@ -64,7 +64,6 @@ using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, c
 
 struct BlasTable {
   GemmHalfFn gemm_bf16 = nullptr;
-  GemmHalfFn gemm_f16 = nullptr;
   SgemmFn sgemm = nullptr;
   const char* source = "none";
 };
@@ -81,9 +80,8 @@ const BlasTable& blas() {
       void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
       if (!h) continue;
       table.gemm_bf16 = reinterpret_cast<GemmHalfFn>(dlsym(h, "cblas_gemm_bf16bf16f32"));
-      table.gemm_f16 = reinterpret_cast<GemmHalfFn>(dlsym(h, "cblas_gemm_f16f16f32"));
       table.sgemm = reinterpret_cast<SgemmFn>(dlsym(h, "sgemm_"));
-      if (table.gemm_bf16 || table.gemm_f16 || table.sgemm) {
+      if (table.gemm_bf16 || table.sgemm) {
         table.source = name;
         return;
       }
@@ -123,16 +121,33 @@ void blas_xtx(CpuGemmPath path, const void* X, DType dt, int64_t rows, int64_t l
       t.sgemm("N", "T", &mm, &nn, &k, &one, xf + j0, &lda, xf + i0, &lda, &b, C, &ldcc);
     } else {
       const uint16_t* xh = reinterpret_cast<const uint16_t*>(base);
-      GemmHalfFn fn = path == CpuGemmPath::MklBf16 ? t.gemm_bf16 : t.gemm_f16;
-      fn(kCblasRowMajor, kCblasTrans, kCblasNoTrans, static_cast<int>(m), static_cast<int>(n), k,
+      t.gemm_bf16(kCblasRowMajor, kCblasTrans, kCblasNoTrans, static_cast<int>(m), static_cast<int>(n), k,
          1.0f, xh + i0, static_cast<int>(ldx), xh + j0, static_cast<int>(ldx), b, C,
          static_cast<int>(ldc));
     }
   }
 }
 
+// Rows widened at a time when fp16 goes through sgemm (MKL's f16 GEMM has no fast kernel on
+// CPUs without AMX-FP16: measured 2x slower than widening here).
+constexpr int64_t kWidenRows = 1024;
+
 void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
-                      CpuGemmPath path) {
+                      CpuGemmPath path, const TaskRunner& runner) {
+  if (dt == DType::F16) {
+    std::vector<float> wide(static_cast<size_t>(std::min(kWidenRows, rows) * d));
+    for (int64_t r0 = 0; r0 < rows; r0 += kWidenRows) {
+      const int64_t nr = std::min(kWidenRows, rows - r0);
+      runner.parallel_for(nr, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const uint16_t* src = static_cast<const uint16_t*>(X) + (r0 + r) * ldx;
+          for (int64_t c = 0; c < d; ++c) wide[r * d + c] = f16_bits_to_float(src[c]);
+        }
+      });
+      gram_update_blas(G, d, wide.data(), DType::F32, nr, d, path, runner);
+    }
+    return;
+  }
   // BLAS threads internally (MKL uses torch's OpenMP pool), so the block rows run in order.
   std::vector<float> diag(static_cast<size_t>(kBlasBlock * kBlasBlock));
   const int64_t nb = ceil_div(d, kBlasBlock);
@@ -261,7 +276,6 @@ const char* cpu_gemm_path_name(CpuGemmPath p) {
   switch (p) {
     case CpuGemmPath::Portable: return "portable";
     case CpuGemmPath::MklBf16: return "mkl-bf16";
-    case CpuGemmPath::MklF16: return "mkl-f16";
     case CpuGemmPath::BlasF32: return "blas-sgemm";
   }
   return "?";
@@ -272,7 +286,7 @@ CpuGemmPath cpu_gemm_path(DType dt) {
   const BlasTable& t = blas();
   switch (dt) {
     case DType::BF16: return t.gemm_bf16 ? CpuGemmPath::MklBf16 : CpuGemmPath::Portable;
-    case DType::F16: return t.gemm_f16 ? CpuGemmPath::MklF16 : CpuGemmPath::Portable;
+    case DType::F16: return t.sgemm ? CpuGemmPath::BlasF32 : CpuGemmPath::Portable;
     case DType::F32: return t.sgemm ? CpuGemmPath::BlasF32 : CpuGemmPath::Portable;
   }
   return CpuGemmPath::Portable;
@@ -280,21 +294,25 @@ CpuGemmPath cpu_gemm_path(DType dt) {
 
 void cpu_blas_summary(char* buf, int64_t buflen) {
   const BlasTable& t = blas();
-  if (!t.gemm_bf16 && !t.gemm_f16 && !t.sgemm) {
+  if (!t.gemm_bf16 && !t.sgemm) {
     std::snprintf(buf, static_cast<size_t>(buflen), "none");
     return;
   }
-  std::snprintf(buf, static_cast<size_t>(buflen), "%s:%s%s%s", t.source, t.gemm_bf16 ? " bf16" : "",
-                t.gemm_f16 ? " f16" : "", t.sgemm ? " f32" : "");
+  std::snprintf(buf, static_cast<size_t>(buflen), "%s:%s%s", t.source, t.gemm_bf16 ? " bf16" : "",
+                t.sgemm ? " f32" : "");
 }
 
 void gram_update_cpu_path(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                           const TaskRunner& runner, CpuGemmPath path) {
   if (d <= 0 || rows <= 0) return;
-  if (path == CpuGemmPath::Portable || d > INT_MAX || ldx > INT_MAX) {
+  // A path that does not fit the data or is not in this process falls back to the portable one.
+  const BlasTable& t = blas();
+  const bool usable = (path == CpuGemmPath::MklBf16 && dt == DType::BF16 && t.gemm_bf16) ||
+                      (path == CpuGemmPath::BlasF32 && dt != DType::BF16 && t.sgemm);
+  if (!usable || d > INT_MAX || ldx > INT_MAX) {
     gram_update_portable(G, d, X, dt, rows, ldx, runner);
   } else {
-    gram_update_blas(G, d, X, dt, rows, ldx, path);
+    gram_update_blas(G, d, X, dt, rows, ldx, path, runner);
   }
 }
 

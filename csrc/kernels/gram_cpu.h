@@ -38,8 +38,7 @@ class ThreadRunner final : public TaskRunner {
 enum class CpuGemmPath : int {
   Portable = 0,  // blocked, packed fp32 micro-kernel (any CPU)
   MklBf16 = 1,   // cblas_gemm_bf16bf16f32 (AMX/AVX512-BF16 where MKL has it)
-  MklF16 = 2,    // cblas_gemm_f16f16f32
-  BlasF32 = 3,   // Fortran sgemm_ found in the process
+  BlasF32 = 2,   // Fortran sgemm_ found in the process (fp16 is widened to fp32 in row chunks)
 };
 
 const char* cpu_gemm_path_name(CpuGemmPath p);
@@ -50,7 +49,7 @@ const char* cpu_gemm_path_name(CpuGemmPath p);
 CpuGemmPath cpu_gemm_path(DType dt);
 
 // Summary of the fast BLAS entry points that were found at run time (for build_info).
-// Writes e.g. "mkl:bf16,f16,f32" or "none" into buf.
+// Writes e.g. "libtorch_cpu.so: bf16 f32" or "none" into buf.
 void cpu_blas_summary(char* buf, int64_t buflen);
 
 // G[i, j] += sum_r X[r, i] * X[r, j] for every i <= j (the strict lower triangle is not touched).

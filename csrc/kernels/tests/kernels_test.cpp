@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "gram_cpu.h"
+#include "reduce_cpu.h"
 #include "tiling.h"
 
 using namespace regmean_fast::kernels;
@@ -249,6 +250,61 @@ static void test_path_selection() {
   CHECK(std::string(cpu_gemm_path_name(CpuGemmPath::MklBf16)) == "mkl-bf16", "path name");
 }
 
+// The reduction against a double loop written from its definition, for full and packed inputs,
+// float and double outputs; the lower triangle of each input is garbage and must be ignored.
+static void test_reduce_and_packing() {
+  std::mt19937 rng(99);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  ThreadRunner threads(3);
+  for (int64_t d : {1, 7, 64, 129}) {
+    for (int64_t K : {1, 2, 5}) {
+      for (double alpha : {1.0, 0.5, 0.0}) {
+        std::vector<std::vector<float>> full(K), packed(K);
+        std::vector<const float*> pf, pp;
+        std::vector<double> f(K);
+        for (int64_t k = 0; k < K; ++k) {
+          full[k].resize(static_cast<size_t>(d * d));
+          for (auto& v : full[k]) v = u(rng);
+          packed[k].resize(static_cast<size_t>(packed_size(d)));
+          pack_upper_cpu(full[k].data(), d, packed[k].data(), threads);
+          pf.push_back(full[k].data());
+          pp.push_back(packed[k].data());
+          f[k] = 0.25 + k;
+        }
+        std::vector<float> A32(static_cast<size_t>(d * d), -1.f), B32(A32);
+        std::vector<double> A64(static_cast<size_t>(d * d), -1.0);
+        gram_reduce_cpu<float>(A32.data(), d, pf.data(), K, f.data(), alpha, false, threads);
+        gram_reduce_cpu<float>(B32.data(), d, pp.data(), K, f.data(), alpha, true, threads);
+        gram_reduce_cpu<double>(A64.data(), d, pf.data(), K, f.data(), alpha, false, threads);
+        double err32 = 0, err64 = 0;
+        bool same = true;
+        for (int64_t i = 0; i < d; ++i) {
+          for (int64_t j = 0; j < d; ++j) {
+            const int64_t a = std::min(i, j), b = std::max(i, j);  // upper triangle source
+            double expect = 0;
+            for (int64_t k = 0; k < K; ++k) expect += f[k] * full[k][a * d + b] * (a == b ? 1.0 : alpha);
+            err32 = std::max(err32, std::fabs(A32[i * d + j] - expect));
+            err64 = std::max(err64, std::fabs(A64[i * d + j] - expect));
+            same = same && A32[i * d + j] == B32[i * d + j];
+          }
+        }
+        CHECK(err32 < 1e-5 * K * 5, "reduce f32 d=%lld K=%lld alpha=%g err=%g", (long long)d, (long long)K, alpha, err32);
+        CHECK(err64 < 1e-12 * K * 5, "reduce f64 d=%lld K=%lld alpha=%g err=%g", (long long)d, (long long)K, alpha, err64);
+        CHECK(same, "packed and full inputs give different results d=%lld", (long long)d);
+      }
+    }
+    // Packing round trip: unpack(pack(G)) is G's upper triangle mirrored.
+    std::vector<float> G(static_cast<size_t>(d * d)), P(static_cast<size_t>(packed_size(d))), H(G.size());
+    for (auto& v : G) v = u(rng);
+    pack_upper_cpu(G.data(), d, P.data(), threads);
+    unpack_upper_cpu(P.data(), d, H.data(), threads);
+    bool ok = P[0] == G[0] && P.back() == G.back();
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) ok = ok && H[i * d + j] == G[std::min(i, j) * d + std::max(i, j)];
+    CHECK(ok, "pack/unpack d=%lld", (long long)d);
+  }
+}
+
 int main() {
   test_triangle_enumeration();
   test_ranges();
@@ -257,6 +313,7 @@ int main() {
   test_symmetrize();
   test_cuda_schedule_covers_once();
   test_path_selection();
+  test_reduce_and_packing();
   std::printf("kernels_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

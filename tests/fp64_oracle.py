@@ -1,0 +1,84 @@
+"""The independent RegMean check of docs/design.md: least squares on raw activations, no Gram formed.
+
+The merged W minimises
+
+    sum_i c_i [ alpha ||s_i X_i (W - W_i)^T||^2 + (1 - alpha) ||D_i^(1/2) (W - W_i)^T||^2 ]
+
+with s_i = 1/sqrt(n_i) for "mean" (1 for "sum") and D_i = diag(N(G_i)), computed here as the column sums
+of squares of s_i X_i. So W^T is the least-squares solution of the stacked system whose blocks are, per
+model, the rows sqrt(c_i alpha) s_i X_i and sqrt(c_i (1 - alpha)) D_i^(1/2), each with right-hand side
+(those rows) W_i^T. Everything is fp64, solved with torch.linalg.lstsq (gelsd: minimum norm when rank
+deficient). Nothing here imports regmean_fast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def lstsq_merge(
+    Xs: Sequence[torch.Tensor],
+    Ws: Sequence[torch.Tensor],
+    alpha: float = 1.0,
+    coeffs: Sequence[float] | None = None,
+    normalization: str = "mean",
+) -> torch.Tensor:
+    """Xs[i]: model i's kept input rows [n_i, d_in] (or [..., d_in]); Ws[i]: its weight [d_out, d_in].
+
+    Returns the merged weight [d_out, d_in], fp64, on the CPU.
+    """
+    assert len(Xs) == len(Ws) > 0
+    assert normalization in ("mean", "sum")
+    k = len(Xs)
+    c = [1.0] * k if coeffs is None else [float(x) for x in coeffs]
+    total = sum(c)
+    c = [x / total for x in c]
+    rows, rhs = [], []
+    for X, W, ci in zip(Xs, Ws, c):
+        X = X.detach().reshape(-1, X.size(-1)).to("cpu", torch.float64)
+        Wt = W.detach().to("cpu", torch.float64).T  # [d_in, d_out]
+        s = 1.0 / math.sqrt(X.size(0)) if normalization == "mean" else 1.0
+        if alpha > 0:
+            block = math.sqrt(ci * alpha) * s * X
+            rows.append(block)
+            rhs.append(block @ Wt)
+        if alpha < 1:
+            d_sqrt = (s * X).pow(2).sum(dim=0).sqrt()  # sqrt of diag(N(G_i)), without forming G_i
+            block = math.sqrt(ci * (1 - alpha)) * torch.diag(d_sqrt)
+            rows.append(block)
+            rhs.append(block @ Wt)
+    M, R = torch.cat(rows), torch.cat(rhs)
+    return torch.linalg.lstsq(M, R, driver="gelsd").solution.T.contiguous()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||_F / ||b||_F, in fp64."""
+    a, b = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def random_activations(
+    ns: Sequence[int], d: int, *, dtype: torch.dtype = torch.float64, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """One [n_i, d] activation matrix per model, with a shared correlated structure and a per-model shift
+    (so the Grams are well conditioned but differ between models)."""
+    mix = torch.randn(d, d, dtype=torch.float64, generator=generator) / math.sqrt(d) + torch.eye(d, dtype=torch.float64)
+    out = []
+    for n in ns:
+        shift = torch.randn(d, dtype=torch.float64, generator=generator)
+        scale = torch.rand(d, dtype=torch.float64, generator=generator) + 0.5
+        X = (torch.randn(n, d, dtype=torch.float64, generator=generator) * scale) @ mix + shift
+        out.append(X.to(dtype))
+    return out
+
+
+def random_weights(
+    k: int, d_out: int, d_in: int, *, spread: float = 0.5, dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """K weights [d_out, d_in]: a common base plus per-model perturbations of relative size `spread`."""
+    base = torch.randn(d_out, d_in, dtype=torch.float64, generator=generator)
+    return [(base + spread * torch.randn(d_out, d_in, dtype=torch.float64, generator=generator)).to(dtype) for _ in range(k)]
