@@ -1,0 +1,133 @@
+"""GPU benchmarks of the fast ops against pure PyTorch, in one run (for benchmarks/gpu_check.sh).
+
+    python -m benchmarks.gpu OUT_DIR [--quick]
+
+Prints a short table (ms, TFLOP/s or GB/s, ratios) and writes OUT_DIR/gpu_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+import regmean_fast as rf
+from regmean_fast import ops
+from regmean_fast.solve import robust_spd_solve
+
+from .common import print_table
+
+
+def cuda_time(fn, repeats: int = 10) -> float:
+    """Median seconds per call, timed with CUDA events after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench_gram(d: int, rows: int) -> list[dict]:
+    X = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+    G = torch.zeros(d, d, device="cuda")
+    flops = 2.0 * rows * d * d
+    out = [("regmean_fast gram_update (triangle)", lambda: ops.gram_update(G, X))]
+    try:
+        torch.addmm(G, X.T, X, out_dtype=torch.float32)
+        out.append(("torch.addmm bf16->fp32 (full)", lambda: torch.addmm(G, X.T, X, out_dtype=torch.float32)))
+    except (TypeError, RuntimeError) as e:
+        print(f"torch.addmm(out_dtype=...) unavailable: {e}")
+    out.append(("fp32 upcast addmm_ (published codes)", lambda: G.addmm_(X.float().T, X.float())))
+    # Accuracy against fp64 on the same data; the lower triangle is poisoned and must stay so.
+    G.copy_(torch.tril(torch.full_like(G, float("nan")), -1))
+    ops.gram_update(G, X)
+    ref = torch.triu(X.double().T @ X.double())
+    rel = float((torch.triu(G.nan_to_num()).double() - ref).abs().max() / ref.abs().max())
+    if not bool(torch.tril(G, -1).isnan().sum() == d * (d - 1) // 2):
+        rel = float("inf")  # the kernel wrote below the diagonal
+    res = []
+    for name, fn in out:
+        t = cuda_time(fn)
+        res.append({"op": name, "shape": f"d={d} rows={rows} bf16", "ms": t * 1e3,
+                    "TFLOPs_equiv": flops / t / 1e12})
+    base = {r["op"]: r["ms"] for r in res}
+    for r in res:
+        r["speedup_vs_this"] = base[res[0]["op"]] / r["ms"]
+        r["rel_err_fp64"] = rel if r is res[0] else None
+    return res
+
+
+def bench_reduce(d: int, k: int) -> list[dict]:
+    grams = [torch.randn(d, d, device="cuda") for _ in range(k)]
+    f = [1.0 / k] * k
+    copy_src = torch.empty(k * d * d, device="cuda")
+    copy_dst = torch.empty_like(copy_src)
+    t_copy = cuda_time(lambda: copy_dst.copy_(copy_src))
+    bw = 2 * copy_src.numel() * 4 / t_copy
+    t_fast = cuda_time(lambda: ops.gram_reduce(grams, f, 0.9))
+    t_expr = cuda_time(lambda: ops.reduce_expression(grams, f, 0.9, torch.float32))
+    moved = (k * d * d + d * d) * 4
+    return [
+        {"op": "device copy (bandwidth ceiling)", "shape": f"{k * d * d * 4 / 2**20:.0f} MiB", "ms": t_copy * 1e3, "GBps": bw / 1e9},
+        {"op": "regmean_fast gram_reduce", "shape": f"K={k} d={d}", "ms": t_fast * 1e3, "GBps": moved / t_fast / 1e9,
+         "fraction_of_copy_bw": moved / t_fast / bw},
+        {"op": "tensor expression", "shape": f"K={k} d={d}", "ms": t_expr * 1e3, "GBps": moved / t_expr / 1e9},
+    ]
+
+
+def bench_solve(n: int, nrhs: int) -> list[dict]:
+    g = torch.randn(n, n, device="cuda")
+    A = g @ g.T + n * torch.eye(n, device="cuda")
+    B = torch.randn(n, nrhs, device="cuda")
+    res = []
+    for name, fn in [
+        ("robust_spd_solve (cholesky_ex + cholesky_solve, fp32)", lambda: robust_spd_solve(A, B)),
+        ("torch.inverse(A) @ B (published codes)", lambda: torch.inverse(A) @ B),
+        ("torch.linalg.solve (LU)", lambda: torch.linalg.solve(A, B)),
+    ]:
+        res.append({"op": name, "shape": f"n={n} nrhs={nrhs}", "ms": cuda_time(fn, 5) * 1e3})
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out_dir")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.gpu: no CUDA device")
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    info = rf.build_info()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  cuda kernels: {info['cuda_kernels']}")
+    results = []
+    sizes = [(1024, 4096)] if args.quick else [(4096, 16384), (8192, 16384)]
+    for d, rows in sizes:
+        results += bench_gram(d, rows)
+    results += bench_reduce(2048 if args.quick else 4096, 4)
+    results += bench_solve(1024 if args.quick else 4096, 1024 if args.quick else 4096 * 3)
+    print_table(
+        [(r["op"], r["shape"], f"{r['ms']:.3f}",
+          f"{r['TFLOPs_equiv']:.1f} TF" if "TFLOPs_equiv" in r else (f"{r['GBps']:.0f} GB/s" if "GBps" in r else ""),
+          f"{r['speedup_vs_this']:.2f}" if "speedup_vs_this" in r else "",
+          f"{r['rel_err_fp64']:.1e}" if r.get("rel_err_fp64") is not None else "")
+         for r in results],
+        ["op", "shape", "ms", "rate", "ours/this", "rel err"],
+    )
+    with open(os.path.join(args.out_dir, "gpu_bench.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build": info,
+                   "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

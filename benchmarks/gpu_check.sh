@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (no network; Python 3.12, torch 2.11, nvcc): build the
+# extension from source in place, run the CUDA tests, benchmark against pure PyTorch, print a
+# short table, and write everything into OUT_DIR (default: $OUT or ./gpu_check_out).
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+# Budget: well under 8 minutes on an H200 (build ~2-3 min with MAX_JOBS=16, tests ~1 min, benchmarks ~1 min).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# Only the GPU's own arch: a quicker build than the four default archs.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST="$(python -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")')"
+  export TORCH_CUDA_ARCH_LIST
+fi
+py="${PYTHON:-python}"
+start=$(date +%s)
+echo "== build (archs $TORCH_CUDA_ARCH_LIST)"
+REGMEAN_FAST_CUDA=1 "$py" setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+"$py" -m regmean_fast info | tee "$out/info.txt"
+echo "== CUDA tests"
+set +e
+"$py" -m pytest -q -p no:cacheprovider -m cuda tests/ --junitxml="$out/cuda_tests.xml" 2>&1 | tail -30 | tee "$out/cuda_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+set -e
+echo "== benchmarks"
+"$py" -m benchmarks.gpu "$out" 2>&1 | tee "$out/bench.txt"
+echo "== done in $(( $(date +%s) - start )) s; CUDA tests exit $tests_rc; results in $out"
+exit "$tests_rc"
