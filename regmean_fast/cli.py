@@ -25,18 +25,39 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m regmean_fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what was compiled and which fast paths are live")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="a built-in merge that shows what RegMean gains (seconds)")
+    demo.add_argument("--alpha", type=float, default=0.9, help="RegMean alpha (default 0.9)")
+    demo.set_defaults(func=cmd_demo)
+    from .grams.command import register_grams
+
+    register_grams(sub)
+    from .merge.command import register_merge
+
+    register_merge(sub)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .merge.errors import MergeError
+
+    try:
+        return args.func(args)
+    except MergeError as e:
+        print(f"regmean_fast: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

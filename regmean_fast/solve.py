@@ -142,10 +142,13 @@ def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[tor
     widths = [per_model[0].size(0) for per_model in weights]
     B = torch.zeros(d, sum(widths), dtype=solve_dtype, device=A.device)
     for i, (G, f) in enumerate(zip(grams, factors)):
-        Gt = G.to(solve_dtype) * (f * alpha)
-        Gt.diagonal().add_(torch.diagonal(G).to(solve_dtype) * (f * (1.0 - alpha)))
+        # G~_i W_i^T = f alpha G_i W_i^T + f (1 - alpha) diag(G_i) W_i^T: G~_i itself is never formed.
+        Gs = G.to(solve_dtype)
         Wt = torch.cat([per_model[i].to(device=A.device, dtype=solve_dtype) for per_model in weights], dim=0).T
-        B.addmm_(Gt, Wt)
+        if alpha != 0.0:
+            B.addmm_(Gs, Wt, alpha=f * alpha)
+        if alpha != 1.0:
+            B.addcmul_(torch.diagonal(Gs).unsqueeze(1), Wt, value=f * (1.0 - alpha))
     X, report = robust_spd_solve(A, B)
     merged = [part.T.contiguous() for part in torch.split(X, widths, dim=1)]
     return merged, report

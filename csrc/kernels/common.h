@@ -29,17 +29,19 @@ inline const char* dtype_name(DType dt) {
 
 inline int64_t dtype_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
-// bfloat16 is the top half of an IEEE float: widening is a shift.
-RF_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) {
-  uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
+// The float whose IEEE bits are u.
+RF_HOST_DEVICE float float_from_bits(uint32_t u) {
 #if defined(__CUDA_ARCH__)
-  f = __uint_as_float(u);
+  return __uint_as_float(u);
 #else
+  float f;
   std::memcpy(&f, &u, sizeof(f));
-#endif
   return f;
+#endif
 }
+
+// bfloat16 is the top half of an IEEE float: widening is a shift.
+RF_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) { return float_from_bits(static_cast<uint32_t>(bits) << 16); }
 
 // Round-to-nearest-even narrowing, used by tests and the CPU twins to make bf16 data.
 inline uint16_t float_to_bf16_bits(float f) {
@@ -71,13 +73,7 @@ RF_HOST_DEVICE float f16_bits_to_float(uint16_t h) {
     } while ((man & 0x400u) == 0);
     u = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
   }
-  float f;
-#if defined(__CUDA_ARCH__)
-  f = __uint_as_float(u);
-#else
-  std::memcpy(&f, &u, sizeof(f));
-#endif
-  return f;
+  return float_from_bits(u);
 }
 
 // Widen element `i` of a buffer of the given type.

@@ -1,0 +1,138 @@
+"""Cost of collecting Grams over a plain forward pass, and against the published codes' hook.
+
+    python benchmarks/bench_grams.py                       # BERT-base shape, batch 8 x 128 tokens, CPU
+    python benchmarks/bench_grams.py --layers 2 --batches 2  # quick look
+
+Three runs on the same random-weight model and the same batches (with padding):
+  plain      model(**batch) under no_grad
+  ours       regmean_fast.grams.GramCollector: one Gram per distinct input (q/k/v share), padding rows
+             dropped, fp32 upper-triangle update through regmean_fast.ops.gram_update
+  published  bloomberg/dataless-model-merging's hook: x.view(-1, d), fp32 upcast, full x^T x, running mean,
+             one Gram per module, padding kept
+Prints the median seconds per batch and the ratios ours/plain (goal <= 1.25 on CPU for BERT-base at
+seq 128) and published/plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def published_hooks(model):
+    """The reference hook (regmean-reference.md 2.1), for comparison."""
+    from transformers.pytorch_utils import Conv1D
+
+    grams, ns, handles = {}, {}, []
+
+    def make(name):
+        def hook(mod, inp, out):
+            x = inp[0].detach()
+            x = x.view(-1, x.size(-1)).float()
+            rows = x.size(0)
+            xtx = x.T @ x
+            if name not in grams:
+                grams[name] = xtx / rows
+                ns[name] = rows
+            else:
+                grams[name] = (grams[name] * ns[name] + xtx) / (ns[name] + rows)
+                ns[name] += rows
+
+        return hook
+
+    for n, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)):
+            handles.append(m.register_forward_hook(make(n)))
+    return handles
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=3, help="timed batches per variant (after one warm-up)")
+    ap.add_argument("--pad-frac", type=float, default=0.25, help="mean fraction of padding per example")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    from regmean_fast import build_info
+    from regmean_fast.grams.collect import GramCollector
+
+    hf_logging.set_verbosity_error()
+    cfg = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                     intermediate_size=4 * args.hidden, max_position_embeddings=max(512, args.seq))
+    torch.manual_seed(0)
+    model = BertModel(cfg).to(args.device).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.batches + 1):
+        ids = torch.randint(1000, cfg.vocab_size, (args.batch, args.seq), generator=g)
+        lens = args.seq - (torch.rand(args.batch, generator=g) * 2 * args.pad_frac * args.seq).long().clamp(
+            0, args.seq - 1)
+        att = (torch.arange(args.seq)[None, :] < lens[:, None]).long()
+        batches.append({"input_ids": ids.to(args.device), "attention_mask": att.to(args.device)})
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        out = []
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                sync()
+                t = time.perf_counter()
+                fn(b)
+                sync()
+                if i:  # the first batch warms up
+                    out.append(time.perf_counter() - t)
+        return statistics.median(out)
+
+    def plain(b):
+        model(**b)
+
+    t_plain = timed(plain)
+    col = GramCollector(model)
+
+    def ours(b):
+        model(**b)
+        col.finish()
+
+    with col:
+        t_ours = timed(ours)
+    handles = published_hooks(model)
+    t_pub = timed(plain)
+    for h in handles:
+        h.remove()
+    t_plain2 = timed(plain)  # again, to see drift on a shared machine
+    base = min(t_plain, t_plain2)
+    info = build_info()
+    print(f"model: BERT {args.layers} layers, hidden {args.hidden}; batch {args.batch} x {args.seq} tokens "
+          f"({int(sum(int(b['attention_mask'].sum()) for b in batches[1:]) / args.batches)} real per batch); "
+          f"device {args.device}; threads {torch.get_num_threads()}; "
+          f"gram_update CPU path {info.get('cpu_gemm_path', {}).get('float32', '?')}")
+    print(f"plain forward      : {t_plain:.4f} s/batch (again at the end: {t_plain2:.4f})")
+    print(f"ours (grams)       : {t_ours:.4f} s/batch")
+    print(f"published hook     : {t_pub:.4f} s/batch")
+    print(f"ratio ours/plain      = {t_ours / base:.3f}   (goal <= 1.25)")
+    print(f"ratio published/plain = {t_pub / base:.3f}")
+    print(f"speed-up of the statistics over the published hook = {(t_pub - base) / max(t_ours - base, 1e-9):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Collecting Grams: forward pre-hooks on every nn.Linear and transformers Conv1D.
+
+For each distinct input tensor X of a hooked module (modules that read the same tensor in a forward,
+such as q/k/v or gate/up, share one Gram, detected at run time) the collector adds the raw fp32 sum
+X[keep]^T X[keep] into an upper-triangular accumulator through regmean_fast.ops.gram_update, and the
+number of kept rows into a count. keep drops padding rows: inputs shaped like the attention mask
+([B, S, d], or [B*S, d]) use it, per-example inputs ([B, d], e.g. a pooler or a classifier) keep every
+row. include_padding=True keeps every row everywhere (what the published codes do).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .. import ops
+from .fileformat import GramSet, GramsError, save_grams
+
+try:  # transformers is optional for collect_grams on plain modules
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # pragma: no cover
+    _HFConv1D = None
+
+_RECENT = 8  # distinct inputs remembered for sharing detection (q/k/v, gate/up are called back to back)
+
+
+class NonFiniteActivationError(GramsError):
+    """A hooked module received inf or NaN inputs."""
+
+
+class SharingChangedError(GramsError):
+    """Modules that shared an input in one forward did not in a later one."""
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return _HFConv1D is not None and isinstance(module, _HFConv1D)
+
+
+def find_linear_modules(model: nn.Module, include=None, exclude=None, skip_tied: bool = True):
+    """-> ([(name, module)], [skipped tied names]) for nn.Linear / Conv1D modules, in model order.
+
+    include / exclude: regexes (a string or a list) searched in the module name. With skip_tied,
+    modules whose weight is tied to an earlier parameter (e.g. an lm_head tied to the embeddings,
+    absent from the checkpoint) are skipped.
+    """
+    inc = [re.compile(p) for p in _as_list(include)]
+    exc = [re.compile(p) for p in _as_list(exclude)]
+    params = {n for n, _ in model.named_parameters()}  # deduplicated: tied copies are absent
+    found, tied = [], []
+    for name, mod in model.named_modules():
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+            continue
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if any(p.search(name) for p in exc):
+            continue
+        if skip_tied and f"{name}.weight" not in params:
+            tied.append(name)
+            continue
+        found.append((name, mod))
+    return found, tied
+
+
+def _as_list(x):
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [x]
+    return list(x)
+
+
+def model_fingerprint(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> dict:
+    cfg = getattr(model, "config", None)
+    return {
+        "model_type": getattr(cfg, "model_type", None) or type(model).__name__,
+        "architectures": list(getattr(cfg, "architectures", None) or [type(model).__name__]),
+        "weights": {n: list(m.weight.shape) for n, m in modules},
+    }
+
+
+def _find_attention_mask(args, kwargs):
+    m = kwargs.get("attention_mask")
+    if m is None and len(args) > 1 and torch.is_tensor(args[1]) and torch.is_tensor(args[0]):
+        if args[1].shape == args[0].shape:
+            m = args[1]
+    if m is not None and torch.is_tensor(m) and m.dim() == 2:
+        return m
+    return None
+
+
+class GramCollector:
+    """Hooks that sum x x^T of every Linear / Conv1D input; use as a context manager or call run().
+
+        with GramCollector(model) as c:          # or collect_grams(model)
+            for batch in batches:
+                model(**batch)                   # the attention_mask kwarg is picked up automatically
+        gs = c.gramset()                         # or c.save(path, ...)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include=None,
+        exclude=None,
+        include_padding: bool = False,
+        share_inputs: bool = True,
+        skip_tied: bool = True,
+        check_finite: bool = True,
+    ):
+        self.model = model
+        self.include_padding = include_padding
+        self.share_inputs = share_inputs
+        self.check_finite_inputs = check_finite
+        self.targets, self.skipped_tied = find_linear_modules(model, include, exclude, skip_tied)
+        if not self.targets:
+            raise GramsError(
+                "no nn.Linear / Conv1D modules matched"
+                + (f" (include={_as_list(include)}, exclude={_as_list(exclude)})" if include or exclude else "")
+            )
+        self.order = [n for n, _ in self.targets]
+        self.conv1d = {n for n, m in self.targets if is_conv1d(m)}
+        self.fingerprint = model_fingerprint(model, self.targets)
+        self.grams: dict[str, torch.Tensor] = {}  # key -> fp32 [d, d], upper triangle valid
+        self.counts: dict[str, int] = {}
+        self.module_map: dict[str, str] = {}  # module -> key
+        self.batches = 0
+        self.tokens = 0
+        self.examples = 0
+        self._mask = None  # current batch's 2D attention mask (bool), or None
+        self._mask_dev: dict = {}
+        self._recent: list = []
+        self._handles: list = []
+        self._seen_this_batch: set = set()
+        self.enabled = True
+
+    # ---- hooks
+    def attach(self) -> "GramCollector":
+        if self._handles:
+            return self
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        for name, mod in self.targets:
+            self._handles.append(mod.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._recent.clear()
+
+    def __enter__(self) -> "GramCollector":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def paused(self):
+        """Context manager: forwards inside it are not counted (e.g. the Fisher's own passes)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            old, self.enabled = self.enabled, False
+            try:
+                yield self
+            finally:
+                self.enabled = old
+
+        return cm()
+
+    def _root_pre_hook(self, module, args, kwargs):
+        if not self.enabled:
+            return
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        self.begin_batch(_find_attention_mask(args, kwargs), ids)
+
+    def begin_batch(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> None:
+        """Start a new batch: its attention mask ([B, S], 1 = token) drops padding rows."""
+        self._end_batch_checks()
+        self._recent.clear()
+        self._mask_dev = {}
+        self._mask = None if attention_mask is None else attention_mask.detach().bool()
+        self.batches += 1
+        if attention_mask is not None:
+            self.examples += attention_mask.size(0)
+            self.tokens += int(attention_mask.sum()) if not self.include_padding else attention_mask.numel()
+        elif input_ids is not None and input_ids.dim() >= 1:
+            self.examples += input_ids.size(0) if input_ids.dim() > 1 else 1
+            self.tokens += input_ids.numel()
+
+    def begin_batch_same(self, attention_mask: torch.Tensor | None) -> None:
+        """Switch to a batch already counted (sequential mode revisits every batch once per block)."""
+        self._end_batch_checks()
+        self._recent.clear()
+        self._mask_dev = {}
+        self._mask = None if attention_mask is None else attention_mask.detach().bool()
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        """Feed module `name` an input by hand (what its hook does)."""
+        self._observe(name, x)
+
+    def offload_to(self, device) -> None:
+        """Move the accumulators to `device` (e.g. the host once a block is done)."""
+        for k, G in self.grams.items():
+            if G.device != torch.device(device):
+                self.grams[k] = G.to(device)
+
+    def _mask_for(self, x: torch.Tensor):
+        """-> (mask or None, kept row count) for input x [..., d]."""
+        rows_shape = x.shape[:-1]
+        nrows = 1
+        for s in rows_shape:
+            nrows *= s
+        m = self._mask
+        if self.include_padding or m is None:
+            return None, nrows
+        if tuple(rows_shape) == tuple(m.shape):
+            key = ("2d", x.device)
+        elif len(rows_shape) == 1 and rows_shape[0] == m.numel():
+            key = ("flat", x.device)
+        else:
+            return None, nrows  # per-example input (pooler, classifier): every row is real
+        hit = self._mask_dev.get(key)
+        if hit is None:
+            mm = m.to(x.device)
+            if key[0] == "flat":
+                mm = mm.reshape(-1)
+            hit = (mm, int(m.sum()))
+            self._mask_dev[key] = hit
+        return hit
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module, args, kwargs):
+            if not self.enabled:
+                return
+            x = args[0] if args else next(iter(kwargs.values()))
+            self._observe(name, x)
+
+        return hook
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        try:
+            version = x._version
+        except RuntimeError:  # inference tensors carry no version counter
+            version = -1
+        ident = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, version)
+        found = None
+        if self.share_inputs:
+            for rid, _ref, rkey in self._recent:
+                if rid == ident:
+                    found = rkey
+                    break
+        mapped = self.module_map.get(name)
+        if mapped is None:
+            if found is not None:
+                self.module_map[name] = found  # shares an input already summed in this forward
+                return
+            self.module_map[name] = name
+            mapped = name
+        elif mapped != name:  # a follower: its leader must have read this very tensor
+            if found != mapped:
+                raise SharingChangedError(
+                    f"module {name!r} shared its input with {mapped!r} in an earlier forward but not now; "
+                    "collect with share_inputs=False (--no-share)"
+                )
+            return
+        if found is not None and found != mapped and self.module_map.get(found) == found:
+            pass  # two leaders reading one tensor in this forward (not seen in the first): sum both
+        self._update(mapped, x)
+        self._recent.append((ident, x, mapped))
+        if len(self._recent) > _RECENT:
+            self._recent.pop(0)
+
+    def _update(self, key: str, x: torch.Tensor) -> None:
+        d = x.size(-1)
+        G = self.grams.get(key)
+        if G is None:
+            G = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+            self.grams[key] = G
+            self.counts[key] = 0
+        if x.dtype not in ops.GRAM_DTYPES:
+            x = x.float()
+        mask, n = self._mask_for(x)
+        if n == 0:
+            return
+        if mask is not None:
+            x = x[mask]  # gather the kept rows once for this input
+        ops.gram_update(G, x)
+        self.counts[key] += n
+        self._seen_this_batch.add(key)
+
+    def _end_batch_checks(self) -> None:
+        if not self.check_finite_inputs or not self._seen_this_batch:
+            self._seen_this_batch = set()
+            return
+        keys = [k for k in self.order if k in self._seen_this_batch]
+        self._seen_this_batch = set()
+        # x_i^2 sums on the diagonal: non-finite iff some kept input entry was (or the sum overflowed)
+        diag_ok = torch.stack([torch.isfinite(self.grams[k].diagonal()).all().cpu() for k in keys])
+        if not bool(diag_ok.all()):
+            bad = keys[int((~diag_ok).nonzero()[0])]
+            mods = [m for m in self.order if self.module_map.get(m) == bad]
+            raise NonFiniteActivationError(
+                f"non-finite activations (inf or NaN) reach module {mods[0]!r}"
+                + (f" (and {', '.join(mods[1:])})" if len(mods) > 1 else "")
+            )
+
+    def finish(self) -> None:
+        """Checks the last batch; call before reading results (gramset/save do)."""
+        self._end_batch_checks()
+
+    # ---- running
+    def run(self, batches: Iterable[Mapping], device=None, on_batch: Callable | None = None) -> "GramCollector":
+        """Forward every batch (a dict of model kwargs) in eval mode under no_grad."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self, torch.no_grad():
+                for batch in batches:
+                    if device is not None:
+                        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                    self.model(**batch)
+                    if on_batch is not None:
+                        on_batch(batch)
+            self.finish()
+        finally:
+            self.model.train(was_training)
+        return self
+
+    # ---- results
+    def module_entries(self) -> dict:
+        """module -> {"key", "conv1d"} in model order, for modules that saw data."""
+        out = {}
+        for m in self.order:
+            k = self.module_map.get(m)
+            if k is not None and self.counts.get(k, 0) > 0:
+                out[m] = {"key": k, "conv1d": m in self.conv1d}
+        return out
+
+    def unseen_modules(self) -> list[str]:
+        return [m for m in self.order if m not in self.module_entries()]
+
+    def gramset(self, metadata: Mapping | None = None) -> GramSet:
+        self.finish()
+        entries = self.module_entries()
+        keys = {v["key"] for v in entries.values()}
+        return GramSet.from_memory(
+            {k: self.grams[k] for k in keys}, {k: self.counts[k] for k in keys}, entries,
+            self.fingerprint, dict(self.provenance(), **(metadata or {})),
+        )
+
+    def provenance(self) -> dict:
+        return {
+            "batches": self.batches,
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "padding": "included" if self.include_padding else "excluded",
+            "shared_inputs": self.share_inputs,
+            "skipped_tied": self.skipped_tied,
+            "unseen_modules": self.unseen_modules(),
+        }
+
+    def save(self, path, metadata: Mapping | None = None, packed=False, shard_size=None, overwrite=False,
+             fisher=None) -> str:
+        self.finish()
+        entries = self.module_entries()
+        if not entries:
+            raise GramsError("no hooked module received any token; nothing to save")
+        keys = {v["key"] for v in entries.values()}
+        weights = self.fingerprint["weights"]
+        fp = dict(self.fingerprint, weights={m: weights[m] for m in entries})
+        return save_grams(
+            path, {k: self.grams[k] for k in keys}, {k: self.counts[k] for k in keys}, entries, fp,
+            dict(self.provenance(), **(metadata or {})), packed=packed, shard_size=shard_size, fisher=fisher,
+            overwrite=overwrite,
+        )
+
+    # ---- checkpoints
+    def state(self) -> dict:
+        """Everything needed to continue: raw accumulators (upper triangle), counts, mapping, totals."""
+        return {
+            "grams": {k: G.detach().cpu() for k, G in self.grams.items()},
+            "counts": dict(self.counts),
+            "module_map": dict(self.module_map),
+            "batches": self.batches,
+            "examples": self.examples,
+            "tokens": self.tokens,
+        }
+
+    def load_state(self, state: Mapping, device=None) -> None:
+        self.grams = {k: G.to(device or "cpu", torch.float32).contiguous() for k, G in state["grams"].items()}
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.module_map = dict(state["module_map"])
+        self.batches = int(state["batches"])
+        self.examples = int(state["examples"])
+        self.tokens = int(state["tokens"])
+
+
+def collect_grams(model: nn.Module, batches: Iterable[Mapping] | None = None, *, device=None, include=None,
+                  exclude=None, include_padding: bool = False, share_inputs: bool = True, skip_tied: bool = True,
+                  on_batch: Callable | None = None):
+    """Grams of every nn.Linear / Conv1D input of any nn.Module.
+
+    With batches (an iterable of dicts of model kwargs; attention_mask drops padding rows): runs them
+    in eval mode under no_grad and returns a GramSet (in memory; .gram(module) is the full raw fp32 sum,
+    .count(module) the tokens). Without batches: returns a GramCollector to use as a context manager
+    around your own forward passes (then .gramset() or .save(path)).
+    """
+    c = GramCollector(model, include=include, exclude=exclude, include_padding=include_padding,
+                      share_inputs=share_inputs, skip_tied=skip_tied)
+    if batches is None:
+        return c
+    c.run(batches, device=device, on_batch=on_batch)
+    return c.gramset()

@@ -1,0 +1,486 @@
+"""`python -m regmean_fast grams MODEL_DIR --data FILE --out GRAMS`: collect a model's Gram file.
+
+Every problem with the inputs is reported before any heavy work as one line
+`regmean_fast: error: ...` with exit status 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from .fileformat import GramsError, parse_size
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+_TEST_INTERRUPT_ENV = "REGMEAN_FAST_GRAMS_INTERRUPT_AFTER"  # tests: raise KeyboardInterrupt after N batches
+
+
+def register_grams(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "grams",
+        help="collect the Gram statistics (x x^T of every linear layer's inputs) of a model on your data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (safetensors)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet")
+    p.add_argument("--out", required=True, metavar="GRAMS",
+                   help="output: X.safetensors (a file) or a folder (created whole)")
+    g = p.add_argument_group("data")
+    g.add_argument("--format", choices=("jsonl", "text", "csv", "tsv", "parquet"), help="default: by extension")
+    g.add_argument("--text-field", default="text",
+                   help="JSONL field / CSV column with the text (default: text); JSONL lines without it may "
+                        "carry a chat 'messages' list, rendered with the tokenizer's chat template")
+    g.add_argument("--label-field", default="label", help="labels for --fisher on classifiers (default: label)")
+    g.add_argument("--max-length", type=int, help="tokens per example (default: min(512, the model's limit))")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-examples", type=int)
+    g.add_argument("--max-tokens", type=int, help="stop after this many (non-padding) tokens")
+    g.add_argument("--shuffle", action="store_true", help="shuffle the examples with --seed before selecting")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="forward dtype")
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--sequential", action="store_true",
+                   help="one decoder block at a time from the memory-mapped weights (Llama/Mistral/Qwen2 family)")
+    g = p.add_argument_group("statistics")
+    g.add_argument("--include", action="append", metavar="REGEX", help="only modules whose name matches")
+    g.add_argument("--exclude", action="append", metavar="REGEX", help="skip modules whose name matches")
+    g.add_argument("--include-padding", action="store_true",
+                   help="keep padding rows (what the published codes do)")
+    g.add_argument("--no-share", action="store_true", help="one Gram per module even when inputs are shared")
+    g.add_argument("--fisher", action="store_true", help="also collect the diagonal empirical Fisher")
+    g = p.add_argument_group("output")
+    g.add_argument("--packed", action="store_true", help="store the upper triangle only")
+    g.add_argument("--shard-size", help="split into shards of about this size, e.g. 2GB")
+    g.add_argument("--force", action="store_true", help="overwrite an existing output")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N batches")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    g.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_grams)
+    return p
+
+
+def _error(msg: str) -> int:
+    print(f"regmean_fast: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_grams(args) -> int:
+    try:
+        return _run(args)
+    except GramsError as e:
+        return _error(str(e).replace("\n", " "))
+
+
+def checkpoint_path(out: str) -> str:
+    return os.path.abspath(out).rstrip(os.sep) + ".checkpoint.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def check_output(out: str, force: bool, resume: bool) -> None:
+    target = out
+    if out.endswith(".safetensors") and not os.path.exists(out) and os.path.exists(out + ".index.json"):
+        target = out + ".index.json"
+    if os.path.lexists(target) and not force:
+        raise GramsError(f"output already exists: {target} (use --force to overwrite)")
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    if not os.path.isdir(parent):
+        raise GramsError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GramsError(f"output folder is not writable: {parent}")
+    if resume and not os.path.exists(checkpoint_path(out)):
+        raise GramsError(f"--resume: no checkpoint at {checkpoint_path(out)}")
+
+
+def check_model_dir(model_dir: str) -> list[str]:
+    if not os.path.exists(model_dir):
+        raise GramsError(f"model folder not found: {model_dir}")
+    if not os.path.isdir(model_dir):
+        raise GramsError(f"model path is not a folder: {model_dir}")
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise GramsError(f"model folder is not readable: {model_dir}")
+    cfg = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg):
+        raise GramsError(f"no config.json in model folder {model_dir}")
+    try:
+        with open(cfg) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise GramsError(f"unreadable config.json in {model_dir}: {e}") from None
+    st = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not st:
+        others = [os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*.bin"))]
+        raise GramsError(
+            f"no safetensors weights in {model_dir}" + (f" (found {', '.join(others)}; convert them)" if others else "")
+        )
+    return st
+
+
+def resolve_device(spec: str):
+    import torch
+
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise GramsError(f"--device {spec}: CUDA is not available")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise GramsError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    raise GramsError(f"--device {spec!r}: use cpu, cuda or cuda:N")
+
+
+def model_limit(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_config(model_dir: str, trust: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "trust_remote_code" in str(e):
+            msg = "the model needs custom code; pass --trust-remote-code if you trust it"
+        raise GramsError(f"cannot load the model config from {model_dir}: {msg}") from None
+
+
+def model_class(config, trust: bool):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if getattr(config, "auto_map", None) and trust:
+        return transformers.AutoModel
+    return transformers.AutoModel
+
+
+def quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def meta_model(config, trust: bool):
+    """The model skeleton on the meta device: names and shapes, no memory, no weights read."""
+    import torch
+
+    cls = model_class(config, trust)
+    try:
+        with torch.device("meta"):
+            if hasattr(cls, "_from_config"):
+                return cls._from_config(config, trust_remote_code=trust) if cls.__name__.startswith("Auto") \
+                    else cls._from_config(config)
+            return cls.from_config(config, trust_remote_code=trust)
+    except Exception as e:
+        raise GramsError(f"cannot build the model from its config: {str(e).splitlines()[0] if str(e) else e}") \
+            from None
+
+
+def load_model(model_dir: str, config, dtype, device, trust: bool):
+    quiet_transformers()
+    cls = model_class(config, trust)
+    try:
+        model = cls.from_pretrained(model_dir, config=config, dtype=dtype, local_files_only=True,
+                                    trust_remote_code=trust)
+    except Exception as e:
+        raise GramsError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0] if str(e) else e}") \
+            from None
+    return model.to(device).eval()
+
+
+def _signature(args, model_dir: str, st_files: list[str], max_length: int) -> str:
+    h = hashlib.sha256()
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        h.update(f.read())
+    for p in st_files:
+        s = os.stat(p)
+        h.update(f"{os.path.basename(p)}:{s.st_size}".encode())
+    s = os.stat(args.data)
+    keys = ("format", "text_field", "batch_size", "max_examples", "max_tokens", "shuffle", "seed", "dtype",
+            "include", "exclude", "include_padding", "no_share", "sequential", "fisher", "label_field")
+    h.update(json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True).encode())
+    h.update(f"{os.path.abspath(args.data)}:{s.st_size}:{s.st_mtime_ns}:{max_length}".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def write_checkpoint(path: str, collector, signature: str, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    st = collector.state()
+    meta = {k: v for k, v in st.items() if k != "grams"}
+    extra = dict(extra or {})
+    more = extra.pop("_tensors", {})
+    meta.update(extra)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tensors = {"gram." + k: G.contiguous() for k, G in st["grams"].items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in more.items()})
+    save_file(tensors, tmp, metadata={"signature": signature, "state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str, signature: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise GramsError(f"unreadable checkpoint {path}: {e}") from None
+    if meta.get("signature") != signature:
+        raise GramsError(
+            f"checkpoint {path} was made with another model, data or settings; rerun with the same command "
+            "or delete it"
+        )
+    state = json.loads(meta["state"])
+    state["grams"] = {k[5:]: v for k, v in tensors.items() if k.startswith("gram.")}
+    others = {k: v for k, v in tensors.items() if not k.startswith("gram.")}
+    return state, others
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def _run(args) -> int:
+    # ---- cheap checks first, in the order a user would fix them
+    if args.batch_size is not None and args.batch_size < 1:
+        raise GramsError("--batch-size must be >= 1")
+    for flag in ("max_examples", "max_tokens", "checkpoint_every", "max_length"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise GramsError(f"--{flag.replace('_', '-')} must be >= 1")
+    shard_size = None
+    if args.shard_size:
+        try:
+            shard_size = parse_size(args.shard_size)
+        except ValueError as e:
+            raise GramsError(str(e)) from None
+    out = args.out
+    check_output(out, args.force, args.resume)
+    model_dir = args.model_dir
+    st_files = check_model_dir(model_dir)
+
+    from . import data as D
+
+    examples = D.read_examples(args.data, args.format, args.text_field, args.label_field if args.fisher else None)
+    device = resolve_device(args.device)
+
+    import torch
+
+    quiet_transformers()
+    config = load_config(model_dir, args.trust_remote_code)
+    from .collect import find_linear_modules
+
+    skeleton = meta_model(config, args.trust_remote_code)
+    if not find_linear_modules(skeleton, args.include, args.exclude)[0]:
+        raise GramsError("no nn.Linear / Conv1D modules matched"
+                         + (f" (--include {args.include}, --exclude {args.exclude})" if args.include or args.exclude
+                            else ""))
+    del skeleton
+    limit = model_limit(config)
+    if args.max_length is not None and limit is not None and args.max_length > limit:
+        raise GramsError(f"--max-length {args.max_length} is beyond the model's limit of {limit} positions")
+    max_length = args.max_length or min(512, limit or 512)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                  trust_remote_code=args.trust_remote_code)
+    except Exception as e:
+        raise GramsError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0] if str(e) else e}") \
+            from None
+    examples = D.select(examples, args.max_examples, args.shuffle, args.seed)
+    ids = D.tokenize(tokenizer, examples, max_length, args.data)
+    labels = [ex.label for ex in examples] if args.fisher else None
+    batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels)
+    signature = _signature(args, model_dir, st_files, max_length)
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, DTYPES[args.dtype])
+
+    metadata = {
+        "tool": "regmean_fast",
+        "tool_version": _version(),
+        "model": os.path.basename(os.path.abspath(model_dir)),
+        "data": os.path.basename(args.data),
+        "max_length": max_length,
+        "batch_size": args.batch_size,
+        "forward_dtype": args.dtype,
+        "text_field": args.text_field,
+        "shuffle": args.shuffle,
+        "seed": args.seed,
+        "mode": "sequential" if args.sequential else "whole-model",
+    }
+
+    if args.sequential:
+        from .sequential import sequential_supported
+
+        ok, why = sequential_supported(config)
+        if not ok:
+            print(f"regmean_fast: note: --sequential is not available for this model ({why}); "
+                  "running the whole model at once", file=sys.stderr)
+            args.sequential = False
+            metadata["mode"] = "whole-model"
+    if args.sequential and args.fisher:
+        print("regmean_fast: note: --fisher needs gradients through the whole model; running the whole model "
+              "at once", file=sys.stderr)
+        args.sequential = False
+        metadata["mode"] = "whole-model"
+    if args.sequential:
+        if args.checkpoint_every or args.resume:
+            raise GramsError("--checkpoint-every / --resume are not supported with --sequential")
+        from .sequential import run_sequential
+
+        collector, fisher = run_sequential(model_dir, config, batches, device=device, dtype=dtype,
+                                           include=args.include, exclude=args.exclude,
+                                           include_padding=args.include_padding, share_inputs=not args.no_share,
+                                           progress=not args.no_progress, fisher=args.fisher)
+        return _finish(args, collector, out, metadata, shard_size, fisher)
+
+    from .collect import GramCollector
+
+    model = load_model(model_dir, config, dtype, device, args.trust_remote_code)
+    collector = GramCollector(model, include=args.include, exclude=args.exclude,
+                              include_padding=args.include_padding, share_inputs=not args.no_share)
+    fisher_acc = None
+    if args.fisher:
+        from .fisher import FisherAccumulator
+
+        fisher_acc = FisherAccumulator(model)
+    start = 0
+    ckpt = checkpoint_path(out)
+    if args.resume:
+        state, others = read_checkpoint(ckpt, signature)
+        collector.load_state(state, device=device)
+        start = int(state["done_batches"])
+        if fisher_acc is not None:
+            fisher_acc.load_state(others, int(state.get("fisher_examples", 0)), device)
+        print(f"regmean_fast: resuming from {ckpt} after {start} of {len(batches)} batches", file=sys.stderr)
+
+    interrupt_after = int(os.environ.get(_TEST_INTERRUPT_ENV, "0") or 0)
+    n_examples = sum(b.n_examples for b in batches)
+    done_examples = sum(b.n_examples for b in batches[:start])
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_examples, initial=done_examples, unit="ex", desc="grams", dynamic_ncols=True,
+                   file=sys.stderr)
+    tokens_run, t0 = 0, time.perf_counter()
+    done = start
+    stop = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\nregmean_fast: interrupted; finishing the current batch and saving a checkpoint "
+              "(Ctrl-C again to abort without one)", file=sys.stderr)
+
+    def save_ckpt(n_done):
+        extra = {"done_batches": n_done}
+        if fisher_acc is not None:
+            extra["fisher_examples"] = fisher_acc.examples
+            extra["_tensors"] = fisher_acc.state_tensors()
+        write_checkpoint(ckpt, collector, signature, extra)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        with collector, torch.no_grad():
+            for i in range(start, len(batches)):
+                if stop["flag"]:
+                    break
+                b = batches[i]
+                kw = {k: v.to(device) for k, v in b.model_kwargs().items()}
+                model(**kw)
+                collector.finish()
+                if fisher_acc is not None:
+                    with torch.enable_grad(), collector.paused():
+                        fisher_acc.add_batch(b, device)
+                done = i + 1
+                tokens_run += b.n_tokens
+                if bar is not None:
+                    el = time.perf_counter() - t0
+                    bar.update(b.n_examples)
+                    bar.set_postfix_str(f"{tokens_run / max(el, 1e-9):,.0f} tok/s", refresh=False)
+                if args.checkpoint_every and done % args.checkpoint_every == 0 and done < len(batches):
+                    save_ckpt(done)
+                if interrupt_after and done - start >= interrupt_after:
+                    stop["flag"] = True
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, old_handler)
+    if stop["flag"] and done < len(batches):
+        if bar is not None:
+            bar.close()
+        save_ckpt(done)
+        print(f"regmean_fast: interrupted after {done} of {len(batches)} batches; checkpoint saved to {ckpt}. "
+              "Resume with the same command plus --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if bar is not None:
+        bar.close()
+    fisher = fisher_acc.result() if fisher_acc is not None else None
+    if fisher_acc is not None:
+        metadata["fisher_examples"] = fisher_acc.examples
+        metadata["fisher_labels"] = fisher_acc.label_source or ("next-token" if fisher_acc.kind == "causal" else None)
+    rc = _finish(args, collector, out, metadata, shard_size, fisher)
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+    return rc
+
+
+def _finish(args, collector, out, metadata, shard_size, fisher) -> int:
+    path = collector.save(out, metadata=metadata, packed=args.packed, shard_size=shard_size,
+                          overwrite=args.force, fisher=fisher)
+    n_mod = len(collector.module_entries())
+    n_keys = len({v["key"] for v in collector.module_entries().values()})
+    print(f"regmean_fast: wrote {path}: {n_keys} Grams for {n_mod} modules, {collector.tokens} tokens, "
+          f"{collector.examples} examples", file=sys.stderr)
+    if collector.unseen_modules():
+        print(f"regmean_fast: note: modules that saw no data (left out): {', '.join(collector.unseen_modules())}",
+              file=sys.stderr)
+    return 0
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+
+        return __version__
+    except Exception:
+        return "unknown"

@@ -1,0 +1,206 @@
+"""Calibration data for the grams command: read, tokenize, batch (every problem is a GramsError)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .fileformat import GramsError
+
+FORMATS = ("jsonl", "text", "csv", "tsv", "parquet")
+
+
+@dataclass
+class Example:
+    where: str  # "line 12" / "row 3", for error messages
+    text: str | None = None
+    messages: list | None = None
+    label: object = None
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+    n_examples: int = 0
+    n_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def model_kwargs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def detect_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in FORMATS:
+            raise GramsError(f"unknown data format {fmt!r} (one of {', '.join(FORMATS)})")
+        return fmt
+    ext = os.path.splitext(path)[1].lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+            ".parquet": "parquet", ".pq": "parquet"}.get(ext, "text")
+
+
+def read_examples(path, fmt: str | None = None, text_field: str = "text", label_field: str | None = None,
+                  messages_field: str = "messages") -> list[Example]:
+    """JSON Lines (text_field, or a chat messages_field), plain text (one example per non-empty line),
+    CSV / TSV / Parquet (column text_field)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise GramsError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise GramsError(f"data path is a folder, not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise GramsError(f"data file is not readable: {path}")
+    fmt = detect_format(path, fmt)
+    out: list[Example] = []
+    try:
+        if fmt == "jsonl":
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise GramsError(f"{path}: line {i}: malformed JSON ({e.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise GramsError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
+                    ex = Example(where=f"line {i}", label=obj.get(label_field) if label_field else None)
+                    if text_field in obj:
+                        if not isinstance(obj[text_field], str):
+                            raise GramsError(f"{path}: line {i}: field {text_field!r} is not a string")
+                        ex.text = obj[text_field]
+                    elif messages_field in obj:
+                        msgs = obj[messages_field]
+                        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+                            raise GramsError(f"{path}: line {i}: field {messages_field!r} is not a list of messages")
+                        ex.messages = msgs
+                    else:
+                        raise GramsError(
+                            f"{path}: line {i}: no {text_field!r} field (nor {messages_field!r}); "
+                            f"keys: {', '.join(sorted(obj)) or 'none'}; choose one with --text-field"
+                        )
+                    out.append(ex)
+        elif fmt == "text":
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    line = line.rstrip("\n").rstrip("\r")
+                    if line.strip():
+                        out.append(Example(where=f"line {i}", text=line))
+        elif fmt in ("csv", "tsv"):
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+                cols = reader.fieldnames or []
+                if text_field not in cols:
+                    raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
+                for i, row in enumerate(reader, 2):
+                    txt = row.get(text_field)
+                    if txt is None:
+                        raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
+                    out.append(Example(where=f"line {i}", text=txt,
+                                       label=row.get(label_field) if label_field else None))
+        elif fmt == "parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise GramsError("reading Parquet needs the pyarrow package (pip install pyarrow)") from None
+            table = pq.read_table(path)
+            if text_field not in table.column_names:
+                raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+            labels = table.column(label_field).to_pylist() if label_field and label_field in table.column_names \
+                else None
+            for i, txt in enumerate(table.column(text_field).to_pylist()):
+                if not isinstance(txt, str):
+                    raise GramsError(f"{path}: row {i}: column {text_field!r} is not a string")
+                out.append(Example(where=f"row {i}", text=txt, label=labels[i] if labels else None))
+    except UnicodeDecodeError as e:
+        raise GramsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise GramsError(f"cannot read data file {path}: {e.strerror or e}") from None
+    if not out:
+        raise GramsError(f"data file has no examples: {path}")
+    return out
+
+
+def select(examples: list[Example], max_examples: int | None, shuffle: bool, seed: int) -> list[Example]:
+    if shuffle:
+        examples = list(examples)
+        random.Random(seed).shuffle(examples)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    return examples
+
+
+def tokenize(tokenizer, examples: list[Example], max_length: int, path: str = "data") -> list[list[int]]:
+    """-> token ids per example (truncated to max_length). Chat examples use the tokenizer's template."""
+    out = []
+    for ex in examples:
+        if ex.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise GramsError(f"{path}: {ex.where}: a 'messages' example needs a tokenizer with a chat template")
+            try:
+                text = tokenizer.apply_chat_template(ex.messages, tokenize=False)
+            except Exception as e:
+                raise GramsError(f"{path}: {ex.where}: the chat template failed: {e}") from None
+            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        else:
+            ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) == 0 or (ex.text is not None and not ex.text.strip()):
+            raise GramsError(f"{path}: {ex.where}: the example tokenizes to nothing")
+        out.append(list(ids))
+    return out
+
+
+def pad_id_of(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def make_batches(ids: list[list[int]], batch_size: int, pad_id: int, max_tokens: int | None = None,
+                 labels: list | None = None) -> list[Batch]:
+    """Right-padded batches, in order; stops after max_tokens real tokens (the last example is cut)."""
+    batches: list[Batch] = []
+    total = 0
+    cur: list[list[int]] = []
+    cur_labels: list = []
+
+    def flush():
+        if not cur:
+            return
+        S = max(len(x) for x in cur)
+        inp = torch.full((len(cur), S), pad_id, dtype=torch.long)
+        att = torch.zeros((len(cur), S), dtype=torch.long)
+        for r, x in enumerate(cur):
+            inp[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            att[r, : len(x)] = 1
+        lab = None
+        if labels is not None and all(v is not None for v in cur_labels):
+            try:
+                lab = torch.tensor([int(v) for v in cur_labels], dtype=torch.long)
+            except (TypeError, ValueError):
+                lab = None
+        batches.append(Batch(inp, att, lab, len(cur), int(att.sum())))
+        cur.clear()
+        cur_labels.clear()
+
+    for i, x in enumerate(ids):
+        if max_tokens is not None:
+            if total >= max_tokens:
+                break
+            x = x[: max_tokens - total]
+        cur.append(x)
+        cur_labels.append(labels[i] if labels is not None else None)
+        total += len(x)
+        if len(cur) == batch_size:
+            flush()
+    flush()
+    return batches

@@ -1,0 +1,592 @@
+"""The Gram file, version 1: write, read, validate (see docs/gram-format.md).
+
+This module knows nothing about models or hooks: it stores raw fp32 Gram sums, their token counts,
+the module -> Gram mapping, a model fingerprint and provenance metadata in safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+
+FORMAT_NAME = "regmean_fast.grams"
+FORMAT_VERSION = "1"
+LAYOUTS = ("full", "packed")
+DEFAULT_FILE = "grams.safetensors"
+INDEX_SUFFIX = ".index.json"
+GRAM_PREFIX = "gram."
+FISHER_PREFIX = "fisher."
+SYMMETRY_RTOL = 1e-5
+
+
+class GramsError(ValueError):
+    """A user-facing problem with the grams command's inputs or outputs (the CLI exits with status 2)."""
+
+
+class GramFileError(GramsError):
+    """A Gram file is missing, malformed, of another version, or holds an invalid Gram."""
+
+
+# --------------------------------------------------------------------------------------------------
+# packing
+
+
+def pack_upper(G: torch.Tensor) -> torch.Tensor:
+    """[d, d] -> the row-major upper triangle (diagonal included), [d (d + 1) / 2]."""
+    d = G.size(0)
+    out = torch.empty(d * (d + 1) // 2, dtype=G.dtype, device=G.device)
+    off = 0
+    for i in range(d):
+        n = d - i
+        out[off : off + n] = G[i, i:]
+        off += n
+    return out
+
+
+def unpack_upper(v: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of pack_upper: a full symmetric [d, d] matrix."""
+    G = torch.empty(d, d, dtype=v.dtype, device=v.device)
+    off = 0
+    for i in range(d):
+        n = d - i
+        row = v[off : off + n]
+        G[i, i:] = row
+        G[i:, i] = row
+        off += n
+    return G
+
+
+def packed_dim(n: int) -> int:
+    """d such that d (d + 1) / 2 == n, or -1."""
+    d = int((math.isqrt(8 * n + 1) - 1) // 2)
+    return d if d * (d + 1) // 2 == n else -1
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(fname: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """A safetensors file with a deterministic header (keys in the given order, metadata sorted), so the
+    same Grams always give the same bytes; fsync'ed."""
+    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    off = 0
+    items = []
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        items.append(t)
+        off += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    with open(fname, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in items:
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _parse_module_map(module_map: Mapping, conv1d: Iterable[str] | None) -> dict:
+    conv = set(conv1d or ())
+    out = {}
+    for mod, v in module_map.items():
+        if isinstance(v, Mapping):
+            out[mod] = {"key": str(v["key"]), "conv1d": bool(v.get("conv1d", False)) or mod in conv}
+        else:
+            out[mod] = {"key": str(v), "conv1d": mod in conv}
+    return out
+
+
+def _atomic_replace(tmp: str, final: str, overwrite: bool) -> None:
+    if os.path.lexists(final):
+        if not overwrite:
+            raise GramFileError(f"output already exists: {final}")
+        if os.path.isdir(final) and not os.path.islink(final):
+            old = final + f".old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    os.replace(tmp, final)
+
+
+def _shard_plan(names: list[str], sizes: dict[str, int], shard_size: int | None) -> list[list[str]]:
+    if not shard_size:
+        return [names]
+    shards, cur, cur_bytes = [], [], 0
+    for n in names:
+        if cur and cur_bytes + sizes[n] > shard_size:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(n)
+        cur_bytes += sizes[n]
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def save_grams(
+    path,
+    grams: Mapping[str, torch.Tensor],
+    counts: Mapping[str, int],
+    module_map: Mapping,
+    fingerprint: Mapping,
+    metadata: Mapping,
+    packed: bool = False,
+    shard_size: int | None = None,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    *,
+    conv1d: Iterable[str] | None = None,
+    overwrite: bool = False,
+    symmetrize: bool = True,
+) -> str:
+    """Write a Gram file (version 1) atomically; returns the path to pass to load_grams.
+
+    path: "X.safetensors" writes that file (or, sharded, "X-0000i-of-0000n.safetensors" beside it and
+    the index "X.safetensors.index.json"); any other path is a folder, created whole and renamed into
+    place, holding grams.safetensors (or its shards and grams.safetensors.index.json).
+    grams: key -> fp32 [d, d]; only the upper triangle is read (symmetrize=True copies it down).
+    counts: key -> tokens summed (> 0). module_map: module -> key, or module -> {"key", "conv1d"}.
+    conv1d: module names whose weight is stored [in, out] (transformers Conv1D).
+    """
+    path = os.fspath(path)
+    mods = _parse_module_map(module_map, conv1d)
+    used = {m["key"] for m in mods.values()}
+    missing = sorted(used - set(grams))
+    if missing:
+        raise GramFileError(f"module map refers to Grams that are not given: {missing[:5]}")
+    tensors: dict[str, torch.Tensor] = {}
+    dims: dict[str, int] = {}
+    cnts: dict[str, int] = {}
+    for key in dict.fromkeys(m["key"] for m in mods.values()):  # model order: deterministic files
+        G = grams[key]
+        if G.dim() != 2 or G.size(0) != G.size(1):
+            raise GramFileError(f"Gram {key!r} is not square: shape {tuple(G.shape)}")
+        G = G.detach().to("cpu", torch.float32)
+        if symmetrize:
+            G = torch.triu(G) + torch.triu(G, diagonal=1).T
+        if not torch.isfinite(G).all():
+            raise GramFileError(f"Gram {key!r} has non-finite values")
+        c = int(counts[key])
+        if c <= 0:
+            raise GramFileError(f"Gram {key!r} has count {c}; counts must be > 0")
+        dims[key] = G.size(0)
+        cnts[key] = c
+        tensors[GRAM_PREFIX + key] = (pack_upper(G) if packed else G).contiguous()
+    for mod, v in mods.items():
+        shape = (fingerprint.get("weights") or {}).get(mod)
+        if shape is not None and len(shape) == 2:
+            d_in = shape[0] if v["conv1d"] else shape[1]
+            if d_in != dims[v["key"]]:
+                raise GramFileError(
+                    f"module {mod!r} has input size {d_in} but its Gram {v['key']!r} is {dims[v['key']]}"
+                )
+    for pname, F in (fisher or {}).items():
+        tensors[FISHER_PREFIX + pname] = F.detach().to("cpu", torch.float32).contiguous()
+
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "layout": "packed" if packed else "full",
+        "modules": json.dumps(mods, sort_keys=False),
+        "counts": json.dumps(cnts),
+        "dims": json.dumps(dims),
+        "fingerprint": json.dumps(dict(fingerprint)),
+        "provenance": json.dumps(dict(metadata), default=str),
+    }
+
+    names = list(tensors)
+    sizes = {n: tensors[n].numel() * 4 for n in names}
+    plan = _shard_plan(names, sizes, shard_size)
+
+    is_file = path.endswith(".safetensors")
+    if is_file:
+        final_dir = os.path.dirname(os.path.abspath(path))
+        stem = os.path.basename(path)[: -len(".safetensors")]
+        if not os.path.isdir(final_dir):
+            raise GramFileError(f"output folder does not exist: {final_dir}")
+        if not os.access(final_dir, os.W_OK):
+            raise GramFileError(f"output folder is not writable: {final_dir}")
+        target = path if len(plan) == 1 else path + INDEX_SUFFIX
+        if os.path.lexists(target) and not overwrite:
+            raise GramFileError(f"output already exists: {target}")
+        work_dir = tempfile.mkdtemp(prefix=f".{stem}.tmp-", dir=final_dir)
+    else:
+        parent = os.path.dirname(os.path.abspath(path)) or "."
+        stem = DEFAULT_FILE[: -len(".safetensors")]
+        if not os.path.isdir(parent):
+            raise GramFileError(f"output folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise GramFileError(f"output folder is not writable: {parent}")
+        if os.path.lexists(path) and not overwrite:
+            raise GramFileError(f"output already exists: {path}")
+        work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        n = len(plan)
+        files = []
+        weight_map = {}
+        for i, shard in enumerate(plan):
+            fname = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+            write_safetensors(os.path.join(work_dir, fname), {k: tensors[k] for k in shard}, header)
+            files.append(fname)
+            for k in shard:
+                weight_map[k] = fname
+        if n > 1:
+            index = {"metadata": dict(header, total_size=str(sum(sizes.values()))), "weight_map": weight_map}
+            with open(os.path.join(work_dir, stem + ".safetensors" + INDEX_SUFFIX), "w") as f:
+                json.dump(index, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        if is_file:
+            for fname in files if n > 1 else []:
+                _atomic_replace(os.path.join(work_dir, fname), os.path.join(final_dir, fname), True)
+            last = stem + ".safetensors" + (INDEX_SUFFIX if n > 1 else "")
+            _atomic_replace(os.path.join(work_dir, last), os.path.join(final_dir, last), overwrite)
+            shutil.rmtree(work_dir, ignore_errors=True)
+            return os.path.join(final_dir, last) if n > 1 else path
+        _atomic_replace(work_dir, path, overwrite)
+        return path
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_header(fname: str) -> tuple[dict, dict[str, list[int]]]:
+    """(metadata, {tensor name: shape}) of one safetensors file, reading no tensor data."""
+    try:
+        with safe_open(fname, framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError:
+        raise GramFileError(f"Gram file not found: {fname}") from None
+    except PermissionError:
+        raise GramFileError(f"Gram file is not readable: {fname}") from None
+    except Exception as e:  # safetensors raises its own errors for truncated or garbled files
+        raise GramFileError(f"not a valid safetensors Gram file ({fname}): {e}") from None
+    try:
+        size = os.path.getsize(fname)
+        with open(fname, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            hdr = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in hdr.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise GramFileError(f"Gram file is truncated or has trailing bytes: {fname}")
+    except GramFileError:
+        raise
+    except Exception as e:
+        raise GramFileError(f"not a valid safetensors Gram file ({fname}): {e}") from None
+    return meta, shapes
+
+
+def _resolve(path: str) -> tuple[str | None, str | None]:
+    """-> (single file, index file): exactly one is set."""
+    if os.path.isdir(path):
+        idx = os.path.join(path, DEFAULT_FILE + INDEX_SUFFIX)
+        one = os.path.join(path, DEFAULT_FILE)
+        if os.path.isfile(idx):
+            return None, idx
+        if os.path.isfile(one):
+            return one, None
+        idxs = [f for f in os.listdir(path) if f.endswith(".safetensors" + INDEX_SUFFIX)]
+        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+        if len(idxs) == 1:
+            return None, os.path.join(path, idxs[0])
+        if len(files) == 1:
+            return os.path.join(path, files[0]), None
+        raise GramFileError(f"no Gram file found in folder {path}")
+    if path.endswith(INDEX_SUFFIX):
+        if not os.path.isfile(path):
+            raise GramFileError(f"Gram index not found: {path}")
+        return None, path
+    if os.path.isfile(path):
+        return path, None
+    if os.path.isfile(path + INDEX_SUFFIX):
+        return None, path + INDEX_SUFFIX
+    raise GramFileError(f"Gram file not found: {path}")
+
+
+def _loads(meta: dict, field: str, where: str):
+    if field not in meta:
+        raise GramFileError(f"{where}: header lacks {field!r}")
+    try:
+        return json.loads(meta[field])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise GramFileError(f"{where}: header field {field!r} is not valid JSON: {e}") from None
+
+
+class GramSet:
+    """Read access to a Gram file (or to Grams held in memory); Grams are read lazily and validated.
+
+    See docs/gram-format.md for the meaning of every method.
+    """
+
+    def __init__(self, *, modules, counts, dims, fingerprint, metadata, layout, tensor_source, fisher_names, where):
+        self._modules = modules  # module -> {"key", "conv1d"}
+        self._counts = counts
+        self._dims = dims
+        self.fingerprint = fingerprint
+        self.metadata = metadata
+        self.layout = layout
+        self._source = tensor_source  # name -> loader()
+        self._fisher_names = fisher_names
+        self.path = where
+        self._keys_of_module = {m: v["key"] for m, v in modules.items()}
+
+    # ---- construction
+    @classmethod
+    def from_memory(cls, grams, counts, module_map, fingerprint=None, metadata=None, fisher=None, conv1d=None):
+        """A GramSet over tensors held in memory (e.g. straight from collect_grams)."""
+        mods = _parse_module_map(module_map, conv1d)
+        tensors = {}
+        for key in {m["key"] for m in mods.values()}:
+            G = grams[key]
+            tensors[GRAM_PREFIX + key] = (lambda G=G: torch.triu(G) + torch.triu(G, diagonal=1).T)
+        for p, F in (fisher or {}).items():
+            tensors[FISHER_PREFIX + p] = (lambda F=F: F)
+        gs = cls(
+            modules=mods,
+            counts={k: int(counts[k]) for k in {m["key"] for m in mods.values()}},
+            dims={m["key"]: int(grams[m["key"]].size(0)) for m in mods.values()},
+            fingerprint=dict(fingerprint or {}),
+            metadata=dict(metadata or {}),
+            layout="full",
+            tensor_source=tensors,
+            fisher_names=sorted(fisher or {}),
+            where="<memory>",
+        )
+        gs._validate_structure()
+        return gs
+
+    # ---- API
+    def modules(self) -> list[str]:
+        return list(self._modules)
+
+    def gram_key(self, module: str) -> str:
+        try:
+            return self._keys_of_module[module]
+        except KeyError:
+            raise KeyError(f"no Gram for module {module!r} in {self.path}") from None
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for m, v in self._modules.items():
+            out.setdefault(v["key"], []).append(m)
+        return out
+
+    def keys(self) -> list[str]:
+        return list(self.groups())
+
+    def _key(self, name: str) -> str:
+        if name in self._keys_of_module:
+            return self._keys_of_module[name]
+        if name in self._counts:
+            return name
+        raise KeyError(f"no Gram named {name!r} in {self.path}")
+
+    def count(self, name: str) -> int:
+        return self._counts[self._key(name)]
+
+    def dim(self, name: str) -> int:
+        return self._dims[self._key(name)]
+
+    def is_conv1d(self, module: str) -> bool:
+        if module not in self._modules:
+            raise KeyError(f"no Gram for module {module!r} in {self.path}")
+        return self._modules[module]["conv1d"]
+
+    def gram(self, name: str) -> torch.Tensor:
+        """Full symmetric fp32 [d, d] raw sum for a module or a key; validated on read."""
+        key = self._key(name)
+        d = self._dims[key]
+        t = self._source[GRAM_PREFIX + key]()
+        if t.dtype != torch.float32:
+            raise GramFileError(f"{self.path}: Gram {key!r} is {t.dtype}, expected float32")
+        if self.layout == "packed":
+            t = unpack_upper(t, d)
+        elif tuple(t.shape) != (d, d):
+            raise GramFileError(f"{self.path}: Gram {key!r} has shape {tuple(t.shape)}, expected {(d, d)}")
+        if not torch.isfinite(t).all():
+            raise GramFileError(f"{self.path}: Gram {key!r} has non-finite values")
+        if self.layout == "full":
+            scale = float(t.abs().max()) if t.numel() else 0.0
+            if not torch.allclose(t, t.T, rtol=0.0, atol=SYMMETRY_RTOL * max(scale, 1e-30)):
+                raise GramFileError(f"{self.path}: Gram {key!r} is not symmetric")
+        if d and float(t.diagonal().min()) < 0:
+            raise GramFileError(f"{self.path}: Gram {key!r} has a negative diagonal entry (not a Gram)")
+        return t
+
+    @property
+    def has_fisher(self) -> bool:
+        return bool(self._fisher_names)
+
+    def fisher_params(self) -> list[str]:
+        return list(self._fisher_names)
+
+    def fisher(self, param_name: str) -> torch.Tensor | None:
+        name = FISHER_PREFIX + param_name
+        if name not in self._source:
+            return None
+        t = self._source[name]()
+        if not torch.isfinite(t).all():
+            raise GramFileError(f"{self.path}: Fisher {param_name!r} has non-finite values")
+        return t
+
+    def verify(self) -> "GramSet":
+        """Read and validate every Gram (and Fisher tensor); returns self."""
+        for key in self.keys():
+            self.gram(key)
+        for p in self._fisher_names:
+            self.fisher(p)
+        return self
+
+    def __repr__(self) -> str:
+        return f"GramSet({self.path!r}, {len(self._modules)} modules, {len(self._counts)} Grams, {self.layout})"
+
+    # ---- validation of the header
+    def _validate_structure(self) -> None:
+        where = self.path
+        for m, v in self._modules.items():
+            if not isinstance(v, dict) or "key" not in v:
+                raise GramFileError(f"{where}: malformed module entry for {m!r}")
+            key = v["key"]
+            if key not in self._counts:
+                raise GramFileError(f"{where}: module {m!r} maps to Gram {key!r}, which has no count")
+            if key not in self._dims:
+                raise GramFileError(f"{where}: Gram {key!r} has no dimension")
+            if GRAM_PREFIX + key not in self._source:
+                raise GramFileError(f"{where}: Gram {key!r} (module {m!r}) has no tensor")
+            shape = (self.fingerprint.get("weights") or {}).get(m)
+            if shape is not None and len(shape) == 2:
+                d_in = shape[0] if v.get("conv1d") else shape[1]
+                if d_in != self._dims[key]:
+                    raise GramFileError(
+                        f"{where}: module {m!r} has input size {d_in} but its Gram {key!r} is {self._dims[key]}"
+                    )
+        for key, c in self._counts.items():
+            if not isinstance(c, int) or isinstance(c, bool) or c <= 0:
+                raise GramFileError(f"{where}: Gram {key!r} has count {c!r}; counts must be integers > 0")
+
+
+def _check_meta(meta: dict, where: str) -> None:
+    if meta.get("format") != FORMAT_NAME:
+        raise GramFileError(f"{where}: not a regmean_fast Gram file (format {meta.get('format')!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise GramFileError(
+            f"{where}: unsupported Gram file version {meta.get('version')!r} (this reader knows {FORMAT_VERSION})"
+        )
+    if meta.get("layout") not in LAYOUTS:
+        raise GramFileError(f"{where}: unknown layout {meta.get('layout')!r}")
+
+
+def load_grams(path, verify: bool = False) -> GramSet:
+    """Open a Gram file (a .safetensors file, a *.index.json of shards, or a folder holding one).
+
+    The header is validated now (format, version, layout, mapping, counts, shapes, file sizes); each
+    Gram is read and checked (finite, symmetric, non-negative diagonal) when asked for, or all of them
+    now with verify=True. Raises GramFileError.
+    """
+    path = os.fspath(path)
+    single, index = _resolve(path)
+    if single is not None:
+        meta, shapes = _read_header(single)
+        where = single
+        _check_meta(meta, where)
+        weight_map = {k: single for k in shapes}
+    else:
+        where = index
+        try:
+            with open(index) as f:
+                idx = json.load(f)
+            meta = idx["metadata"]
+            wm = idx["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise GramFileError(f"{index}: unreadable Gram index: {e}") from None
+        _check_meta(meta, where)
+        base = os.path.dirname(os.path.abspath(index))
+        shapes = {}
+        weight_map = {}
+        for fname in sorted(set(wm.values())):
+            full = os.path.join(base, fname)
+            smeta, sshapes = _read_header(full)
+            _check_meta(smeta, full)
+            for k, s in sshapes.items():
+                shapes[k] = s
+                weight_map[k] = full
+        lost = sorted(set(wm) - set(shapes))
+        if lost:
+            raise GramFileError(f"{index}: tensors listed in the index are missing from the shards: {lost[:5]}")
+    modules = _loads(meta, "modules", where)
+    counts = _loads(meta, "counts", where)
+    dims = _loads(meta, "dims", where)
+    fingerprint = _loads(meta, "fingerprint", where)
+    provenance = _loads(meta, "provenance", where)
+    if not isinstance(modules, dict) or not isinstance(counts, dict) or not isinstance(dims, dict):
+        raise GramFileError(f"{where}: malformed header")
+    layout = meta["layout"]
+    for key, d in dims.items():
+        name = GRAM_PREFIX + key
+        if name not in shapes:
+            continue
+        want = [d, d] if layout == "full" else [d * (d + 1) // 2]
+        if shapes[name] != want:
+            raise GramFileError(f"{where}: Gram {key!r} has shape {shapes[name]}, expected {want} ({layout} layout)")
+
+    def loader(name, fname):
+        def load():
+            try:
+                with safe_open(fname, framework="pt") as f:
+                    return f.get_tensor(name)
+            except Exception as e:
+                raise GramFileError(f"{fname}: cannot read {name}: {e}") from None
+
+        return load
+
+    source = {n: loader(n, weight_map[n]) for n in shapes}
+    gs = GramSet(
+        modules=modules,
+        counts=counts,
+        dims=dims,
+        fingerprint=fingerprint,
+        metadata=provenance,
+        layout=layout,
+        tensor_source=source,
+        fisher_names=sorted(n[len(FISHER_PREFIX) :] for n in shapes if n.startswith(FISHER_PREFIX)),
+        where=path,
+    )
+    gs._validate_structure()
+    if verify:
+        gs.verify()
+    return gs
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GiB', '1e6' (bytes) -> int bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 500MB, 2GB)")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return int(float(m.group(1)) * mult)

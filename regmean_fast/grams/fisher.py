@@ -1,0 +1,92 @@
+"""--fisher: the diagonal empirical Fisher, for the Fisher-merging baseline.
+
+F[p] = sum over examples of (d log p(y | x) / d p)^2, one example at a time (no padding), where the
+log-likelihood is the model's own loss: next-token prediction for causal LMs (every real token after
+the first), the labels for classifiers when the data has them (otherwise the model's own prediction,
+recorded as fisher_labels = "predicted"). Stored as raw sums; divide by metadata fisher_examples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fileformat import GramsError
+
+
+def _kind(model) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal"
+    if name.endswith("ForSequenceClassification"):
+        return "classifier"
+    raise GramsError(f"--fisher needs a causal LM or a sequence classifier, not {name}")
+
+
+class FisherAccumulator:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.kind = _kind(model)
+        self.params = {n: p for n, p in model.named_parameters()}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.examples = 0
+        self.label_source = None
+
+    def _one(self, ids: torch.Tensor, label) -> None:
+        model = self.model
+        for p in self.params.values():
+            p.grad = None
+            p.requires_grad_(True)
+        att = torch.ones_like(ids)
+        if self.kind == "causal":
+            if ids.size(1) < 2:
+                return  # no next token to predict
+            out = model(input_ids=ids, attention_mask=att, labels=ids)
+            loglik = -out.loss * (ids.size(1) - 1)  # the loss is the mean over predicted tokens
+        else:
+            logits = model(input_ids=ids, attention_mask=att).logits.float()
+            if logits.size(-1) == 1:
+                raise GramsError("--fisher: regression heads are not supported")
+            if label is None:
+                label = int(logits.argmax(-1))
+                self.label_source = "predicted"
+            else:
+                self.label_source = self.label_source or "data"
+            loglik = torch.log_softmax(logits, -1)[0, int(label)]
+        loglik.backward()
+        with torch.no_grad():
+            for n, p in self.params.items():
+                if p.grad is None:
+                    continue
+                g2 = p.grad.float().pow(2)
+                if n in self.sums:
+                    self.sums[n].add_(g2)
+                else:
+                    self.sums[n] = g2
+                p.grad = None
+        self.examples += 1
+
+    def add_batch(self, batch, device) -> None:
+        """batch: a data.Batch (right-padded); one backward pass per example."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                for r in range(batch.input_ids.size(0)):
+                    n = int(batch.attention_mask[r].sum())
+                    ids = batch.input_ids[r : r + 1, :n].to(device)
+                    label = None if batch.labels is None else int(batch.labels[r])
+                    self._one(ids, label)
+        finally:
+            self.model.train(was)
+            for p in self.params.values():
+                p.grad = None
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: F.detach().cpu() for n, F in self.sums.items()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"fisher." + n: F for n, F in self.sums.items()}
+
+    def load_state(self, tensors: dict, examples: int, device) -> None:
+        self.sums = {k[len("fisher."):]: v.to(device) for k, v in tensors.items() if k.startswith("fisher.")}
+        self.examples = examples

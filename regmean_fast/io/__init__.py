@@ -1,0 +1,10 @@
+"""I/O: memory-mapped safetensors reading, streamed sharded writing, Hugging Face folder conventions."""
+
+from .hf import ModelFolder, ModelFolderError, copy_aux_files, write_config, write_index
+from .safetensors_file import SafetensorsError, SafetensorsReader, StreamingShardWriter, file_sha256
+from .shards import ShardLayout, ShardedOutput, parse_size
+
+__all__ = [
+    "ModelFolder", "ModelFolderError", "copy_aux_files", "write_config", "write_index", "SafetensorsError",
+    "SafetensorsReader", "StreamingShardWriter", "file_sha256", "ShardLayout", "ShardedOutput", "parse_size",
+]

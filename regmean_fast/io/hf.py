@@ -1,0 +1,160 @@
+"""Hugging Face model folders: lazy reading of (sharded) safetensors checkpoints, folder conventions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from .safetensors_file import SafetensorsError, SafetensorsReader, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files copied from the donor model (the base model, or the first one) next to the merged weights.
+AUX_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
+    "merges.txt", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json", "generation_config.json", "preprocessor_config.json",
+)
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be read (missing files, bad index, corrupt shard)."""
+
+
+class ModelFolder:
+    """A Hugging Face model folder read lazily: tensor names, shapes and dtypes from the headers,
+    tensors copied out of memory-mapped shards on request. One open handle per shard."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(str(path))
+        if not os.path.isdir(self.path):
+            raise ModelFolderError(f"model folder {path} does not exist")
+        self.config = None
+        cfg = os.path.join(self.path, "config.json")
+        if os.path.exists(cfg):
+            try:
+                with open(cfg) as f:
+                    self.config = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ModelFolderError(f"{cfg}: unreadable config.json ({e})") from None
+        self._readers: dict[str, SafetensorsReader] = {}
+        self._where: dict[str, str] = {}
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _reader(self, fname: str) -> SafetensorsReader:
+        r = self._readers.get(fname)
+        if r is None:
+            full = os.path.join(self.path, fname)
+            if not os.path.exists(full):
+                raise ModelFolderError(f"{self.path}: shard {fname} is missing")
+            try:
+                r = SafetensorsReader(full)
+            except SafetensorsError as e:
+                raise ModelFolderError(str(e)) from None
+            self._readers[fname] = r
+        return r
+
+    def _open(self) -> None:
+        index = os.path.join(self.path, INDEX_NAME)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise ValueError
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise ModelFolderError(f"{index}: corrupt index (no usable weight_map)") from None
+            for name, fname in weight_map.items():
+                if not isinstance(fname, str) or os.path.basename(fname) != fname:
+                    raise ModelFolderError(f"{index}: bad shard name {fname!r} for {name}")
+                r = self._reader(fname)
+                if name not in r.tensors:
+                    raise ModelFolderError(f"{index}: {name} is not in shard {fname}")
+                self._where[name] = fname
+            return
+        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        if not files:
+            extra = " (only PyTorch .bin weights; convert them to safetensors)" if any(
+                f.endswith(".bin") for f in os.listdir(self.path)) else ""
+            raise ModelFolderError(f"{self.path}: no safetensors weights found{extra}")
+        for fname in files:
+            for name in self._reader(fname).keys():
+                if name in self._where:
+                    raise ModelFolderError(f"{self.path}: tensor {name} appears in two files")
+                self._where[name] = fname
+
+    # -- the tensor-source protocol ---------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._readers[self._where[name]].info(name)
+
+    def shape(self, name: str) -> tuple:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._readers[self._where[name]].get(name)
+
+    def files(self) -> list[str]:
+        return [os.path.join(self.path, f) for f in sorted(self._readers)]
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def write_config(config: dict | None, out_dir: str, out_dtype: torch.dtype | None) -> None:
+    """config.json of the donor with the output dtype set (transformers 5 `dtype`, older `torch_dtype`)."""
+    if config is None:
+        return
+    cfg = dict(config)
+    if out_dtype is not None:
+        if "dtype" in cfg or "torch_dtype" not in cfg:
+            cfg["dtype"] = dtype_name(out_dtype)
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = dtype_name(out_dtype)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def copy_aux_files(src_dir: str, out_dir: str) -> list[str]:
+    """Copy tokenizer and generation files from the donor folder; returns the names copied."""
+    copied = []
+    for name in AUX_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def write_index(out_dir: str, weight_map: dict, total_size: int, extra_metadata: dict | None = None) -> None:
+    meta = {"total_size": int(total_size)}
+    if extra_metadata:
+        meta.update(extra_metadata)
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        f.write("\n")

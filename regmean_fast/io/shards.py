@@ -1,0 +1,152 @@
+"""Sharded output with a fixed layout, a manifest of verified shards, and resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .safetensors_file import StreamingShardWriter, element_size, file_sha256, numel
+
+MANIFEST_NAME = "regmean-manifest.json"
+MANIFEST_FORMAT = "regmean_fast.merge-manifest"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB', '1.5G', 1000 -> bytes (Hugging Face's units: GB = 10^9)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB, 2GiB)")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return n
+
+
+@dataclass
+class ShardLayout:
+    """Which output tensor goes to which file, in write order."""
+
+    shards: list  # list of (filename, [(name, dtype, shape), ...])
+
+    @classmethod
+    def build(cls, entries, shard_size: int) -> "ShardLayout":
+        groups, cur, cur_bytes = [], [], 0
+        for name, dtype, shape in entries:
+            nb = numel(shape) * element_size(dtype)
+            if cur and cur_bytes + nb > shard_size:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append((name, dtype, tuple(int(s) for s in shape)))
+            cur_bytes += nb
+        if cur or not groups:
+            groups.append(cur)
+        n = len(groups)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        return cls(list(zip(names, groups)))
+
+    def total_bytes(self) -> int:
+        return sum(numel(s) * element_size(d) for _, ents in self.shards for _, d, s in ents)
+
+    def weight_map(self) -> dict:
+        return {name: fname for fname, ents in self.shards for name, _, _ in ents}
+
+    def describe(self) -> list:
+        return [[fname, [[n, str(d), list(s)] for n, d, s in ents]] for fname, ents in self.shards]
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardedOutput:
+    """Writes the shards of `layout` into `folder` as tensors arrive in layout order.
+
+    Every finished shard is fsynced and recorded (size, sha256) in a manifest; with resume=True the
+    shards already recorded, and still matching their record, are kept and their tensors skipped.
+    """
+
+    def __init__(self, folder: str, layout: ShardLayout, plan_hash: str, resume: bool = False, on_shard_done=None):
+        self.folder = folder
+        self.layout = layout
+        self.plan_hash = plan_hash
+        self.on_shard_done = on_shard_done
+        self._shard_of = {}
+        for j, (_, ents) in enumerate(layout.shards):
+            for name, _, _ in ents:
+                self._shard_of[name] = j
+        self.records: dict[str, dict] = {}
+        self.reused: list[str] = []
+        self._writer = None
+        self._writer_j = -1
+        self._manifest = os.path.join(folder, MANIFEST_NAME)
+        if resume:
+            self._load_verified()
+        self._save_manifest()
+
+    def _load_verified(self) -> None:
+        if not os.path.exists(self._manifest):
+            return
+        try:
+            with open(self._manifest) as f:
+                man = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return
+        if man.get("format") != MANIFEST_FORMAT or man.get("plan_hash") != self.plan_hash:
+            raise ValueError("the partial merge left in " + self.folder + " was made with a different configuration "
+                             "or different inputs; drop --resume to start again")
+        valid = {fname for fname, _ in self.layout.shards}
+        for fname, rec in man.get("shards", {}).items():
+            path = os.path.join(self.folder, fname)
+            if fname not in valid or not os.path.isfile(path):
+                continue
+            if os.path.getsize(path) == rec.get("size") and file_sha256(path) == rec.get("sha256"):
+                self.records[fname] = {"size": rec["size"], "sha256": rec["sha256"]}
+                self.reused.append(fname)
+
+    def _save_manifest(self) -> None:
+        _write_json_atomic(self._manifest, {"format": MANIFEST_FORMAT, "plan_hash": self.plan_hash,
+                                            "shards": self.records})
+
+    def is_done(self, name: str) -> bool:
+        return self.layout.shards[self._shard_of[name]][0] in self.records
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        j = self._shard_of[name]
+        fname, ents = self.layout.shards[j]
+        if fname in self.records:
+            return
+        if self._writer is None or self._writer_j != j:
+            if self._writer is not None:
+                raise RuntimeError(f"tensor {name} arrived before shard {self.layout.shards[self._writer_j][0]} was full")
+            self._writer = StreamingShardWriter(os.path.join(self.folder, fname), ents, metadata={"format": "pt"})
+            self._writer_j = j
+        self._writer.write(name, tensor)
+        if self._writer.done:
+            digest = self._writer.finish()
+            self.records[fname] = {"size": self._writer.total_size, "sha256": digest}
+            self._writer = None
+            self._save_manifest()
+            if self.on_shard_done is not None:
+                self.on_shard_done(fname)
+
+    def complete(self) -> bool:
+        return all(fname in self.records for fname, _ in self.layout.shards)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None

@@ -1,0 +1,315 @@
+"""Python API: merge(config) for model folders; merge_state_dicts / merge_modules for in-memory models."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, write_config, write_index
+from ..io.shards import MANIFEST_NAME, ShardedOutput, ShardLayout
+from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
+from .engine import Engine
+from .errors import MergeError
+from .plan import build_plan, estimate_working_bytes
+from .report import build_report, config_yaml, model_card, write_json
+from .sources import DictGramSet, StateDictSource
+
+PARTIAL_SUFFIX = ".regmean-partial"
+REPORT_NAME = "merge_report.json"
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _as_config(config, overrides: dict) -> MergeConfig:
+    if isinstance(config, MergeConfig):
+        cfg = copy.deepcopy(config)
+    elif isinstance(config, dict):
+        cfg = config_from_dict(config)
+    elif isinstance(config, (str, os.PathLike)):
+        cfg = load_yaml(str(config))
+    elif config is None:
+        cfg = MergeConfig()
+    else:
+        raise MergeError(f"config must be a MergeConfig, a mapping or a YAML path, got {type(config).__name__}")
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if not hasattr(cfg, k):
+            raise MergeError(f"unknown option {k}")
+        if k == "parameters":
+            cfg.parameters = {**cfg.parameters, **v}
+        else:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def load_gramset(path: str):
+    """regmean_fast.load_grams, with its errors turned into one-line MergeErrors."""
+    try:
+        from ..grams import load_grams
+    except ImportError as e:
+        raise MergeError(f"cannot read Gram files: regmean_fast.grams is unavailable ({e})") from None
+    try:
+        return load_grams(path)
+    except MergeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is the user's input problem
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MergeError(f"Gram file {path}: {msg}") from None
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _check_output_path(cfg: MergeConfig, out: str, force: bool) -> None:
+    inputs = [m.model for m in cfg.models] + [m.grams for m in cfg.models if m.grams] + (
+        [cfg.base_model] if cfg.base_model else [])
+    for p in inputs:
+        if _inside(out, p) or _inside(p, out):
+            raise MergeError(f"output {out} overlaps the input {p}; never writing into an input folder")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise MergeError(f"output {out} exists and is not a folder")
+        if os.listdir(out) and not force:
+            raise MergeError(f"output folder {out} exists and is not empty (pass --force to replace it)")
+
+
+def _plan_hash(cfg, plan, layout, sources, device) -> str:
+    stats = []
+    for s in sources:
+        for f in s.files():
+            st = os.stat(f)
+            stats.append([f, st.st_size, st.st_mtime_ns])
+    for m in cfg.models:
+        if m.grams and os.path.exists(m.grams):
+            st = os.stat(m.grams)
+            stats.append([os.path.abspath(m.grams), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"plan": plan.describe(), "layout": layout.describe(), "dtype": cfg.dtype,
+                       "solve_dtype": cfg.solve_dtype, "device": torch.device(device).type, "inputs": stats},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def merge(config=None, out: str | None = None, *, force: bool = False, resume: bool = False, progress: bool = False,
+          on_shard_done=None, **overrides) -> dict:
+    """Merge model folders into the Hugging Face folder `out`; returns the merge report.
+
+    config: a MergeConfig, a mapping like the YAML file, or the YAML file's path; keyword overrides
+    (models=..., method=..., parameters=..., out_dtype=...) replace its fields. Writes into a
+    temporary folder next to `out` and renames it at the end; resume=True reuses verified shards.
+    Raises MergeError on bad input, leaving no output behind.
+    """
+    t_start = time.perf_counter()
+    cfg = _as_config(config, overrides)
+    if out is None:
+        raise MergeError("no output folder given")
+    cfg.validate()
+    out = os.path.abspath(os.path.expanduser(str(out)))
+    _check_output_path(cfg, out, force)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise MergeError(f"the folder {parent} for the output does not exist")
+    tmp = os.path.join(parent, "." + os.path.basename(out) + PARTIAL_SUFFIX)
+    sources, base, created_tmp, output = [], None, False, None
+    try:
+        try:
+            sources = [ModelFolder(m.model) for m in cfg.models]
+            base = ModelFolder(cfg.base_model) if cfg.base_model else None
+        except ModelFolderError as e:
+            raise MergeError(str(e)) from None
+        gram_paths = [m.grams for m in cfg.models]
+        gramsets = None
+        from .methods import METHODS
+        if METHODS[cfg.method].needs_stats:
+            gramsets = [load_gramset(p) for p in gram_paths]
+        plan = build_plan(cfg, sources, gramsets, gram_paths, base)
+        layout = ShardLayout.build(plan.outputs, cfg.shard_bytes())
+        limit = cfg.max_memory_bytes()
+        if limit is not None:
+            need = estimate_working_bytes(plan, sources, cfg.torch_dtype(), cfg.torch_solve_dtype(), len(sources))
+            if need > limit:
+                raise MergeError(f"the largest tensor group needs about {need / 2**20:.0f} MiB of host memory, "
+                                 f"more than --max-memory {cfg.max_memory}")
+        plan_hash = _plan_hash(cfg, plan, layout, sources, cfg.device)
+        if os.path.exists(tmp):
+            if not os.path.exists(os.path.join(tmp, MANIFEST_NAME)):
+                raise MergeError(f"{tmp} exists and was not made by regmean_fast; remove it")
+            if not resume:
+                shutil.rmtree(tmp)
+        if not os.path.exists(tmp):
+            os.mkdir(tmp)
+            created_tmp = True
+        try:
+            output = ShardedOutput(tmp, layout, plan_hash, resume=resume, on_shard_done=on_shard_done)
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+        needed = sum(sum(int(torch.empty((), dtype=d).element_size()) * int(torch.Size(s).numel()) for _, d, s in ents)
+                     for fname, ents in layout.shards if fname not in output.records)
+        free = shutil.disk_usage(parent).free
+        if needed + (1 << 20) > free:
+            raise MergeError(f"not enough free disk space for the output in {parent}: "
+                             f"need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(plan.items), desc="merging", unit="group")
+        engine = Engine(plan, sources, base=base, gramsets=gramsets, gram_paths=gram_paths,
+                        compute_dtype=cfg.torch_dtype(), solve_dtype=cfg.torch_solve_dtype(), device=cfg.device,
+                        allow_missing=cfg.allow_missing_grams)
+        tensor_report = engine.run(output.write, skip=output.is_done,
+                                   progress=(lambda item: bar.update(1)) if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        if not output.complete():
+            raise RuntimeError("internal error: some shards were not written")
+        # finalise inside the temporary folder, then one rename
+        if len(layout.shards) > 1:
+            write_index(tmp, layout.weight_map(), layout.total_bytes(), {"regmean_fast_version": _version()})
+        donor = base if base is not None else sources[0]
+        out_dtype = cfg.torch_out_dtype() or _models_dtype(sources[0])
+        write_config(donor.config, tmp, out_dtype)
+        if cfg.copy_tokenizer:
+            copy_aux_files(donor.path, tmp)
+        report = build_report(cfg, plan, tensor_report, shards=dict(output.records),
+                              total_s=time.perf_counter() - t_start, reused=output.reused, device=cfg.device)
+        write_json(os.path.join(tmp, REPORT_NAME), report)
+        with open(os.path.join(tmp, "regmean_config.yml"), "w") as f:
+            f.write(config_yaml(cfg))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(cfg, plan))
+        os.remove(os.path.join(tmp, MANIFEST_NAME))
+        _fsync_dir(tmp)
+        if os.path.exists(out):
+            old = out + f".regmean-old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(parent)
+        return report
+    except MergeError:
+        _cleanup(output, tmp, created_tmp)
+        raise
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            _cleanup(output, tmp, created_tmp)
+            raise MergeError(f"no space left on the device while writing {out}") from None
+        if output is not None:
+            output.abort()
+        raise
+    except BaseException:
+        if output is not None:  # interrupted: keep the partial folder, resumable with --resume
+            output.abort()
+        raise
+    finally:
+        for s in sources:
+            s.close()
+        if base is not None:
+            base.close()
+
+
+def _version():
+    from .. import __version__
+    return __version__
+
+
+def _models_dtype(src) -> torch.dtype | None:
+    for n in src.names():
+        d = src.dtype(n)
+        if d.is_floating_point:
+            return d
+    return None
+
+
+def _cleanup(output, tmp: str, created: bool) -> None:
+    if output is not None:
+        output.abort()
+    if created and os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- in memory -------------------------------------------------------------------------------------
+def _as_gramset(g, conv1d=()):
+    if g is None:
+        return None
+    if isinstance(g, dict):
+        return DictGramSet(g, conv1d=conv1d)
+    if isinstance(g, (str, os.PathLike)):
+        return load_gramset(str(g))
+    return g
+
+
+def merge_state_dicts(state_dicts, grams=None, *, method: str = "regmean", weights=None, base=None,
+                      parameters: dict | None = None, regmean_exclude=(), allow_missing_grams: bool = False,
+                      dtype: str = "float32", solve_dtype: str = "float32", out_dtype: str | None = None,
+                      device: str = "cpu", conv1d=(), return_report: bool = False, **params):
+    """Merge K state dicts (same keys and shapes) in memory, one tensor group at a time.
+
+    grams: per model, a GramSet (regmean_fast.load_grams), a path to a Gram file, or a dict
+    {module name: Gram} (already normalised, or raw with DictGramSet counts); conv1d: module names
+    stored [in, out] (GPT-2's Conv1D) when grams are dicts. Extra keyword arguments are method
+    parameters (alpha=..., normalization=..., scaling=..., density=...). Returns the merged state
+    dict (and the per-tensor report when return_report=True); tensors keep their dtype unless
+    out_dtype is given."""
+    k = len(state_dicts)
+    cfg = MergeConfig(models=[ModelSpec(model=f"<state dict {i}>", grams="<memory>" if grams is not None else None,
+                                        weight=1.0 if weights is None else weights[i]) for i in range(k)],
+                      method=method, base_model="<memory>" if base is not None else None,
+                      parameters={**(parameters or {}), **params}, dtype=dtype, solve_dtype=solve_dtype,
+                      out_dtype=out_dtype, regmean_exclude=list(regmean_exclude),
+                      allow_missing_grams=allow_missing_grams, device=device)
+    if weights is not None and len(weights) != k:
+        raise MergeError(f"got {len(weights)} weights for {k} models")
+    cfg.validate(require_paths=False)
+    sources = [StateDictSource(sd) for sd in state_dicts]
+    base_src = StateDictSource(base) if base is not None else None
+    gramsets = [_as_gramset(g, conv1d) for g in grams] if grams is not None else None
+    plan = build_plan(cfg, sources, gramsets, None, base_src)
+    engine = Engine(plan, sources, base=base_src, gramsets=gramsets, compute_dtype=cfg.torch_dtype(),
+                    solve_dtype=cfg.torch_solve_dtype(), device=device, allow_missing=allow_missing_grams)
+    merged = {}
+    rep = engine.run(lambda n, t: merged.__setitem__(n, t))
+    merged = {n: merged[n] for n in state_dicts[0] if n in merged}
+    if return_report:
+        return merged, {"tensors": rep, "warnings": plan.warnings}
+    return merged
+
+
+def conv1d_modules(model: torch.nn.Module) -> list[str]:
+    """Names of transformers Conv1D modules (weights stored [in, out])."""
+    return [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+
+
+def merge_modules(models, grams=None, *, base_model=None, **kwargs) -> torch.nn.Module:
+    """Merge K torch modules of one architecture; returns a new module (a copy of the first one)
+    holding the merged weights. grams as for merge_state_dicts (FusionBench's per-model dicts
+    {module name: Gram} work as they are)."""
+    if not models:
+        raise MergeError("no models to merge")
+    kwargs.setdefault("conv1d", conv1d_modules(models[0]))
+    sds = [m.state_dict() for m in models]
+    base = base_model.state_dict() if base_model is not None else None
+    merged = merge_state_dicts(sds, grams, base=base, **kwargs)
+    out = copy.deepcopy(models[0])
+    out.load_state_dict(merged if not isinstance(merged, tuple) else merged[0])
+    return out

@@ -1,0 +1,112 @@
+"""`python -m regmean_fast merge`: merge model folders with RegMean (or average, task_arithmetic, ties, fisher).
+
+    python -m regmean_fast merge --models A B C --grams GA GB GC --out OUT [--alpha 0.9 ...]
+    python -m regmean_fast merge CONFIG.yaml --out OUT [flags override the file]
+
+Bad input is one line on stderr and exit status 2, with nothing written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import MergeConfig, ModelSpec, load_yaml
+from .errors import MergeError
+
+
+def register_merge(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("merge", help="merge fine-tuned model folders (RegMean by default) into one HF folder",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="mergekit-like YAML (see docs/merge.md)")
+    p.add_argument("--out", required=True, help="output folder (created; refused if non-empty without --force)")
+    g = p.add_argument_group("models")
+    g.add_argument("--models", nargs="+", metavar="DIR", help="model folders (replace the file's models)")
+    g.add_argument("--grams", nargs="+", metavar="GRAMS", help="one Gram file per model, in the same order")
+    g.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)")
+    g.add_argument("--base-model", metavar="DIR", help="base model (task_arithmetic, ties)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", help="regmean (default), average, task_arithmetic, ties, fisher")
+    g.add_argument("--alpha", type=float, help="RegMean: scale of the off-diagonal Gram entries, in [0, 1]")
+    g.add_argument("--normalization", choices=("mean", "sum"), help="RegMean: Grams divided by token count or not")
+    g.add_argument("--scaling", type=float, help="task_arithmetic, ties: lambda on the merged task vector")
+    g.add_argument("--density", type=float, help="ties: fraction of entries kept per task vector")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method parameter (JSON value)")
+    g.add_argument("--regmean-exclude", nargs="+", metavar="REGEX", help="tensors averaged instead of RegMean")
+    g.add_argument("--allow-missing-grams", action="store_true", default=None,
+                   help="average (with a warning) a weight whose Gram is missing in some file, instead of failing")
+    g = p.add_argument_group("numerics and output")
+    g.add_argument("--dtype", help="compute dtype: float32 (default) or float64")
+    g.add_argument("--solve-dtype", help="RegMean solve dtype: float32 (default) or float64")
+    g.add_argument("--out-dtype", help="output dtype (default: the models' dtype)")
+    g.add_argument("--shard-size", help="output shard size, e.g. 5GB (default), 500MB")
+    g.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", default=None)
+    g = p.add_argument_group("resources and safety")
+    g.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    g.add_argument("--max-memory", help="host memory budget for the working set, e.g. 16GB (checked up front)")
+    g.add_argument("--resume", action="store_true", help="reuse the verified shards of an interrupted merge")
+    g.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    g.add_argument("--progress", action="store_true", help="show a progress bar")
+    g.add_argument("--json", action="store_true", help="print the merge report as JSON")
+    p.set_defaults(func=cmd_merge)
+    return p
+
+
+def config_from_args(args) -> MergeConfig:
+    cfg = load_yaml(args.config) if args.config else MergeConfig()
+    if args.models:
+        old = cfg.models
+        cfg.models = [ModelSpec(model=m, grams=old[i].grams if i < len(old) and len(old) == len(args.models) else None,
+                                weight=old[i].weight if i < len(old) and len(old) == len(args.models) else 1.0)
+                      for i, m in enumerate(args.models)]
+    if not cfg.models:
+        raise MergeError("no models: give --models or a CONFIG.yaml with models")
+    if args.grams:
+        if len(args.grams) != len(cfg.models):
+            raise MergeError(f"got {len(args.grams)} Gram files for {len(cfg.models)} models")
+        for m, g in zip(cfg.models, args.grams):
+            m.grams = g
+    if args.weights:
+        if len(args.weights) != len(cfg.models):
+            raise MergeError(f"got {len(args.weights)} weights for {len(cfg.models)} models")
+        for m, w in zip(cfg.models, args.weights):
+            m.weight = w
+    for key in ("method", "base_model", "dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory",
+                "allow_missing_grams", "copy_tokenizer"):
+        v = getattr(args, key)
+        if v is not None:
+            setattr(cfg, key, v)
+    if args.regmean_exclude:
+        cfg.regmean_exclude = list(args.regmean_exclude)
+    params = dict(cfg.parameters)
+    for key in ("alpha", "normalization", "scaling", "density"):
+        v = getattr(args, key)
+        if v is not None:
+            params[key] = v
+    for kv in args.param:
+        if "=" not in kv:
+            raise MergeError(f"--param expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    cfg.parameters = params
+    return cfg
+
+
+def cmd_merge(args) -> int:
+    from .api import merge
+
+    cfg = config_from_args(args)
+    report = merge(cfg, out=args.out, force=args.force, resume=args.resume, progress=args.progress)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        n = len(report["tensors"])
+        print(f"merged {len(cfg.models)} models with {report['method']}: {n} tensors ({report['groups']} RegMean "
+              f"groups) in {report['total_time_s']:.2f} s -> {args.out}")
+        for w in report["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+    return 0

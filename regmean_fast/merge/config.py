@@ -1,0 +1,229 @@
+"""Merge configuration: a mergekit-like YAML file and/or command-line flags, validated up front.
+
+    method: regmean              # regmean (default), average, task_arithmetic, ties, fisher
+    base_model: path             # needed by task_arithmetic and ties
+    models:
+      - model: path/to/model_a
+        grams: path/to/grams_a.safetensors
+        weight: 1.0
+      - model: path/to/model_b
+        grams: path/to/grams_b.safetensors
+    parameters: {alpha: 0.9, normalization: mean}
+    dtype: float32               # compute dtype (float32 or float64)
+    solve_dtype: float32         # RegMean solve (float32 or float64)
+    out_dtype: bfloat16          # default: the models' dtype
+    regmean_exclude: [".*classifier.*"]   # regexes (re.search on tensor names) averaged instead
+    allow_missing_grams: false
+    shard_size: 5GB
+    device: cpu
+    max_memory: null             # host memory budget, e.g. 16GB
+    copy_tokenizer: true
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..io.shards import parse_size
+from .errors import MergeError
+from .methods import METHODS
+
+TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "solve_dtype", "out_dtype",
+            "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer"}
+MODEL_KEYS = {"model", "grams", "weight", "parameters"}
+FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelSpec:
+    model: str
+    grams: str | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class MergeConfig:
+    models: list = field(default_factory=list)  # list[ModelSpec]
+    method: str = "regmean"
+    base_model: str | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    solve_dtype: str = "float32"
+    out_dtype: str | None = None
+    regmean_exclude: list = field(default_factory=list)
+    allow_missing_grams: bool = False
+    shard_size: str | int = "5GB"
+    device: str = "cpu"
+    max_memory: str | int | None = None
+    copy_tokenizer: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    # resolved values, valid after validate()
+    def torch_dtype(self) -> torch.dtype:
+        return FLOAT_DTYPES[self.dtype]
+
+    def torch_solve_dtype(self) -> torch.dtype:
+        return FLOAT_DTYPES[self.solve_dtype]
+
+    def torch_out_dtype(self) -> torch.dtype | None:
+        return FLOAT_DTYPES[self.out_dtype] if self.out_dtype else None
+
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+    def max_memory_bytes(self) -> int | None:
+        return parse_size(self.max_memory) if self.max_memory not in (None, "") else None
+
+    def method_params(self) -> dict:
+        return METHODS[self.method].check_params(dict(self.parameters))
+
+    def weights(self) -> list:
+        return [float(m.weight) for m in self.models]
+
+    def validate(self, *, require_paths: bool = True) -> "MergeConfig":
+        """Check everything that can be checked without reading a model; raises MergeError."""
+        if self.method not in METHODS:
+            raise MergeError(f"unknown merge method {self.method!r} (known: {', '.join(METHODS)})")
+        meth = METHODS[self.method]
+        if len(self.models) < 1:
+            raise MergeError("no models to merge")
+        self.method_params()
+        for name in ("dtype", "solve_dtype"):
+            v = getattr(self, name)
+            if v not in FLOAT_DTYPES or FLOAT_DTYPES[v] not in (torch.float32, torch.float64):
+                raise MergeError(f"{name} must be float32 or float64, got {v!r}")
+        if self.out_dtype is not None and self.out_dtype not in FLOAT_DTYPES:
+            raise MergeError(f"out_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {self.out_dtype!r}")
+        ws = []
+        for i, m in enumerate(self.models):
+            try:
+                w = float(m.weight)
+            except (TypeError, ValueError):
+                raise MergeError(f"model {i} ({m.model}): weight must be a number, got {m.weight!r}") from None
+            if w != w or w < 0 or w == float("inf"):
+                raise MergeError(f"model {i} ({m.model}): weight must be a non-negative finite number, got {m.weight!r}")
+            ws.append(w)
+        if sum(ws) <= 0:
+            raise MergeError("model weights must not all be zero")
+        if meth.needs_base and not self.base_model:
+            raise MergeError(f"method {self.method} needs base_model")
+        if meth.needs_stats:
+            n = sum(1 for m in self.models if m.grams)
+            if n < len(self.models):
+                raise MergeError(f"method {self.method} needs one Gram (statistics) file per model: "
+                                 f"got {n} for {len(self.models)} models")
+        for rx in self.regmean_exclude:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise MergeError(f"regmean_exclude: bad regular expression {rx!r} ({e})") from None
+        try:
+            self.shard_bytes()
+            self.max_memory_bytes()
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise MergeError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if str(self.device).startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise MergeError(f"device {self.device} requested but CUDA is not available")
+            idx = int(self.device.split(":")[1]) if ":" in self.device else 0
+            if idx >= torch.cuda.device_count():
+                raise MergeError(f"device {self.device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        if require_paths:
+            paths = [m.model for m in self.models] + ([self.base_model] if self.base_model else [])
+            for p in paths:
+                if not os.path.isdir(p):
+                    raise MergeError(f"model folder {p} does not exist")
+            for m in self.models:
+                if m.grams and not os.path.exists(m.grams):
+                    raise MergeError(f"Gram file {m.grams} does not exist")
+        return self
+
+
+def _bool(key, v):
+    if not isinstance(v, bool):
+        raise MergeError(f"{key} must be true or false, got {v!r}")
+    return v
+
+
+def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
+    """Build a MergeConfig from a parsed YAML mapping; unknown keys are errors. Paths are taken
+    relative to the YAML file's folder when `source` is a file path."""
+    if not isinstance(d, dict):
+        raise MergeError(f"{source}: expected a mapping at the top level")
+    unknown = sorted(set(d) - TOP_KEYS)
+    if unknown:
+        raise MergeError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
+    if "method" in d and "merge_method" in d:
+        raise MergeError(f"{source}: give either method or merge_method, not both")
+    base_dir = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
+
+    def path(p):
+        if p is None:
+            return None
+        if not isinstance(p, str):
+            raise MergeError(f"{source}: expected a path, got {p!r}")
+        p = os.path.expanduser(p)
+        return os.path.join(base_dir, p) if base_dir and not os.path.isabs(p) else p
+
+    cfg = MergeConfig()
+    models = d.get("models") or []
+    if not isinstance(models, list):
+        raise MergeError(f"{source}: models must be a list")
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise MergeError(f"{source}: models[{i}] needs a `model` path")
+        bad = sorted(set(m) - MODEL_KEYS)
+        if bad:
+            raise MergeError(f"{source}: models[{i}]: unknown key(s) {', '.join(bad)} (known: {', '.join(sorted(MODEL_KEYS))})")
+        w = m.get("weight", (m.get("parameters") or {}).get("weight", 1.0))
+        extra = sorted(set(m.get("parameters") or {}) - {"weight"})
+        if extra:
+            raise MergeError(f"{source}: models[{i}].parameters: unknown key(s) {', '.join(extra)}")
+        cfg.models.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w))
+    cfg.method = d.get("method", d.get("merge_method", cfg.method))
+    if not isinstance(cfg.method, str):
+        raise MergeError(f"{source}: method must be a name, got {cfg.method!r}")
+    cfg.base_model = path(d.get("base_model"))
+    params = d.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise MergeError(f"{source}: parameters must be a mapping")
+    cfg.parameters = dict(params)
+    for key in ("dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory"):
+        if key in d and d[key] is not None:
+            setattr(cfg, key, d[key] if key in ("shard_size", "max_memory") else str(d[key]))
+    rx = d.get("regmean_exclude") or []
+    if isinstance(rx, str):
+        rx = [rx]
+    if not isinstance(rx, list) or not all(isinstance(r, str) for r in rx):
+        raise MergeError(f"{source}: regmean_exclude must be a list of regular expressions")
+    cfg.regmean_exclude = rx
+    if "allow_missing_grams" in d:
+        cfg.allow_missing_grams = _bool("allow_missing_grams", d["allow_missing_grams"])
+    if "copy_tokenizer" in d:
+        cfg.copy_tokenizer = _bool("copy_tokenizer", d["copy_tokenizer"])
+    return cfg
+
+
+def load_yaml(path: str) -> MergeConfig:
+    import yaml
+
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except OSError as e:
+        raise MergeError(f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise MergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return config_from_dict(d or {}, source=path)

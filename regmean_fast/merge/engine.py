@@ -1,0 +1,160 @@
+"""The engine: stream the plan's items one at a time through their method, write each result.
+
+Only the current item (a group's Grams and weights, or one tensor of every model) is in memory,
+and only it is moved to the compute device."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import MergeError
+from .methods import METHODS, GroupInputs, TensorInputs
+from .plan import GroupItem, Plan
+
+SYMMETRY_RTOL = 1e-4
+
+
+def _finite_or_raise(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise MergeError(f"{what} has non-finite values")
+
+
+class Engine:
+    def __init__(self, plan: Plan, sources, *, base=None, gramsets=None, gram_paths=None,
+                 compute_dtype=torch.float32, solve_dtype=torch.float32, device="cpu", allow_missing=False):
+        self.plan = plan
+        self.sources = sources
+        self.base = base
+        self.gramsets = gramsets
+        self.gram_paths = gram_paths or [None] * len(sources)
+        self.compute_dtype = compute_dtype
+        self.solve_dtype = solve_dtype
+        self.device = torch.device(device)
+        self.k = len(sources)
+        self.allow_missing = allow_missing
+
+    # -- loading, with the checks that name the tensor -------------------------------------------
+    def _src_label(self, i):
+        p = getattr(self.sources[i], "path", None)
+        return f"model {i} ({p})" if p else f"model {i}"
+
+    def _load(self, i: int, name: str) -> torch.Tensor:
+        t = self.sources[i].get(name)
+        _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
+        return t.to(device=self.device, dtype=self.compute_dtype)
+
+    def _load_base(self, name: str) -> torch.Tensor:
+        t = self.base.get(name)
+        _finite_or_raise(t, f"base model: tensor {name}")
+        return t.to(device=self.device, dtype=self.compute_dtype)
+
+    def _gram_label(self, i):
+        p = self.gram_paths[i]
+        return f"Gram file {p}" if p else f"Gram set {i}"
+
+    def _load_gram(self, i: int, key, module: str) -> torch.Tensor:
+        try:
+            G = self.gramsets[i].gram(key)
+        except MergeError:
+            raise
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise MergeError(f"{self._gram_label(i)}: cannot read the Gram for {module}: {e}") from None
+        G = G.to(device=self.device, dtype=torch.float32)
+        _finite_or_raise(G, f"{self._gram_label(i)}: the Gram for {module}")
+        scale = float(G.abs().max()) if G.numel() else 0.0
+        if scale > 0 and float((G - G.T).abs().max()) > SYMMETRY_RTOL * scale:
+            raise MergeError(f"{self._gram_label(i)}: the Gram for {module} is not symmetric")
+        return G
+
+    def _load_fisher(self, i: int, name: str):
+        try:
+            f = self.gramsets[i].fisher(name)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise MergeError(f"{self._gram_label(i)}: cannot read the Fisher of {name}: {e}") from None
+        if f is None:
+            return None
+        if tuple(f.shape) != tuple(self.sources[i].shape(name)):
+            raise MergeError(f"{self._gram_label(i)}: the Fisher of {name} has shape {list(f.shape)}, "
+                             f"the tensor {list(self.sources[i].shape(name))}")
+        f = f.to(device=self.device, dtype=self.compute_dtype)
+        _finite_or_raise(f, f"{self._gram_label(i)}: the Fisher of {name}")
+        if bool((f < 0).any()):
+            raise MergeError(f"{self._gram_label(i)}: the Fisher of {name} has negative entries")
+        return f
+
+    # -- one item ----------------------------------------------------------------------------------
+    def compute(self, item) -> tuple[dict, dict]:
+        """-> ({output name: tensor (compute/solve dtype, device)}, report entry)."""
+        plan = self.plan
+        if isinstance(item, GroupItem):
+            g = GroupInputs(
+                members=item.members, conv1d=item.conv1d, k=self.k,
+                load_weight=lambda i, m: self._load(i, item.members[m]),
+                load_gram=lambda i: self._load_gram(i, item.keys[i], item.modules[0]),
+                count=lambda i: int(self.gramsets[i].count(item.keys[i])),
+                coeffs=plan.coeffs)
+            try:
+                outs, rep = METHODS["regmean"].merge_group(g, plan.params, self.solve_dtype)
+            except FloatingPointError as e:
+                raise MergeError(f"{item.members[0]}: {e}") from None
+            info = {"method": "regmean", "gram": str(item.keys[0]), "group": list(item.members), "solve": rep.method,
+                    "ridge": rep.ridge, "attempts": rep.attempts}
+            if rep.notes:
+                info["notes"] = list(rep.notes)
+            return dict(zip(item.members, outs)), info
+        name = item.name
+        if item.method == "copy":
+            return {name: self.sources[0].get(name)}, {"method": "copy"}
+        method = METHODS[item.method]
+        inputs = TensorInputs(
+            name=name, k=self.k, load=lambda i: self._load(i, name), coeffs=plan.coeffs, raw_weights=plan.raw_weights,
+            base=(lambda: self._load_base(name)) if self.base is not None else (lambda: None),
+            fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None))
+        if item.method == "fisher":
+            fs = [self._load_fisher(i, name) for i in range(self.k)]
+            have = [f is not None for f in fs]
+            if not all(have):
+                if any(have):
+                    i = have.index(False)
+                    if not self.allow_missing:
+                        raise MergeError(f"{self._gram_label(i)} has no Fisher for {name} "
+                                         f"(pass --allow-missing-grams to average it)")
+                    self.plan.warnings.append(f"{name}: no Fisher in {self._gram_label(i)}; averaged")
+                return {name: METHODS["average"].merge(inputs, {})}, {"method": "average", "note": "no Fisher"}
+            inputs.fisher = lambda i: fs[i]
+        out = method.merge(inputs, plan.params)
+        info = {"method": item.method}
+        if item.note:
+            info["note"] = item.note
+        return {name: out}, info
+
+    def run(self, write, skip=None, progress=None) -> dict:
+        """write(name, cpu tensor in the output dtype) for every output, in plan order.
+        skip(name) -> True for outputs already written (resume); their items are not recomputed
+        unless a sibling in the same item still needs writing. Returns {name: report entry}."""
+        out_dtypes = {n: d for n, d, _ in self.plan.outputs}
+        report = {}
+        for item in self.plan.items:
+            names = item.outputs()
+            if skip is not None and all(skip(n) for n in names):
+                for n in names:
+                    report[n] = {"method": "reused"}
+                if progress is not None:
+                    progress(item)
+                continue
+            t0 = time.perf_counter()
+            outs, info = self.compute(item)
+            dt = time.perf_counter() - t0
+            for n in names:
+                t = outs[n]
+                _finite_or_raise(t, f"merged tensor {n}")
+                report[n] = dict(info, time_s=round(dt, 6))
+                if skip is not None and skip(n):
+                    continue
+                write(n, t.to(device="cpu", dtype=out_dtypes[n]))
+            del outs
+            if progress is not None:
+                progress(item)
+        return report

@@ -1,0 +1,279 @@
+"""The merge plan: which tensors, by which method, which ones share a Gram, in what order.
+
+Everything here reads only headers (tensor names, shapes, dtypes; Gram file metadata), so every
+incompatibility is found before any heavy I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MergeError
+from .methods import METHODS
+
+
+@dataclass
+class TensorItem:
+    name: str
+    method: str  # a METHODS name, or "copy" (non-float tensors: taken from the first model)
+    note: str | None = None
+
+    def outputs(self):
+        return [self.name]
+
+    def describe(self):
+        return ["tensor", self.name, self.method]
+
+
+@dataclass
+class GroupItem:
+    """Modules reading the same input in every model: one Gram per model, one solve."""
+
+    members: list  # parameter names ("<module>.weight"), in model order
+    modules: list
+    conv1d: list
+    keys: tuple  # the Gram key of the group in each model
+    d_in: int
+
+    def outputs(self):
+        return list(self.members)
+
+    def describe(self):
+        return ["group", list(self.members), list(self.keys), list(self.conv1d)]
+
+
+@dataclass
+class Plan:
+    items: list
+    outputs: list  # (name, out dtype, shape) in write order
+    method: str
+    params: dict
+    coeffs: list
+    raw_weights: list
+    warnings: list = field(default_factory=list)
+
+    def describe(self):
+        return {"method": self.method, "params": self.params, "coeffs": self.coeffs, "raw_weights": self.raw_weights,
+                "items": [it.describe() for it in self.items],
+                "outputs": [[n, str(d), list(s)] for n, d, s in self.outputs]}
+
+    def n_groups(self):
+        return sum(isinstance(it, GroupItem) for it in self.items)
+
+
+def natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _where(src, i):
+    return f"model {i} ({src.path})" if getattr(src, "path", None) else f"model {i}"
+
+
+def _gram_where(gs, i, path):
+    return f"Gram file {path}" if path else f"Gram set {i}"
+
+
+def check_same_architecture(sources, base=None) -> list[str]:
+    """Same config architecture, same tensor names and shapes across models (and the base)."""
+    all_src = list(sources) + ([base] if base is not None else [])
+    labels = [_where(s, i) for i, s in enumerate(sources)] + (
+        [f"base model ({base.path})" if getattr(base, "path", None) else "base model"] if base is not None else [])
+    ref = all_src[0]
+    rc = ref.config or {}
+    for s, lab in zip(all_src[1:], labels[1:]):
+        c = s.config or {}
+        for key in ("model_type", "architectures"):
+            if rc.get(key) and c.get(key) and rc.get(key) != c.get(key):
+                raise MergeError(f"{lab} is a different architecture: {key} {c.get(key)} vs {rc.get(key)} in {labels[0]}")
+    names = sorted(ref.names(), key=natural_key)
+    nameset = set(names)
+    for s, lab in zip(all_src[1:], labels[1:]):
+        other = set(s.names())
+        if other != nameset:
+            missing = sorted(nameset - other, key=natural_key)
+            extra = sorted(other - nameset, key=natural_key)
+            what = (f"lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")) if missing \
+                else (f"has the extra tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+            raise MergeError(f"{lab} is a different architecture: it {what} compared with {labels[0]}")
+        for n in names:
+            if tuple(s.shape(n)) != tuple(ref.shape(n)):
+                raise MergeError(f"{lab} is a different architecture: {n} has shape {list(s.shape(n))}, "
+                                 f"{list(ref.shape(n))} in {labels[0]}")
+            if s.dtype(n).is_floating_point != ref.dtype(n).is_floating_point:
+                raise MergeError(f"{lab}: {n} has dtype {s.dtype(n)}, {ref.dtype(n)} in {labels[0]}")
+    return names
+
+
+def _tied(param, shape, shapes, config) -> bool:
+    """A head weight absent from the checkpoint because it is tied to the input embeddings."""
+    if config.get("tie_word_embeddings", True) is False or shape is None:
+        return False
+    return any(tuple(shape) == s and any(t in n for t in ("embed", "wte", "word_embeddings", "shared"))
+               for n, s in shapes.items())
+
+
+def _fisher_names(gs):
+    for attr in ("fisher_params", "fisher_names"):
+        f = getattr(gs, attr, None)
+        if callable(f):
+            return set(f())
+    return None
+
+
+def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
+    """cfg: a validated MergeConfig; sources: per-model tensor sources; gramsets: per-model GramSets."""
+    k = len(sources)
+    method = METHODS[cfg.method]
+    params = method.check_params(dict(cfg.parameters))
+    raw = cfg.weights()
+    total = sum(raw)
+    coeffs = [w / total for w in raw]
+    names = check_same_architecture(sources, base)
+    ref = sources[0]
+    float_names = [n for n in names if ref.dtype(n).is_floating_point]
+    warnings: list[str] = []
+    gram_paths = gram_paths or [None] * k
+    excl = [re.compile(r) for r in cfg.regmean_exclude]
+    group_of: dict[str, GroupItem] = {}
+    per_tensor: dict[str, TensorItem] = {}
+
+    if method.needs_stats:
+        if gramsets is None or len(gramsets) < k:
+            raise MergeError(f"method {cfg.method} needs one Gram file per model: got "
+                             f"{0 if gramsets is None else len(gramsets)} for {k} models")
+        if len(gramsets) > k:
+            raise MergeError(f"got {len(gramsets)} Gram files for {k} models")
+        shapes = {n: tuple(ref.shape(n)) for n in names}
+        for i, gs in enumerate(gramsets):
+            lab = _gram_where(gs, i, gram_paths[i])
+            fp = getattr(gs, "fingerprint", None) or {}
+            mc = sources[i].config or {}
+            for key in ("model_type", "architectures"):
+                if fp.get(key) and mc.get(key) and fp.get(key) != mc.get(key):
+                    raise MergeError(f"{lab} was made on another model: {key} {fp.get(key)}, the model is {mc.get(key)}")
+            for mod, shp in (fp.get("weights") or {}).items():
+                p = f"{mod}.weight"
+                if p not in shapes and _tied(p, shp, shapes, mc):
+                    continue
+                if p not in shapes or tuple(shp) != shapes[p]:
+                    have = list(shapes[p]) if p in shapes else "absent"
+                    raise MergeError(f"{lab} was made on another model: {p} was {list(shp)}, the model has {have}")
+        if cfg.method == "regmean":
+            mod_sets = [set(gs.modules()) for gs in gramsets]
+            all_mods = set().union(*mod_sets)
+            tied = set()
+            for i, gs in enumerate(gramsets):
+                fpw = (getattr(gs, "fingerprint", None) or {}).get("weights") or {}
+                for mod in mod_sets[i]:
+                    if f"{mod}.weight" not in shapes and _tied(f"{mod}.weight", fpw.get(mod), shapes,
+                                                               sources[i].config or {}):
+                        tied.add(mod)
+                        continue
+                    if f"{mod}.weight" not in shapes:
+                        raise MergeError(f"{_gram_where(gs, i, gram_paths[i])} was made on another model: "
+                                         f"{mod}.weight is not in the model")
+            groups: dict[tuple, GroupItem] = {}
+            for mod in sorted(tied, key=natural_key):
+                warnings.append(f"{mod}.weight is tied to the embeddings and not stored; its Gram is not used")
+            for mod in sorted(all_mods - tied, key=natural_key):
+                p = f"{mod}.weight"
+                if any(r.search(p) for r in excl):
+                    per_tensor[p] = TensorItem(p, "average", "regmean_exclude")
+                    continue
+                lacking = [i for i in range(k) if mod not in mod_sets[i]]
+                if lacking:
+                    i = lacking[0]
+                    where = _gram_where(gramsets[i], i, gram_paths[i])
+                    if not cfg.allow_missing_grams:
+                        raise MergeError(f"{where} has no Gram for {mod} (pass --allow-missing-grams to average it)")
+                    warnings.append(f"{p}: no Gram in {where}; averaged instead of RegMean")
+                    per_tensor[p] = TensorItem(p, "average", "missing Gram")
+                    continue
+                shp = shapes[p]
+                if len(shp) != 2:
+                    raise MergeError(f"{p}: RegMean needs a 2-D weight, got shape {list(shp)}")
+                conv = [bool(gs.is_conv1d(mod)) for gs in gramsets]
+                if len(set(conv)) > 1:
+                    raise MergeError(f"Gram files disagree on whether {mod} is a Conv1D")
+                d_in = shp[0] if conv[0] else shp[1]
+                keys = []
+                for i, gs in enumerate(gramsets):
+                    key = gs.gram_key(mod)
+                    where = _gram_where(gs, i, gram_paths[i])
+                    d = int(gs.dim(key))
+                    if d != d_in:
+                        raise MergeError(f"{where}: the Gram for {mod} has size {d}, but {p} takes inputs of size {d_in}")
+                    n = int(gs.count(key))
+                    if n <= 0:
+                        raise MergeError(f"{where}: the Gram for {mod} has token count {n}")
+                    keys.append(key)
+                g = groups.get(tuple(keys))
+                if g is None:
+                    g = groups[tuple(keys)] = GroupItem([], [], [], tuple(keys), d_in)
+                g.members.append(p)
+                g.modules.append(mod)
+                g.conv1d.append(conv[0])
+                group_of[p] = g
+        elif cfg.method == "fisher":
+            for i, gs in enumerate(gramsets):
+                if not getattr(gs, "has_fisher", False):
+                    raise MergeError(f"{_gram_where(gs, i, gram_paths[i])} has no Fisher information")
+            known = [_fisher_names(gs) for gs in gramsets]
+            if all(s is not None for s in known):
+                for n in float_names:
+                    have = [n in s for s in known]
+                    if all(have):
+                        continue
+                    if not any(have):
+                        per_tensor[n] = TensorItem(n, "average", "no Fisher")
+                    elif cfg.allow_missing_grams:
+                        i = have.index(False)
+                        warnings.append(f"{n}: no Fisher in {_gram_where(gramsets[i], i, gram_paths[i])}; averaged")
+                        per_tensor[n] = TensorItem(n, "average", "missing Fisher")
+                    else:
+                        i = have.index(False)
+                        raise MergeError(f"{_gram_where(gramsets[i], i, gram_paths[i])} has no Fisher for {n} "
+                                         f"(pass --allow-missing-grams to average it)")
+
+    items, outputs, emitted = [], [], set()
+    out_dtype = cfg.torch_out_dtype()
+    for n in names:
+        if n in group_of:
+            g = group_of[n]
+            if id(g) in emitted:
+                continue
+            emitted.add(id(g))
+            items.append(g)
+        elif not ref.dtype(n).is_floating_point:
+            items.append(TensorItem(n, "copy"))
+        else:
+            items.append(per_tensor.get(n) or TensorItem(n, cfg.method))
+    for it in items:
+        for n in it.outputs():
+            dt = out_dtype if (out_dtype is not None and ref.dtype(n).is_floating_point) else ref.dtype(n)
+            outputs.append((n, dt, tuple(ref.shape(n))))
+    return Plan(items, outputs, cfg.method, params, coeffs, raw, warnings)
+
+
+def estimate_working_bytes(plan: Plan, sources, compute_dtype: torch.dtype, solve_dtype: torch.dtype, k: int) -> int:
+    """A bound on the merge's working set (the largest item), excluding the interpreter itself."""
+    ref = sources[0]
+    ce = torch.empty((), dtype=compute_dtype).element_size()
+    se = torch.empty((), dtype=solve_dtype).element_size()
+    worst = 0
+    for it in plan.items:
+        if isinstance(it, GroupItem):
+            d = it.d_in
+            width = sum(ref.shape(n)[1] if not c else ref.shape(n)[0] for n, c in zip(it.members, it.conv1d))
+            b = (3 * d * d + 3 * d * width) * se + d * width * (ce + 4)
+        else:
+            shp = ref.shape(it.name)
+            n = 1
+            for s in shp:
+                n *= s
+            copies = {"ties": k + 4, "fisher": k + 4, "copy": 2}.get(it.method, 4)
+            b = copies * n * ce
+        worst = max(worst, b)
+    return worst

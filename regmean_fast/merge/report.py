@@ -1,0 +1,64 @@
+"""The merge report (JSON) and the short model card written next to the merged weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import yaml
+
+
+
+def _version():
+    from .. import __version__
+    return __version__
+
+
+def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float, reused: list, device: str) -> dict:
+    return {
+        "tool": "regmean_fast", "version": _version(), "method": plan.method, "parameters": plan.params,
+        "models": [m.model for m in cfg.models], "grams": [m.grams for m in cfg.models],
+        "weights": plan.raw_weights, "coefficients": plan.coeffs, "base_model": cfg.base_model,
+        "dtype": cfg.dtype, "solve_dtype": cfg.solve_dtype, "out_dtype": cfg.out_dtype, "device": device,
+        "regmean_exclude": list(cfg.regmean_exclude), "warnings": list(plan.warnings),
+        "groups": plan.n_groups(), "tensors": tensor_report, "shards": shards, "reused_shards": list(reused),
+        "total_time_s": round(total_s, 3),
+    }
+
+
+def config_yaml(cfg) -> str:
+    d = {"method": cfg.method}
+    if cfg.base_model:
+        d["base_model"] = cfg.base_model
+    d["models"] = [{k: v for k, v in (("model", m.model), ("grams", m.grams), ("weight", m.weight)) if v is not None}
+                   for m in cfg.models]
+    if cfg.parameters:
+        d["parameters"] = dict(cfg.parameters)
+    for key in ("dtype", "solve_dtype", "out_dtype"):
+        if getattr(cfg, key):
+            d[key] = getattr(cfg, key)
+    if cfg.regmean_exclude:
+        d["regmean_exclude"] = list(cfg.regmean_exclude)
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def model_card(cfg, plan) -> str:
+    names = [os.path.basename(os.path.normpath(m.model)) for m in cfg.models]
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- regmean_fast", f"- {plan.method}",
+             "base_model:"] + [f"- {n}" for n in names] + ["---", "", "# Merged model", "",
+             f"Merged with [regmean_fast](https://github.com/) {_version()}, method `{plan.method}`"
+             + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
+                if plan.method == "regmean" else "."), "", "## Models", ""]
+    for m, c in zip(cfg.models, plan.coeffs):
+        lines.append(f"- `{m.model}` (coefficient {c:.4g})")
+    if plan.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
+    lines += ["", "## Configuration", "", "```yaml", config_yaml(cfg).rstrip(), "```", "",
+              "Per-tensor details (method, ridge, time) are in `merge_report.json`.", ""]
+    return "\n".join(lines)
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")

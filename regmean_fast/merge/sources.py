@@ -1,0 +1,96 @@
+"""In-memory tensor sources and Gram sets, for merging models that are already loaded (FusionBench-style)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class StateDictSource:
+    """A state dict seen through the same protocol as io.ModelFolder (names/shape/dtype/get)."""
+
+    def __init__(self, state_dict: dict, config: dict | None = None):
+        self.sd = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        self.config = config
+        self.path = None
+
+    def names(self):
+        return list(self.sd)
+
+    def shape(self, name):
+        return tuple(self.sd[name].shape)
+
+    def dtype(self, name):
+        return self.sd[name].dtype
+
+    def get(self, name):
+        return self.sd[name].detach().to("cpu", copy=True)
+
+    def files(self):
+        return []
+
+    def close(self):
+        pass
+
+
+class DictGramSet:
+    """Grams held in memory, with the same read interface as regmean_fast.load_grams' GramSet.
+
+    grams: key -> symmetric [d, d] tensor (raw sum, or an already normalised Gram with counts=None);
+    module_map: module -> key (default: every key is its own module); counts: key -> tokens, one int
+    for all, or None (treated as 1, so "mean" normalisation leaves the Grams as given);
+    conv1d: modules whose weight is stored [in, out]; fisher: parameter -> diagonal Fisher.
+    """
+
+    def __init__(self, grams: dict, counts=None, module_map: dict | None = None, conv1d=(), fisher: dict | None = None,
+                 fingerprint: dict | None = None):
+        self._grams = dict(grams)
+        self._map = dict(module_map) if module_map is not None else {k: k for k in self._grams}
+        for m, k in self._map.items():
+            if k not in self._grams:
+                raise ValueError(f"module {m} maps to unknown Gram {k}")
+        if counts is None or isinstance(counts, int):
+            self._counts = {k: int(counts or 1) for k in self._grams}
+        else:
+            self._counts = {k: int(counts[k]) for k in self._grams}
+        self._conv1d = set(conv1d)
+        self._fisher = dict(fisher or {})
+        self.fingerprint = fingerprint or {}
+        self.metadata = {}
+
+    def _key(self, name):
+        return self._map.get(name, name)
+
+    def modules(self):
+        return list(self._map)
+
+    def gram_key(self, module):
+        return self._map[module]
+
+    def groups(self):
+        out = {}
+        for m, k in self._map.items():
+            out.setdefault(k, []).append(m)
+        return out
+
+    def gram(self, name):
+        return self._grams[self._key(name)].detach().to(torch.float32, copy=True)
+
+    def count(self, name):
+        return self._counts[self._key(name)]
+
+    def dim(self, name):
+        return int(self._grams[self._key(name)].shape[0])
+
+    def is_conv1d(self, module):
+        return module in self._conv1d
+
+    @property
+    def has_fisher(self):
+        return bool(self._fisher)
+
+    def fisher_params(self):
+        return list(self._fisher)
+
+    def fisher(self, param):
+        f = self._fisher.get(param)
+        return None if f is None else f.detach().to(torch.float32, copy=True)

@@ -1,0 +1,194 @@
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hf_tiny  # noqa: E402
+
+from regmean_fast import load_grams  # noqa: E402
+from regmean_fast.cli import main  # noqa: E402
+from regmean_fast.grams import collect_grams  # noqa: E402
+from regmean_fast.grams.command import checkpoint_path  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    models = {k: hf_tiny.save_tiny(root / k, k) for k in ("bert-cls", "gpt2", "llama")}
+    texts = hf_tiny.random_texts(11, seed=1)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(texts)))
+    return root, models, texts, str(data)
+
+
+def _run(capsys, *argv):
+    rc = main(["grams", *map(str, argv), "--no-progress"])
+    cap = capsys.readouterr()
+    return rc, cap.err
+
+
+def test_cli_matches_api_bert(zoo, tmp_path, capsys):
+    root, models, texts, data = zoo
+    out = tmp_path / "bert.safetensors"
+    rc, err = _run(capsys, models["bert-cls"], "--data", data, "--out", out, "--batch-size", 4)
+    assert rc == 0, err
+    gs = load_grams(out, verify=True)
+    import transformers
+
+    model = transformers.BertForSequenceClassification.from_pretrained(models["bert-cls"]).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(models["bert-cls"])
+    ref = collect_grams(model, hf_tiny.batches_of(tok, texts, 4, max_length=64))
+    assert gs.modules() == ref.modules()
+    for m in gs.modules():
+        assert gs.gram_key(m) == ref.gram_key(m) and gs.count(m) == ref.count(m)
+        assert torch.allclose(gs.gram(m), ref.gram(m), rtol=1e-5, atol=1e-5)
+    assert gs.metadata["examples"] == 11 and gs.metadata["max_length"] == 64
+    assert gs.fingerprint["architectures"] == ["BertForSequenceClassification"]
+    # every module's weight is in the checkpoint under f"{module}.weight", with the recorded shape
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(models["bert-cls"], "model.safetensors"), "pt") as f:
+        for m, shape in gs.fingerprint["weights"].items():
+            assert list(f.get_slice(m + ".weight").get_shape()) == shape
+
+
+def test_cli_formats_and_sharding(zoo, tmp_path, capsys):
+    root, models, texts, data = zoo
+    txt = tmp_path / "d.txt"
+    txt.write_text("\n".join(texts) + "\n\n")
+    csvf = tmp_path / "d.csv"
+    csvf.write_text("id,body\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(texts)))
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c"
+    assert _run(capsys, models["gpt2"], "--data", data, "--out", a)[0] == 0
+    assert _run(capsys, models["gpt2"], "--data", txt, "--out", b)[0] == 0
+    rc, err = _run(capsys, models["gpt2"], "--data", csvf, "--text-field", "body", "--out", c, "--packed",
+                   "--shard-size", "20KB")
+    assert rc == 0, err
+    ga, gb, gc = load_grams(a), load_grams(b), load_grams(c, verify=True)
+    assert len([f for f in os.listdir(c) if f.endswith(".safetensors")]) > 1
+    for m in ga.modules():
+        assert torch.equal(ga.gram(m), gb.gram(m)) and torch.allclose(ga.gram(m), gc.gram(m))
+    assert ga.is_conv1d("transformer.h.0.attn.c_attn") and gc.layout == "packed"
+
+
+def test_cli_chat_messages(zoo, tmp_path, capsys):
+    root, models, texts, data = zoo
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t},
+                                                     {"role": "assistant", "content": "w1 w2"}]}) + "\n"
+                            for t in texts[:5]))
+    out = tmp_path / "chat.safetensors"
+    rc, err = _run(capsys, models["llama"], "--data", chat, "--out", out, "--max-tokens", 40)
+    assert rc == 0, err
+    gs = load_grams(out)
+    assert gs.metadata["tokens"] == 40 and gs.count("model.layers.0.self_attn.q_proj") == 40
+
+
+def test_cli_refuses_overwrite_then_force(zoo, tmp_path, capsys):
+    root, models, texts, data = zoo
+    out = tmp_path / "g"
+    assert _run(capsys, models["llama"], "--data", data, "--out", out, "--max-examples", 3)[0] == 0
+    before = os.listdir(out)
+    rc, err = _run(capsys, models["llama"], "--data", data, "--out", out)
+    assert rc == 2 and "already exists" in err and "--force" in err
+    assert os.listdir(out) == before
+    assert _run(capsys, models["llama"], "--data", data, "--out", out, "--force")[0] == 0
+    assert load_grams(out).metadata["examples"] == 11
+
+
+def _bad_inputs(root, models, data, tmp):
+    tmp.mkdir(exist_ok=True)
+    nost = tmp / "nost"
+    nost.mkdir(exist_ok=True)
+    (nost / "config.json").write_text(open(os.path.join(models["llama"], "config.json")).read())
+    (nost / "pytorch_model.bin").write_bytes(b"x")
+    empty = tmp / "empty.jsonl"
+    empty.write_text("\n\n")
+    malformed = tmp / "bad.jsonl"
+    malformed.write_text('{"text": "w1 w2"}\n{"text": "w3"\n')
+    nofield = tmp / "nofield.jsonl"
+    nofield.write_text('{"text": "w1"}\n{"body": "w3"}\n')
+    blank = tmp / "blank.jsonl"
+    blank.write_text('{"text": "w1"}\n{"text": "w2"}\n{"text": "   "}\n')
+    exists = tmp / "exists.safetensors"
+    exists.write_bytes(b"old")
+    out = tmp / "new.safetensors"
+    L = models["llama"]
+    return [
+        ([tmp / "nope", "--data", data, "--out", out], "model folder not found"),
+        ([nost, "--data", data, "--out", out], "no safetensors"),
+        ([L, "--data", tmp / "missing.jsonl", "--out", out], "data file not found"),
+        ([L, "--data", empty, "--out", out], "no examples"),
+        ([L, "--data", malformed, "--out", out], "line 2: malformed JSON"),
+        ([L, "--data", nofield, "--out", out], "line 2: no 'text' field"),
+        ([L, "--data", blank, "--out", out], "line 3: the example tokenizes to nothing"),
+        ([L, "--data", data, "--out", out, "--max-length", 65], "beyond the model's limit of 64"),
+        ([L, "--data", data, "--out", out, "--include", "zzz"], "no nn.Linear / Conv1D modules matched"),
+        ([L, "--data", data, "--out", exists], "output already exists"),
+        ([L, "--data", data, "--out", tmp / "nodir" / "g.safetensors"], "output folder does not exist"),
+        ([L, "--data", data, "--out", out, "--device", "cuda:99"], "--device cuda:99"),
+    ]
+
+
+def test_cli_bad_inputs(zoo, tmp_path, capsys):
+    root, models, texts, data = zoo
+    for argv, want in _bad_inputs(root, models, data, tmp_path):
+        if "cuda" in str(argv[-1]) and torch.cuda.is_available():
+            continue
+        rc, err = _run(capsys, *argv)
+        assert rc == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("regmean_fast: error: "), err
+        assert want in lines[0], (want, lines[0])
+        assert not os.path.exists(tmp_path / "new.safetensors")
+        assert (tmp_path / "exists.safetensors").read_bytes() == b"old"
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f or "checkpoint" in f]
+
+
+def test_cli_nonfinite_names_module(tmp_path, capsys, zoo):
+    root, models, texts, data = zoo
+    model, tok = hf_tiny.make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[:] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rc, err = _run(capsys, tmp_path / "m", "--data", data, "--out", tmp_path / "g.safetensors")
+    assert rc == 2 and "non-finite" in err and "model.layers.1.post_attention_layernorm" not in err
+    assert "model.layers.1.mlp.gate_proj" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "g.safetensors")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_cli_unwritable(zoo, tmp_path, capsys):
+    root, models, texts, data = zoo
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    rc, err = _run(capsys, models["llama"], "--data", data, "--out", ro / "g.safetensors")
+    assert rc == 2 and "not writable" in err
+
+
+def test_resume_identical(zoo, tmp_path, capsys, monkeypatch):
+    root, models, texts, data = zoo
+    common = ["--data", data, "--batch-size", 2, "--shuffle", "--seed", 3]
+    full = tmp_path / "full.safetensors"
+    assert _run(capsys, models["bert-cls"], *common, "--out", full)[0] == 0
+    part = tmp_path / "part.safetensors"
+    monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", "2")
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", part, "--checkpoint-every", 1)
+    assert rc == 130 and "--resume" in err and os.path.exists(checkpoint_path(str(part)))
+    assert not os.path.exists(part)
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", part, "--resume")  # stops again after 2 more
+    assert rc == 130
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", part, "--resume", "--max-examples", 5)
+    assert rc == 2 and "another model, data or settings" in err
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", part, "--resume")
+    assert rc == 0, err
+    assert open(full, "rb").read() == open(part, "rb").read()
+    assert not os.path.exists(checkpoint_path(str(part)))
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", tmp_path / "x.safetensors", "--resume")
+    assert rc == 2 and "no checkpoint" in err

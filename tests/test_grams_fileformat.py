@@ -1,0 +1,202 @@
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from regmean_fast.grams.fileformat import (
+    GramFileError,
+    GramSet,
+    load_grams,
+    pack_upper,
+    parse_size,
+    save_grams,
+    unpack_upper,
+)
+
+
+def _spd(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(3 * d, d, generator=g)
+    return X.T @ X
+
+
+def _example():
+    grams = {"l0.q": _spd(6, 0), "l0.o": _spd(6, 1), "l0.fc": _spd(4, 2)}
+    counts = {"l0.q": 18, "l0.o": 18, "l0.fc": 12}
+    module_map = {"l0.q": "l0.q", "l0.k": "l0.q", "l0.v": "l0.q", "l0.o": "l0.o", "l0.fc": {"key": "l0.fc", "conv1d": True}}
+    fp = {
+        "model_type": "toy",
+        "architectures": ["Toy"],
+        "weights": {"l0.q": [6, 6], "l0.k": [3, 6], "l0.v": [3, 6], "l0.o": [6, 6], "l0.fc": [4, 8]},
+    }
+    return grams, counts, module_map, fp
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("shard", [None, 150])
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_roundtrip(tmp_path, packed, shard, as_folder):
+    grams, counts, mm, fp = _example()
+    fisher = {"l0.q.weight": torch.rand(6, 6)}
+    out = tmp_path / ("g" if as_folder else "g.safetensors")
+    p = save_grams(out, grams, counts, mm, fp, {"examples": 3}, packed=packed, shard_size=shard,
+                   fisher=fisher, conv1d=["l0.fc"])
+    gs = load_grams(p, verify=True)
+    gs2 = load_grams(out)  # the path given to save also opens
+    assert gs2.modules() == gs.modules() == list(mm)
+    assert gs.groups() == {"l0.q": ["l0.q", "l0.k", "l0.v"], "l0.o": ["l0.o"], "l0.fc": ["l0.fc"]}
+    for m, k in mm.items():
+        k = k["key"] if isinstance(k, dict) else k
+        assert gs.gram_key(m) == k
+        assert torch.equal(gs.gram(m), grams[k])
+        assert gs.count(m) == counts[k]
+        assert gs.dim(m) == grams[k].shape[0]
+    assert gs.is_conv1d("l0.fc") and not gs.is_conv1d("l0.q")
+    assert gs.fingerprint == fp and gs.metadata == {"examples": 3}
+    assert gs.has_fisher and torch.equal(gs.fisher("l0.q.weight"), fisher["l0.q.weight"])
+    assert gs.fisher("nope") is None
+    if shard:
+        names = os.listdir(out if as_folder else tmp_path)
+        assert any(n.endswith(".index.json") for n in names)
+        assert sum(n.endswith(".safetensors") for n in names) > 1
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_only_upper_triangle_counts(tmp_path):
+    grams, counts, mm, fp = _example()
+    G = grams["l0.q"]
+    grams["l0.q"] = torch.triu(G) + torch.tril(torch.full_like(G, 7.0), -1)
+    p = save_grams(tmp_path / "g.safetensors", grams, counts, mm, fp, {})
+    assert torch.equal(load_grams(p).gram("l0.k"), G)
+
+
+def test_pack_unpack():
+    G = _spd(7, 3)
+    v = pack_upper(G)
+    assert v.numel() == 28 and v[0] == G[0, 0] and v[7] == G[1, 1]
+    assert torch.equal(unpack_upper(v, 7), G)
+
+
+def test_refuses_overwrite(tmp_path):
+    grams, counts, mm, fp = _example()
+    p = tmp_path / "g.safetensors"
+    save_grams(p, grams, counts, mm, fp, {})
+    with pytest.raises(GramFileError, match="already exists"):
+        save_grams(p, grams, counts, mm, fp, {})
+    save_grams(p, grams, counts, mm, fp, {"x": 1}, overwrite=True)
+    assert load_grams(p).metadata == {"x": 1}
+    d = tmp_path / "dir"
+    save_grams(d, grams, counts, mm, fp, {})
+    with pytest.raises(GramFileError, match="already exists"):
+        save_grams(d, grams, counts, mm, fp, {})
+    save_grams(d, grams, counts, mm, fp, {"y": 2}, overwrite=True)
+    assert load_grams(d).metadata == {"y": 2}
+
+
+def _rewrite_header(path, fn):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    hdr = json.loads(raw[8 : 8 + n])
+    fn(hdr)
+    new = json.dumps(hdr).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def test_rejects_truncated(tmp_path):
+    grams, counts, mm, fp = _example()
+    p = str(tmp_path / "g.safetensors")
+    save_grams(p, grams, counts, mm, fp, {})
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[:-10])
+    with pytest.raises(GramFileError):
+        load_grams(p)
+    open(p, "wb").write(raw[:20])
+    with pytest.raises(GramFileError):
+        load_grams(p)
+
+
+def test_rejects_wrong_version_and_format(tmp_path):
+    grams, counts, mm, fp = _example()
+    p = str(tmp_path / "g.safetensors")
+    save_grams(p, grams, counts, mm, fp, {})
+    _rewrite_header(p, lambda h: h["__metadata__"].update(version="2"))
+    with pytest.raises(GramFileError, match="version"):
+        load_grams(p)
+    _rewrite_header(p, lambda h: h["__metadata__"].update(version="1", format="other"))
+    with pytest.raises(GramFileError, match="not a regmean_fast Gram file"):
+        load_grams(p)
+
+
+def test_rejects_bad_counts_and_mapping(tmp_path):
+    grams, counts, mm, fp = _example()
+    p = str(tmp_path / "g.safetensors")
+    save_grams(p, grams, counts, mm, fp, {})
+    _rewrite_header(p, lambda h: h["__metadata__"].update(counts=json.dumps({"l0.q": 0, "l0.o": 1, "l0.fc": 1})))
+    with pytest.raises(GramFileError, match="count"):
+        load_grams(p)
+    with pytest.raises(GramFileError, match="count"):
+        save_grams(tmp_path / "h.safetensors", grams, dict(counts, **{"l0.o": 0}), mm, fp, {})
+    bad_fp = dict(fp, weights=dict(fp["weights"], **{"l0.o": [6, 5]}))
+    with pytest.raises(GramFileError, match="input size"):
+        save_grams(tmp_path / "i.safetensors", grams, counts, mm, bad_fp, {})
+    _rewrite_header(p, lambda h: h["__metadata__"].update(counts=json.dumps(counts), fingerprint=json.dumps(bad_fp)))
+    with pytest.raises(GramFileError, match="input size"):
+        load_grams(p)
+
+
+def _write_raw(path, grams, counts, mm, fp):
+    from safetensors.torch import save_file
+
+    save_file(
+        {"gram." + k: v.contiguous() for k, v in grams.items()},
+        path,
+        metadata={
+            "format": "regmean_fast.grams", "version": "1", "layout": "full",
+            "modules": json.dumps({m: k if isinstance(k, dict) else {"key": k, "conv1d": False} for m, k in mm.items()}),
+            "counts": json.dumps(counts), "dims": json.dumps({k: v.shape[0] for k, v in grams.items()}),
+            "fingerprint": json.dumps(fp), "provenance": "{}",
+        },
+    )
+
+
+def test_rejects_nonsymmetric_and_nonfinite(tmp_path):
+    grams, counts, mm, fp = _example()
+    bad = dict(grams)
+    G = grams["l0.o"].clone()
+    G[0, 3] += 1.0
+    bad["l0.o"] = G
+    p = str(tmp_path / "a.safetensors")
+    _write_raw(p, bad, counts, mm, fp)
+    gs = load_grams(p)
+    assert torch.equal(gs.gram("l0.q"), grams["l0.q"])
+    with pytest.raises(GramFileError, match="not symmetric"):
+        gs.gram("l0.o")
+    with pytest.raises(GramFileError, match="not symmetric"):
+        load_grams(p, verify=True)
+    G = grams["l0.fc"].clone()
+    G[1, 1] = float("nan")
+    bad = dict(grams, **{"l0.fc": G})
+    p = str(tmp_path / "b.safetensors")
+    _write_raw(p, bad, counts, mm, fp)
+    with pytest.raises(GramFileError, match="non-finite"):
+        load_grams(p, verify=True)
+    with pytest.raises(GramFileError, match="non-finite"):
+        save_grams(tmp_path / "c.safetensors", bad, counts, mm, fp, {})
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(GramFileError, match="not found"):
+        load_grams(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"hello world, not safetensors")
+    with pytest.raises(GramFileError):
+        load_grams(tmp_path / "junk.safetensors")
+
+
+def test_from_memory_and_parse_size():
+    grams, counts, mm, fp = _example()
+    gs = GramSet.from_memory(grams, counts, mm, fp)
+    assert torch.equal(gs.gram("l0.v"), grams["l0.q"]) and gs.count("l0.v") == 18
+    assert parse_size("2GB") == 2 << 30 and parse_size("500mb") == 500 << 20 and parse_size("1000") == 1000

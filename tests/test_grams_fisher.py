@@ -1,0 +1,61 @@
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hf_tiny  # noqa: E402
+
+from regmean_fast import load_grams  # noqa: E402
+from regmean_fast.cli import main  # noqa: E402
+
+
+def _manual_fisher(model, ids_list, labels=None):
+    F = {}
+    for i, ids in enumerate(ids_list):
+        model.zero_grad()
+        ids = torch.tensor([ids])
+        logits = model(input_ids=ids).logits.double()
+        if labels is None:
+            lp = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).sum()
+        else:
+            lp = torch.log_softmax(logits[0], -1)[labels[i]]
+        lp.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                F[n] = F.get(n, 0) + p.grad.double() ** 2
+    return F
+
+
+def _check(kind, tmp_path, capsys, with_labels):
+    m = hf_tiny.save_tiny(tmp_path / kind, kind)
+    texts = hf_tiny.random_texts(5, seed=2)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "g.safetensors"
+    rc = main(["grams", m, "--data", str(data), "--out", str(out), "--fisher", "--batch-size", "2",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    gs = load_grams(out, verify=True)
+    assert gs.has_fisher and gs.metadata["fisher_examples"] == 5
+    model, tok = hf_tiny.make_model(kind)
+    ids = [tok(t)["input_ids"] for t in texts]
+    ref = _manual_fisher(model, ids, [i % 2 for i in range(5)] if with_labels else None)
+    assert set(gs.fisher_params()) == set(ref)
+    for n, R in ref.items():
+        torch.testing.assert_close(gs.fisher(n).double(), R, rtol=1e-3, atol=1e-9)
+    # the Grams are untouched by the Fisher passes
+    plain = tmp_path / "p.safetensors"
+    assert main(["grams", m, "--data", str(data), "--out", str(plain), "--batch-size", "2", "--no-progress"]) == 0
+    gp = load_grams(plain)
+    for k in gp.keys():
+        assert torch.equal(gp.gram(k), gs.gram(k)) and gp.count(k) == gs.count(k)
+
+
+def test_fisher_causal_lm(tmp_path, capsys):
+    _check("gpt2", tmp_path, capsys, with_labels=False)
+
+
+def test_fisher_classifier_labels(tmp_path, capsys):
+    _check("llama-cls", tmp_path, capsys, with_labels=True)

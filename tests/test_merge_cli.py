@@ -1,0 +1,218 @@
+"""Priority (b): the `merge` command, YAML + flags, and every bad input: one line, exit 2, no output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_merge_common import make_activations, make_models, read_folder, save_model, write_gram_files
+
+from regmean_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    _, models = make_models("llama", k=3, seed=11)
+    mods, acts = make_activations(models[0], 3, seed=11)
+    paths = [save_model(m, root / f"llama{i}") for i, m in enumerate(models)]
+    grams = write_gram_files(models[0], mods, acts, root)
+    _, bert = make_models("bert", k=1, seed=12)
+    bmods, bacts = make_activations(bert[0], 1, seed=12)
+    (root / "bg").mkdir()
+    bert_path = save_model(bert[0], root / "bert")
+    bert_grams = write_gram_files(bert[0], bmods, bacts, root / "bg")
+    return {"root": root, "models": models, "paths": paths, "grams": grams, "bert": bert_path,
+            "bert_grams": bert_grams, "mods": mods, "acts": acts}
+
+
+def _no_output(out):
+    out = str(out)
+    parent = os.path.dirname(out)
+    assert not os.path.exists(out) or not os.listdir(out), f"{out} was written"
+    leftovers = [f for f in os.listdir(parent) if f.startswith("." + os.path.basename(out))]
+    assert not leftovers, leftovers
+
+
+def _fails(argv, capsys, match, out):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("regmean_fast: error: "), err
+    assert match in err, err
+    _no_output(out)
+    return err
+
+
+def test_cli_flags_and_yaml(fx, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["merge", "--models", *fx["paths"], "--grams", *fx["grams"], "--alpha", "0.8", "--out", str(out)]) == 0
+    a = read_folder(out)
+    cfg = {"method": "regmean", "models": [{"model": p, "grams": g, "weight": 1.0}
+                                           for p, g in zip(fx["paths"], fx["grams"])],
+           "parameters": {"alpha": 0.3, "normalization": "mean"}, "out_dtype": "float32"}
+    y = tmp_path / "m.yaml"
+    import yaml
+
+    y.write_text(yaml.safe_dump(cfg))
+    out2 = tmp_path / "b"
+    assert main(["merge", str(y), "--alpha", "0.8", "--out", str(out2)]) == 0  # the flag overrides the file
+    b = read_folder(out2)
+    for n in a:
+        assert torch.equal(a[n], b[n])
+    out3 = tmp_path / "c"
+    capsys.readouterr()
+    assert main(["merge", str(y), "--out", str(out3), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["parameters"]["alpha"] == 0.3
+    assert not torch.equal(read_folder(out3)["model.layers.0.self_attn.q_proj.weight"],
+                           a["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_cli_subprocess_exit_status(fx, tmp_path):
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "regmean_fast", "merge", "--models", *fx["paths"], "--grams",
+                        *fx["grams"][:2], "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["regmean_fast: error: got 2 Gram files for 3 models"]
+    _no_output(out)
+
+
+def test_refuses_nonempty_output_and_input_folder(fx, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["merge", "--models", *fx["paths"], "--grams", *fx["grams"], "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["merge", "--models", *fx["paths"], "--grams", *fx["grams"], "--out", str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    rc = main(["merge", "--models", *fx["paths"], "--grams", *fx["grams"], "--out", fx["paths"][0], "--force"])
+    assert rc == 2 and "input" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(fx["paths"][0], "model.safetensors"))
+
+
+def _args(fx, out, models=None, grams=None, extra=()):
+    return ["merge", "--models", *(models or fx["paths"]), "--grams", *(grams or fx["grams"]), "--out", str(out),
+            *extra]
+
+
+def test_bad_architecture_and_shapes(fx, tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(_args(fx, out, models=[fx["paths"][0], fx["bert"]], grams=fx["grams"][:2]), capsys,
+           "different architecture", out)
+    # same architecture, other shapes
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    p = save_model(tf.LlamaForCausalLM(cfg), tmp_path / "wide")
+    _fails(_args(fx, out, models=[fx["paths"][0], p], grams=fx["grams"][:2]), capsys, "has shape", out)
+
+
+def test_missing_or_corrupt_shards_and_index(fx, tmp_path, capsys):
+    out = tmp_path / "o"
+    sharded = str(tmp_path / "sharded")
+    fx["models"][1].save_pretrained(sharded, safe_serialization=True, max_shard_size="20KB")
+    files = sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))
+    models = [fx["paths"][0], sharded, fx["paths"][2]]
+    assert main(_args(fx, tmp_path / "ok", models=models)) == 0  # sharded input works
+    os.rename(os.path.join(sharded, files[1]), os.path.join(sharded, "x"))
+    _fails(_args(fx, out, models=models), capsys, "is missing", out)
+    os.rename(os.path.join(sharded, "x"), os.path.join(sharded, files[1]))
+    with open(os.path.join(sharded, files[1]), "r+b") as f:  # truncate a shard
+        f.truncate(os.path.getsize(os.path.join(sharded, files[1])) - 10)
+    _fails(_args(fx, out, models=models), capsys, "truncated", out)
+    with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
+        f.write("{not json")
+    _fails(_args(fx, out, models=models), capsys, "corrupt index", out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage here!!}")
+    _fails(_args(fx, out, models=[fx["paths"][0], str(bad), fx["paths"][2]]), capsys, "corrupt", out)
+
+
+def _rewrite_gram(src, dst, fn):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, "pt") as f:
+        meta = f.metadata()
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    key = sorted(k for k in ts if k.startswith("gram."))[0]
+    ts[key] = fn(ts[key])
+    save_file(ts, dst, metadata=meta)
+    return dst
+
+
+def test_bad_gram_files(fx, tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(_args(fx, out, grams=[fx["grams"][0], fx["bert_grams"][0], fx["grams"][2]]), capsys,
+           "made on another model", out)
+    _fails(_args(fx, out, grams=fx["grams"][:2]), capsys, "got 2 Gram files for 3 models", out)
+
+    def nan(t):
+        t = t.clone()
+        t[0, 0] = float("nan")
+        return t
+
+    def asym(t):
+        t = t.clone()
+        t[0, 1] += 1000.0
+        return t
+
+    for fn, msg in ((nan, "non-finite"), (asym, "not symmetric")):
+        bad = _rewrite_gram(fx["grams"][1], str(tmp_path / f"{msg[:4]}.safetensors"), fn)
+        _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, msg, out)
+    # a Gram of the wrong size in a file that claims the right model
+    bad = _rewrite_gram(fx["grams"][1], str(tmp_path / "wrong.safetensors"), lambda t: torch.eye(t.shape[0] + 3))
+    err = _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, "wrong.safetensors", out)
+    assert "shape" in err or "size" in err
+
+
+def test_bad_config(fx, tmp_path, capsys):
+    out = tmp_path / "o"
+    y = tmp_path / "c.yaml"
+    base = {"models": [{"model": p, "grams": g} for p, g in zip(fx["paths"], fx["grams"])]}
+    for extra, msg in (({"bogus": 1}, "unknown key(s) bogus"), ({"method": "slerp"}, "unknown merge method"),
+                       ({"parameters": {"alpha": 1.5}}, "alpha must be in [0, 1]"),
+                       ({"parameters": {"beta": 1}}, "unknown parameter(s) for method regmean: beta"),
+                       ({"method": "ties"}, "needs base_model")):
+        import yaml
+
+        y.write_text(yaml.safe_dump({**base, **extra}))
+        _fails(["merge", str(y), "--out", str(out)], capsys, msg, out)
+    y.write_text(yaml.safe_dump({"models": [{"model": fx["paths"][0], "gram": "x"}]}))
+    _fails(["merge", str(y), "--out", str(out)], capsys, "unknown key(s) gram", out)
+    _fails(_args(fx, out, extra=["--alpha", "-0.1"]), capsys, "alpha must be in [0, 1]", out)
+    _fails(_args(fx, out, extra=["--weights", "1", "-1", "1"]), capsys, "non-negative", out)
+    _fails(_args(fx, out, extra=["--weights", "0", "0", "0"]), capsys, "must not all be zero", out)
+
+
+def test_full_disk(fx, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from regmean_fast.io import safetensors_file
+
+    out = tmp_path / "o"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    _fails(_args(fx, out), capsys, "not enough free disk space", out)
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    calls = {"n": 0}
+    orig = safetensors_file.StreamingShardWriter._write
+
+    def full(self, data):  # the disk fills up in the middle of writing
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(28, "No space left on device")
+        return orig(self, data)
+
+    monkeypatch.setattr(safetensors_file.StreamingShardWriter, "_write", full)
+    _fails(_args(fx, out), capsys, "no space left", out)

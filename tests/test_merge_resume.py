@@ -1,0 +1,110 @@
+"""Priority (c): temporary folder + rename, manifest, --resume bit-identical, --force."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from test_merge_common import make_activations, make_models, save_model, write_gram_files
+
+from regmean_fast.cli import main
+from regmean_fast.merge import MergeError, merge
+
+
+class Stop(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    _, models = make_models("llama", k=3, seed=21)
+    mods, acts = make_activations(models[0], 3, seed=21)
+    paths = [save_model(m, root / f"m{i}") for i, m in enumerate(models)]
+    grams = write_gram_files(models[0], mods, acts, root)
+    cfg = {"models": [{"model": p, "grams": g} for p, g in zip(paths, grams)], "parameters": {"alpha": 0.9},
+           "shard_size": "12KB"}
+    return cfg
+
+
+def _files(path):
+    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))
+            if f.endswith(".safetensors") or f.endswith(".index.json")}
+
+
+def test_interrupt_then_resume_is_bit_identical(fx, tmp_path):
+    ref = tmp_path / "ref"
+    merge(fx, out=str(ref))
+    ref_files = _files(ref)
+    assert len(ref_files) > 3
+    out = tmp_path / "out"
+    partial = tmp_path / ".out.regmean-partial"
+    done = []
+
+    def stop_after(n):
+        def cb(fname):
+            done.append(fname)
+            if len(done) == n:
+                raise Stop()
+        return cb
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(fx, out=str(out), on_shard_done=stop_after(2))
+    assert not out.exists() and partial.is_dir()  # never a folder that looks complete
+    man = json.load(open(partial / "regmean-manifest.json"))
+    assert sorted(man["shards"]) == sorted(done)
+    # a second interruption while resuming, after one more shard
+    done.clear()
+    with pytest.raises(KeyboardInterrupt):
+        merge(fx, out=str(out), resume=True, on_shard_done=stop_after(1))
+    # corrupt one finished shard: it must be detected and rewritten
+    first = sorted(json.load(open(partial / "regmean-manifest.json"))["shards"])[0]
+    with open(partial / first, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    rep = merge(fx, out=str(out), resume=True)
+    assert first not in rep["reused_shards"] and len(rep["reused_shards"]) == 2
+    assert not partial.exists()
+    assert _files(out) == ref_files
+    assert not (out / "regmean-manifest.json").exists()
+
+
+def test_resume_refuses_other_configuration(fx, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        merge(fx, out=str(out), on_shard_done=lambda f: (_ for _ in ()).throw(Stop()))
+    other = dict(fx, parameters={"alpha": 0.5})
+    with pytest.raises(MergeError, match="different configuration"):
+        merge(other, out=str(out), resume=True)
+    merge(other, out=str(out))  # without --resume it starts again
+    assert (out / "config.json").exists() and not (tmp_path / ".out.regmean-partial").exists()
+
+
+def test_cli_resume_and_force(fx, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        merge(fx, out=str(out), on_shard_done=lambda f: (_ for _ in ()).throw(Stop()))
+    args = ["merge", "--models", *[m["model"] for m in fx["models"]], "--grams",
+            *[m["grams"] for m in fx["models"]], "--alpha", "0.9", "--shard-size", "12KB", "--out", str(out)]
+    assert main(args + ["--resume", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert len(rep["reused_shards"]) == 1
+    assert main(args) == 2  # exists, non-empty
+    assert main(args + ["--force"]) == 0
+
+
+def test_max_memory_and_device_checked_up_front(fx, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match="max-memory"):
+        merge(fx, out=str(out), max_memory="10KB")
+    assert not out.exists() and not (tmp_path / ".out.regmean-partial").exists()
+    merge(fx, out=str(out), max_memory="1GB")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeError, match="CUDA is not available"):
+            merge(fx, out=str(tmp_path / "o2"), device="cuda")
+    with pytest.raises(MergeError, match="device must be"):
+        merge(fx, out=str(tmp_path / "o2"), device="tpu")
