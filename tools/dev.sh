@@ -34,9 +34,11 @@ setup() {
 
 run_tests() {
   local build="${REGMEAN_FAST_CMAKE_BUILD:-$here/build/cmake}"
+  local blog="$build/build-output.log"
   log "C++ kernels: cmake + ctest ($build)"
-  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release > "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
-  cmake --build "$build" >> "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
+  mkdir -p "$build"
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release > "$blog" 2>&1 || { cat "$blog"; exit 1; }
+  cmake --build "$build" >> "$blog" 2>&1 || { cat "$blog"; exit 1; }
   ctest --test-dir "$build" --output-on-failure
   log "pytest"
   # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
