@@ -79,6 +79,21 @@ def reduce_grams(grams: Sequence[torch.Tensor], factors: Sequence[float], alpha:
     return ops.reduce_expression(grams, factors, alpha, dtype)
 
 
+def add_model_term(A: torch.Tensor | None, B: torch.Tensor, G: torch.Tensor, Wt: torch.Tensor, factor: float,
+                   alpha: float) -> None:
+    """One model's share of a group, in place, without forming G~ = f (alpha G + (1 - alpha) diag(G)):
+    B += G~ Wt and, when A is given, A += G~. G, Wt, A, B share one dtype and device."""
+    diag = torch.diagonal(G)
+    if alpha != 0.0:
+        B.addmm_(G, Wt, alpha=factor * alpha)
+        if A is not None:
+            A.add_(G, alpha=factor * alpha)
+    if alpha != 1.0:
+        B.addcmul_(diag.unsqueeze(1), Wt, value=factor * (1.0 - alpha))
+        if A is not None:
+            A.diagonal().add_(diag, alpha=factor * (1.0 - alpha))
+
+
 def robust_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
     """Solve A X = B for symmetric positive (semi-)definite A.
 
@@ -142,13 +157,8 @@ def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[tor
     widths = [per_model[0].size(0) for per_model in weights]
     B = torch.zeros(d, sum(widths), dtype=solve_dtype, device=A.device)
     for i, (G, f) in enumerate(zip(grams, factors)):
-        # G~_i W_i^T = f alpha G_i W_i^T + f (1 - alpha) diag(G_i) W_i^T: G~_i itself is never formed.
-        Gs = G.to(solve_dtype)
         Wt = torch.cat([per_model[i].to(device=A.device, dtype=solve_dtype) for per_model in weights], dim=0).T
-        if alpha != 0.0:
-            B.addmm_(Gs, Wt, alpha=f * alpha)
-        if alpha != 1.0:
-            B.addcmul_(torch.diagonal(Gs).unsqueeze(1), Wt, value=f * (1.0 - alpha))
+        add_model_term(None, B, G.to(solve_dtype), Wt, f, alpha)  # A came from the fused reduction
     X, report = robust_spd_solve(A, B)
     merged = [part.T.contiguous() for part in torch.split(X, widths, dim=1)]
     return merged, report

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ...solve import NORMALIZATIONS, gram_scales, robust_spd_solve
+from ...solve import NORMALIZATIONS, add_model_term, gram_scales, robust_spd_solve
 from ..errors import MergeError
 from .base import MergeMethod, check_unit_interval, weighted_average
 
@@ -56,10 +56,6 @@ class RegMean(MergeMethod):
         widths = None
         for i in range(g.k):
             G = g.load_gram(i).to(solve_dtype)
-            f = factors[i]
-            dg = torch.diagonal(G).clone()
-            G.mul_(f * alpha)
-            G.diagonal().add_(dg, alpha=f * (1.0 - alpha))
             ws = []
             for m in range(len(g.members)):
                 w = g.load_weight(i, m).to(solve_dtype)
@@ -71,8 +67,7 @@ class RegMean(MergeMethod):
                 B = torch.zeros(G.size(0), Wt.size(1), dtype=solve_dtype, device=G.device)
             if Wt.size(0) != G.size(0):
                 raise MergeError(f"{g.members[0]}: Gram of size {G.size(0)} for inputs of size {Wt.size(0)}")
-            A.add_(G)
-            B.addmm_(G, Wt)
+            add_model_term(A, B, G, Wt, factors[i], alpha)
             del G, ws, Wt
         X, report = robust_spd_solve(A, B)
         outs = []
