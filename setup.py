@@ -71,6 +71,24 @@ def cuda_library_includes(cuda_home: str) -> list[str]:
     return found
 
 
+def cusolver_link_args(cuda_home: str) -> list[str]:
+    """Link flags for cuSOLVER: the versioned library (-l:libcusolver.so.N; the nvidia wheels ship
+    no unversioned symlink) with an rpath to its folder. The copy in the nvidia-* wheels torch came
+    with is preferred (the one torch itself loads), then the toolkit's own."""
+    dirs = []
+    for site in sys.path:
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
+    dirs += [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
+    for lib_dir in dirs:
+        libs = sorted(glob.glob(os.path.join(lib_dir, "libcusolver.so.*")), key=len)
+        if libs:
+            name = os.path.basename(libs[0])  # the SONAME-style libcusolver.so.N (shortest name)
+            return [f"-L{lib_dir}", f"-l:{name}", f"-Wl,-rpath,{os.path.realpath(lib_dir)}"]
+    fail("cuSOLVER (libcusolver.so.*) not found in the nvidia-* wheels next to torch nor in "
+         f"{cuda_home}/lib64; install the CUDA math libraries or build without CUDA (REGMEAN_FAST_CUDA=0).")
+    return []
+
+
 def want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
     flag = os.environ.get("REGMEAN_FAST_CUDA", "").strip()
     if flag == "0":
@@ -118,7 +136,8 @@ def build_extension():
             "nvcc": ["-O3", "-lineinfo", "--Werror", "all-warnings", "-Xcompiler", "-fvisibility=hidden"],
         }
         ext = CUDAExtension("regmean_fast._C", sources, define_macros=defines,
-                            include_dirs=cuda_library_includes(cuda_home), **kwargs)
+                            include_dirs=cuda_library_includes(cuda_home),
+                            extra_link_args=cusolver_link_args(cuda_home), **kwargs)
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         ext = CppExtension("regmean_fast._C", sources, define_macros=defines, **kwargs)
@@ -137,7 +156,7 @@ setup(
     packages=find_packages(include=["regmean_fast", "regmean_fast.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.8", "safetensors>=0.4", "transformers>=4.40", "numpy", "tqdm", "pyyaml"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "scikit-learn", "mlxtend"], "quality": ["scikit-learn", "mlxtend", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["regmean-fast=regmean_fast.cli:main"]},

@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--pad-frac", type=float, default=0.25, help="mean fraction of padding per example")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="forward dtype (bf16: the activations reach gram_update as bf16, the AMX path on x86)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +79,8 @@ def main() -> None:
     cfg = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                      intermediate_size=4 * args.hidden, max_position_embeddings=max(512, args.seq))
     torch.manual_seed(0)
-    model = BertModel(cfg).to(args.device).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = BertModel(cfg).to(device=args.device, dtype=dtype).eval()
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.batches + 1):
@@ -125,7 +128,8 @@ def main() -> None:
     print(f"model: BERT {args.layers} layers, hidden {args.hidden}; batch {args.batch} x {args.seq} tokens "
           f"({int(sum(int(b['attention_mask'].sum()) for b in batches[1:]) / args.batches)} real per batch); "
           f"device {args.device}; threads {torch.get_num_threads()}; "
-          f"gram_update CPU path {info.get('cpu_gemm_path', {}).get('float32', '?')}")
+          f"forward {args.dtype}; gram_update CPU path "
+          f"{info.get('cpu_gemm_path', {}).get({'fp32': 'float32', 'bf16': 'bfloat16'}[args.dtype], '?')}")
     print(f"plain forward      : {t_plain:.4f} s/batch (again at the end: {t_plain2:.4f})")
     print(f"ours (grams)       : {t_ours:.4f} s/batch")
     print(f"published hook     : {t_pub:.4f} s/batch")

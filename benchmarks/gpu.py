@@ -14,6 +14,7 @@ import os
 import torch
 
 import regmean_fast as rf
+import regmean_fast._ext  # noqa: F401  (rf._ext.HAS_CUDA_REDUCE)
 from regmean_fast import ops
 from regmean_fast.solve import robust_spd_solve
 
@@ -36,11 +37,28 @@ def cuda_time(fn, repeats: int = 10) -> float:
     return times[len(times) // 2]
 
 
+def with_env(name: str, value: str, fn):
+    """fn run with one environment variable set (the CUDA binding reads it on every call)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
 def bench_gram(d: int, rows: int) -> list[dict]:
     X = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
     G = torch.zeros(d, d, device="cuda")
     flops = 2.0 * rows * d * d
-    out = [("regmean_fast gram_update (triangle)", lambda: ops.gram_update(G, X))]
+    out = [("regmean_fast gram_update (triangle)", lambda: ops.gram_update(G, X)),
+           ("regmean_fast gram_update (fp32-FMA fallback kernel)", with_env("REGMEAN_FAST_CUDA_GEMM", "fma",
+                                                                          lambda: ops.gram_update(G, X)))]
     try:
         torch.addmm(G, X.T, X, out_dtype=torch.float32)
         out.append(("torch.addmm bf16->fp32 (full)", lambda: torch.addmm(G, X.T, X, out_dtype=torch.float32)))
@@ -74,12 +92,20 @@ def bench_reduce(d: int, k: int) -> list[dict]:
     t_copy = cuda_time(lambda: copy_dst.copy_(copy_src))
     bw = 2 * copy_src.numel() * 4 / t_copy
     t_fast = cuda_time(lambda: ops.gram_reduce(grams, f, 0.9))
+    packed = [ops.pack_triu(g) for g in grams]
+    t_packed = cuda_time(lambda: ops.gram_reduce(packed, f, 0.9))
+    full_ref = ops.reduce_expression([g.double() for g in grams], f, 0.9, torch.float64)
+    got = ops.gram_reduce(grams, f, 0.9)
+    rel = float((torch.triu(got).double() - torch.triu(full_ref)).abs().max() / full_ref.abs().max())
     t_expr = cuda_time(lambda: ops.reduce_expression(grams, f, 0.9, torch.float32))
     moved = (k * d * d + d * d) * 4
     return [
         {"op": "device copy (bandwidth ceiling)", "shape": f"{k * d * d * 4 / 2**20:.0f} MiB", "ms": t_copy * 1e3, "GBps": bw / 1e9},
-        {"op": "regmean_fast gram_reduce", "shape": f"K={k} d={d}", "ms": t_fast * 1e3, "GBps": moved / t_fast / 1e9,
-         "fraction_of_copy_bw": moved / t_fast / bw},
+        {"op": f"regmean_fast gram_reduce ({'CUDA kernel' if rf._ext.HAS_CUDA_REDUCE else 'torch fallback'})",
+         "shape": f"K={k} d={d}", "ms": t_fast * 1e3, "GBps": (k * d * d / 2 + d * d) * 4 / t_fast / 1e9,
+         "fraction_of_copy_bw": (k * d * d / 2 + d * d) * 4 / t_fast / bw, "rel_err_fp64": rel},
+        {"op": "regmean_fast gram_reduce (packed input)", "shape": f"K={k} d={d}", "ms": t_packed * 1e3,
+         "GBps": (k * d * d / 2 + d * d) * 4 / t_packed / 1e9},
         {"op": "tensor expression", "shape": f"K={k} d={d}", "ms": t_expr * 1e3, "GBps": moved / t_expr / 1e9},
     ]
 
@@ -89,8 +115,24 @@ def bench_solve(n: int, nrhs: int) -> list[dict]:
     A = g @ g.T + n * torch.eye(n, device="cuda")
     B = torch.randn(n, nrhs, device="cuda")
     res = []
+    ref = torch.linalg.solve(A.double(), B.double())
+
+    def torch_chol(A=A, B=B):
+        L, _ = torch.linalg.cholesky_ex(A)
+        return torch.cholesky_solve(B, L)
+
+    for name, fn in [("ops.spd_solve (cuSOLVER Xpotrf + Xpotrs, fp32)", lambda: ops.spd_solve(A, B)[0]),
+                     ("torch cholesky_ex + cholesky_solve (fp32)", torch_chol)]:
+        X = fn()
+        rel = float((X.double() - ref).abs().max() / ref.abs().max())
+        res.append({"op": name, "shape": f"n={n} nrhs={nrhs}", "ms": cuda_time(fn, 5) * 1e3, "rel_err_fp64": rel})
+    A64, B64 = A.double(), B.double()
+    res.append({"op": "ops.spd_solve (fp64)", "shape": f"n={n} nrhs={nrhs}",
+                "ms": cuda_time(lambda: ops.spd_solve(A64, B64), 3) * 1e3})
+    res.append({"op": "torch cholesky_ex + cholesky_solve (fp64)", "shape": f"n={n} nrhs={nrhs}",
+                "ms": cuda_time(lambda: torch_chol(A64, B64), 3) * 1e3})
     for name, fn in [
-        ("robust_spd_solve (cholesky_ex + cholesky_solve, fp32)", lambda: robust_spd_solve(A, B)),
+        ("robust_spd_solve (fp32, the merge path)", lambda: robust_spd_solve(A, B)),
         ("torch.inverse(A) @ B (published codes)", lambda: torch.inverse(A) @ B),
         ("torch.linalg.solve (LU)", lambda: torch.linalg.solve(A, B)),
     ]:
@@ -111,10 +153,20 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  cuda kernels: {info['cuda_kernels']}")
     results = []
     sizes = [(1024, 4096)] if args.quick else [(4096, 16384), (8192, 16384)]
+    errors = []
+
+    def guarded(fn, *a):
+        try:
+            return fn(*a)
+        except Exception as e:  # one failing benchmark must not lose the others' results
+            errors.append(f"{fn.__name__}{a}: {type(e).__name__}: {e}")
+            print(f"FAILED {fn.__name__}{a}: {e}")
+            return []
+
     for d, rows in sizes:
-        results += bench_gram(d, rows)
-    results += bench_reduce(2048 if args.quick else 4096, 4)
-    results += bench_solve(1024 if args.quick else 4096, 1024 if args.quick else 4096 * 3)
+        results += guarded(bench_gram, d, rows)
+    results += guarded(bench_reduce, 2048 if args.quick else 4096, 4)
+    results += guarded(bench_solve, 1024 if args.quick else 4096, 1024 if args.quick else 4096 * 3)
     print_table(
         [(r["op"], r["shape"], f"{r['ms']:.3f}",
           f"{r['TFLOPs_equiv']:.1f} TF" if "TFLOPs_equiv" in r else (f"{r['GBps']:.0f} GB/s" if "GBps" in r else ""),
@@ -125,8 +177,8 @@ def main(argv=None) -> int:
     )
     with open(os.path.join(args.out_dir, "gpu_bench.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build": info,
-                   "results": results}, f, indent=2)
-    return 0
+                   "results": results, "errors": errors}, f, indent=2)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -29,8 +29,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     )
 
 
-# The merge-side reduction has no CUDA kernel yet: CUDA tensors take the torch expression.
+# What the compiled extension provides beyond the first release's ops (an older in-place build
+# lacks them; callers then take the pure-PyTorch path):
+#   HAS_CUDA_REDUCE: CUDA kernels for gram_reduce / pack_triu / unpack_triu.
+#   HAS_SPD_SOLVE_OP: torch.ops.regmean_fast.spd_solve (cuSOLVER Xpotrf + Xpotrs on CUDA).
 HAS_CUDA_REDUCE = False
+HAS_SPD_SOLVE_OP = False
+if HAVE_EXTENSION:
+    _compiled_info = _C.build_info()
+    HAS_CUDA_REDUCE = bool(_compiled_info.get("cuda_reduce", False))
+    HAS_SPD_SOLVE_OP = bool(_compiled_info.get("spd_solve", False))
 
 
 def build_info() -> dict:
@@ -55,5 +63,8 @@ def build_info() -> dict:
         cpu_blas=compiled["cpu_blas"],
         torch_compiled=compiled["torch_version"],
         cpu_gemm_path={dt: _C.cpu_gemm_path(dt) for dt in ("float32", "bfloat16", "float16")},
+        cuda_reduce=bool(compiled.get("cuda_reduce", False)),
+        cuda_gram_wmma=bool(compiled.get("cuda_gram_wmma", False)),
+        spd_solve_op=bool(compiled.get("spd_solve", False)),
     )
     return info

@@ -20,6 +20,7 @@ _SCHEMAS = {
     "gram_reduce": "gram_reduce(Tensor[] grams, float[] factors, float alpha, ScalarType? dtype=None) -> Tensor",
     "pack_triu": "pack_triu(Tensor G) -> Tensor",
     "unpack_triu": "unpack_triu(Tensor packed) -> Tensor",
+    "spd_solve": "spd_solve(Tensor A, Tensor B) -> (Tensor, Tensor)",
 }
 
 
@@ -132,6 +133,32 @@ def torch_unpack_triu(packed: torch.Tensor) -> torch.Tensor:
     return G
 
 
+def check_spd_solve_args(A: torch.Tensor, B: torch.Tensor) -> None:
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"spd_solve: A must be float32 or float64, got {A.dtype}")
+    if B.dtype != A.dtype:
+        raise TypeError(f"spd_solve: A and B must have one dtype, got {A.dtype} and {B.dtype}")
+    if A.dim() != 2 or A.size(0) != A.size(1):
+        raise ValueError(f"spd_solve: A must be a square matrix, got shape {tuple(A.shape)}")
+    if B.dim() != 2 or B.size(0) != A.size(0):
+        raise ValueError(f"spd_solve: B must be [{A.size(0)}, k], got shape {tuple(B.shape)}")
+    if A.device != B.device:
+        raise ValueError(f"spd_solve: A and B must be on one device, got {A.device} and {B.device}")
+
+
+def torch_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """spd_solve in pure PyTorch: (X, info) with info = int32 [potrf info, factor non-finite, 0]."""
+    check_spd_solve_args(A, B)
+    L, info = torch.linalg.cholesky_ex(A)
+    nonfinite = torch.logical_not(torch.isfinite(L).all())
+    out_info = torch.stack([info.to(torch.int32), nonfinite.to(torch.int32), torch.zeros_like(info, dtype=torch.int32)])
+    return torch.cholesky_solve(B, L), out_info
+
+
+# The compiled spd_solve exists only in builds that report it (an older in-place build lacks it).
+HAS_SPD_SOLVE_OP = _ext.HAS_SPD_SOLVE_OP or not _ext.HAVE_EXTENSION
+
+
 if not _ext.HAVE_EXTENSION:
     # Same operators, pure-PyTorch bodies: callers never need to know which one they got.
     _fallback_lib = torch.library.Library("regmean_fast", "DEF")
@@ -151,6 +178,7 @@ if not _ext.HAVE_EXTENSION:
     _fallback_lib.impl("pack_triu", torch_pack_triu, "CompositeExplicitAutograd")
     _fallback_lib.impl("unpack_triu", torch_unpack_triu, "CompositeExplicitAutograd")
     _fallback_lib.impl("symmetrize_", _symmetrize_fallback, "CompositeExplicitAutograd")
+    _fallback_lib.impl("spd_solve", torch_spd_solve, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("regmean_fast::gram_update")
@@ -174,6 +202,14 @@ def _pack_triu_fake(G):
     check_symmetrize_args(G)
     d = G.size(0)
     return G.new_empty((d * (d + 1) // 2,))
+
+
+if HAS_SPD_SOLVE_OP:
+
+    @torch.library.register_fake("regmean_fast::spd_solve")
+    def _spd_solve_fake(A, B):
+        check_spd_solve_args(A, B)
+        return B.new_empty(B.shape), A.new_empty((3,), dtype=torch.int32)
 
 
 @torch.library.register_fake("regmean_fast::unpack_triu")
@@ -227,3 +263,77 @@ def unpack_triu(packed: torch.Tensor) -> torch.Tensor:
     if packed.device.type != "cpu" and not _ext.HAS_CUDA_REDUCE:
         return torch_unpack_triu(packed)
     return torch.ops.regmean_fast.unpack_triu(packed)
+
+
+def spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky solve of ``A X = B`` (A symmetric positive definite [n, n], B [n, k], one float
+    dtype, one device), without a host synchronisation.
+
+    Returns ``(X, info)`` with info an int32 tensor on A's device: ``[potrf info, factor
+    non-finite, potrs info]``. X is meaningful only when ``info[0] == info[1] == 0``; info[0] = k > 0
+    means the leading minor of order k is not positive definite. CUDA: cuSOLVER Xpotrf + Xpotrs on
+    the current stream; CPU: torch's LAPACK path.
+    """
+    if not HAS_SPD_SOLVE_OP:
+        return torch_spd_solve(A, B)
+    return torch.ops.regmean_fast.spd_solve(A, B)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element of t is inf or NaN (one pass, no temporaries, on CPU float tensors)."""
+    if not t.is_floating_point():
+        return True
+    if _ext.HAVE_EXTENSION and t.device.type == "cpu" and t.dtype in GRAM_DTYPES:
+        return bool(_ext._C.all_finite(t))
+    return bool(torch.isfinite(t).all())
+
+
+def symmetry_stats(G: torch.Tensor) -> tuple[bool, float, float, float]:
+    """(all finite, max |G|, max |G - G^T|, min diag(G)) of a square float32 matrix, in one pass.
+
+    When not all finite, the other three numbers describe the finite elements only."""
+    if _ext.HAVE_EXTENSION and G.device.type == "cpu" and G.dtype == torch.float32 and G.is_contiguous():
+        check_symmetrize_args(G)
+        finite, max_abs, max_asym, min_diag = _ext._C.symmetry_stats(G)
+        return bool(finite), float(max_abs), float(max_asym), float(min_diag)
+    check_symmetrize_args(G)
+    finite = bool(torch.isfinite(G).all())
+    Gf = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+    if G.numel() == 0:
+        return finite, 0.0, 0.0, float("inf")
+    return (finite, float(Gf.abs().max()), float((Gf - Gf.T).abs().max()), float(Gf.diagonal().min()))
+
+
+@torch.library.register_fake("regmean_fast::split_bf16x3")
+def _split_bf16x3_fake(x):
+    if x.dtype != torch.float32:
+        raise TypeError(f"split_bf16x3: x must be float32, got {x.dtype}")
+    return x.new_empty((3, *x.shape), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("regmean_fast::addmm_bf16x3_")
+def _addmm_bf16x3_fake(C, A, Bs, alpha):
+    if C.dtype != torch.float32 or A.dtype != torch.bfloat16 or Bs.dtype != torch.bfloat16:
+        raise TypeError("addmm_bf16x3_: C must be float32, A and Bs bfloat16")
+
+
+def exact_bf16_products_available(device) -> bool:
+    """True when addmm_bf16x3_ can run here: a CPU tensor and MKL's bf16 GEMM in the process."""
+    return (_ext.HAVE_EXTENSION and torch.device(device).type == "cpu" and hasattr(_ext._C, "have_bf16_gemm")
+            and bool(_ext._C.have_bf16_gemm()))
+
+
+def split_bf16x3(x: torch.Tensor) -> torch.Tensor:
+    """[3, *x.shape] bfloat16 slices of the float32 x with x == s[0] + s[1] + s[2] (exactly, for normal
+    numbers): the operand form that makes bf16 GEMMs as accurate as fp32 ones (see addmm_bf16x3_)."""
+    return torch.ops.regmean_fast.split_bf16x3(x)
+
+
+def addmm_bf16x3_(C: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """In place: ``C += alpha * A @ (Bs[0] + Bs[1] + Bs[2])`` with A bfloat16 [m, k], Bs = split_bf16x3(B)
+    [3, k, n], C float32 [m, n] with contiguous rows. Every bf16 x bf16 product is exact in fp32 and
+    the sums accumulate in fp32, so this is an fp32-accurate A @ B for a bf16 A (stored weights) at
+    the speed of three bf16 GEMMs (AMX on x86: several times one fp32 GEMM). CPU with MKL only
+    (exact_bf16_products_available)."""
+    torch.ops.regmean_fast.addmm_bf16x3_(C, A, Bs, float(alpha))
+    return C

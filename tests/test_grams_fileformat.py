@@ -9,10 +9,8 @@ from regmean_fast.grams.fileformat import (
     GramFileError,
     GramSet,
     load_grams,
-    pack_upper,
     parse_size,
     save_grams,
-    unpack_upper,
 )
 
 
@@ -70,13 +68,6 @@ def test_only_upper_triangle_counts(tmp_path):
     grams["l0.q"] = torch.triu(G) + torch.tril(torch.full_like(G, 7.0), -1)
     p = save_grams(tmp_path / "g.safetensors", grams, counts, mm, fp, {})
     assert torch.equal(load_grams(p).gram("l0.k"), G)
-
-
-def test_pack_unpack():
-    G = _spd(7, 3)
-    v = pack_upper(G)
-    assert v.numel() == 28 and v[0] == G[0, 0] and v[7] == G[1, 1]
-    assert torch.equal(unpack_upper(v, 7), G)
 
 
 def test_refuses_overwrite(tmp_path):

@@ -241,3 +241,49 @@ def test_reduce_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.regmean_fast.gram_reduce.default, (grams, [0.3, 0.7], 0.5, None))
     torch.library.opcheck(torch.ops.regmean_fast.pack_triu.default, (grams[0],))
     torch.library.opcheck(torch.ops.regmean_fast.unpack_triu.default, (torch.randn(21),))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("n", [1, 4097, 20000])
+def test_all_finite_matches_torch(dtype, bad, n):
+    t = torch.randn(n).to(dtype)
+    if bad is not None:
+        t[(n * 7) // 11] = bad
+    assert ops.all_finite(t) == bool(torch.isfinite(t).all())
+    assert ops.all_finite(t[::2]) == bool(torch.isfinite(t[::2]).all())  # strided views too
+
+
+@pytest.mark.parametrize("d", [1, 5, 64, 130])
+def test_symmetry_stats_matches_definition(d):
+    g = torch.Generator().manual_seed(d)
+    G = torch.randn(d, d, generator=g)
+    G = G + G.T
+    G[0, d - 1] += 0.25  # one asymmetric pair (the diagonal itself when d == 1)
+    finite, max_abs, max_asym, min_diag = ops.symmetry_stats(G)
+    assert finite
+    assert max_abs == float(G.abs().max())
+    assert max_asym == pytest.approx(float((G - G.T).abs().max()), abs=1e-6)
+    assert min_diag == float(G.diagonal().min())
+    G[d // 2, d // 3] = float("nan")
+    assert not ops.symmetry_stats(G)[0]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_reduce_large_odd_size(packed, dtype):
+    """d = 1000 (not a multiple of any tile), K = 5: the fused op against the fp64 definition."""
+    g = torch.Generator().manual_seed(1000)
+    grams = [torch.randn(1000, 1000, generator=g) for _ in range(5)]
+    factors = [0.1, 0.2, 0.3, 0.15, 0.25]
+    inputs = [ops.pack_triu(G) for G in grams] if packed else grams
+    A = ops.gram_reduce(inputs, factors, 0.7, dtype)
+    assert rel_err(A, reduce_fp64(grams, factors, 0.7)) < (1e-6 if dtype == torch.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gram_update_d1000_both_paths(cpu_path, dtype):
+    X = torch.randn(300, 1000, generator=torch.Generator().manual_seed(3)).to(dtype)
+    G = torch.zeros(1000, 1000)
+    ops.gram_update(G, X)
+    assert rel_err(G, expected_update(torch.zeros(1000, 1000), X, None)) < 1e-5

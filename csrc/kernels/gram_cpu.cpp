@@ -97,7 +97,7 @@ bool forced_portable() {
 
 // Rows per BLAS call: MKL's LP64 interface takes 32-bit sizes.
 constexpr int64_t kMaxBlasRows = int64_t(1) << 30;
-// Block-row height of the BLAS path: the triangle costs (1/2 + 1/(2 nb)) of a full GEMM.
+// Largest diagonal block of the BLAS path's recursive triangle (computed whole, in a scratch tile).
 constexpr int64_t kBlasBlock = 512;
 
 // One GEMM C[m x n] (+)= sum_r X[r, i0 + a] * X[r, j0 + b] for the selected path.
@@ -132,6 +132,28 @@ void blas_xtx(CpuGemmPath path, const void* X, DType dt, int64_t rows, int64_t l
 // CPUs without AMX-FP16: measured 2x slower than widening here).
 constexpr int64_t kWidenRows = 1024;
 
+// The upper triangle of the diagonal block [i0, i0 + n)^2, recursively: two half-size triangles
+// and one full GEMM for the square between them, so the GEMMs stay large (n/2 x n/2, better BLAS
+// efficiency than many thin block-row panels) while the FLOPs stay (1/2 + O(kBlasBlock / d)) of
+// the full product. Blocks of at most kBlasBlock go through a scratch tile so the strict lower
+// triangle of G is never written.
+void blas_triangle(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx, CpuGemmPath path,
+                   int64_t i0, int64_t n, float* scratch) {
+  if (n <= kBlasBlock) {
+    blas_xtx(path, X, dt, rows, ldx, i0, n, i0, n, 0.0f, scratch, n);
+    for (int64_t a = 0; a < n; ++a) {
+      float* g = G + (i0 + a) * d + i0;
+      const float* s = scratch + a * n;
+      for (int64_t b = a; b < n; ++b) g[b] += s[b];
+    }
+    return;
+  }
+  const int64_t h = round_up(ceil_div(n, 2), 64);
+  blas_triangle(G, d, X, dt, rows, ldx, path, i0, h, scratch);
+  blas_xtx(path, X, dt, rows, ldx, i0, h, i0 + h, n - h, 1.0f, G + i0 * d + i0 + h, d);
+  blas_triangle(G, d, X, dt, rows, ldx, path, i0 + h, n - h, scratch);
+}
+
 void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                       CpuGemmPath path, const TaskRunner& runner) {
   if (dt == DType::F16) {
@@ -148,20 +170,9 @@ void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows
     }
     return;
   }
-  // BLAS threads internally (MKL uses torch's OpenMP pool), so the block rows run in order.
+  // BLAS threads internally (MKL uses torch's OpenMP pool), so the calls run in order.
   std::vector<float> diag(static_cast<size_t>(kBlasBlock * kBlasBlock));
-  const int64_t nb = ceil_div(d, kBlasBlock);
-  for (int64_t bi = 0; bi < nb; ++bi) {
-    const int64_t i0 = bi * kBlasBlock, ti = block_extent(bi, kBlasBlock, d);
-    blas_xtx(path, X, dt, rows, ldx, i0, ti, i0, ti, 0.0f, diag.data(), ti);
-    for (int64_t a = 0; a < ti; ++a) {
-      float* g = G + (i0 + a) * d + i0;
-      const float* s = diag.data() + a * ti;
-      for (int64_t b = a; b < ti; ++b) g[b] += s[b];
-    }
-    const int64_t j0 = i0 + ti;
-    if (j0 < d) blas_xtx(path, X, dt, rows, ldx, i0, ti, j0, d - j0, 1.0f, G + i0 * d + j0, d);
-  }
+  blas_triangle(G, d, X, dt, rows, ldx, path, 0, d, diag.data());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,6 +330,30 @@ void gram_update_cpu_path(float* G, int64_t d, const void* X, DType dt, int64_t 
 void gram_update_cpu(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                      const TaskRunner& runner) {
   gram_update_cpu_path(G, d, X, dt, rows, ldx, runner, cpu_gemm_path(dt));
+}
+
+bool have_bf16_gemm() { return blas().gemm_bf16 != nullptr && !forced_portable(); }
+
+void gemm_bf16_accumulate(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* A, int64_t lda,
+                          bool trans_a, const uint16_t* B, int64_t ldb, float* C, int64_t ldc) {
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  blas().gemm_bf16(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans, kCblasNoTrans, static_cast<int>(m),
+                   static_cast<int>(n), static_cast<int>(k), alpha, A, static_cast<int>(lda), B,
+                   static_cast<int>(ldb), 1.0f, C, static_cast<int>(ldc));
+}
+
+void split_bf16x3_cpu(const float* x, int64_t n, uint16_t* out, const TaskRunner& runner) {
+  runner.parallel_for(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const uint16_t h0 = float_to_bf16_bits(x[i]);
+      const float r1 = x[i] - bf16_bits_to_float(h0);  // exact: the low 16 significant bits of x
+      const uint16_t h1 = float_to_bf16_bits(r1);
+      const float r2 = r1 - bf16_bits_to_float(h1);  // exact, and fits in 8 bits
+      out[i] = h0;
+      out[n + i] = h1;
+      out[2 * n + i] = float_to_bf16_bits(r2);
+    }
+  });
 }
 
 void symmetrize_cpu(float* G, int64_t d, const TaskRunner& runner) {

@@ -5,6 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
+#include <optional>
+
 #include "../kernels/common.h"
 
 namespace regmean_fast {
@@ -61,6 +64,72 @@ inline at::Tensor rows_2d(const at::Tensor& X) {
 // The flattened bool mask over X's rows.
 inline at::Tensor flat_mask(const at::Tensor& X, const at::Tensor& mask) {
   return mask.expand(X.sizes().slice(0, X.dim() - 1)).reshape({-1});
+}
+
+// Order of a matrix from a Gram argument: [d, d] (full) or [d (d + 1) / 2] (packed upper triangle).
+inline int64_t gram_order(const at::Tensor& g, const char* op) {
+  if (g.dim() == 2) {
+    TORCH_CHECK_VALUE(g.size(0) == g.size(1), op, ": a full Gram must be square, got shape ", g.sizes());
+    return g.size(0);
+  }
+  TORCH_CHECK_VALUE(g.dim() == 1, op, ": a Gram must be [d, d] or a packed [d (d + 1) / 2] triangle, got shape ",
+                    g.sizes());
+  const int64_t n = g.size(0);
+  auto packed_size = [](int64_t k) { return k * (k + 1) / 2; };
+  int64_t d = static_cast<int64_t>((std::sqrt(8.0 * static_cast<double>(n) + 1.0) - 1.0) / 2.0);
+  while (packed_size(d) < n) ++d;
+  while (d > 0 && packed_size(d) > n) --d;
+  TORCH_CHECK_VALUE(packed_size(d) == n, op, ": ", n, " is not the size of a packed triangle");
+  return d;
+}
+
+// What gram_reduce's arguments describe, once checked.
+struct GramReduceArgs {
+  int64_t d;
+  bool packed;
+  at::ScalarType out_type;
+};
+
+inline GramReduceArgs check_gram_reduce_args(at::TensorList grams, at::ArrayRef<double> factors, double alpha,
+                                             std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK_VALUE(!grams.empty(), "gram_reduce: no Grams given");
+  TORCH_CHECK_VALUE(factors.size() == grams.size(), "gram_reduce: ", factors.size(), " factors for ", grams.size(),
+                    " Grams");
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "gram_reduce: alpha must be in [0, 1], got ", alpha);
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  TORCH_CHECK_TYPE(out_type == at::kFloat || out_type == at::kDouble,
+                   "gram_reduce: dtype must be float32 or float64, got ", out_type);
+  const bool packed = grams[0].dim() == 1;
+  const int64_t d = gram_order(grams[0], "gram_reduce");
+  for (const at::Tensor& g : grams) {
+    TORCH_CHECK_TYPE(g.scalar_type() == at::kFloat, "gram_reduce: Grams must be float32, got ", g.scalar_type());
+    TORCH_CHECK_VALUE(g.sizes() == grams[0].sizes(), "gram_reduce: all Grams must have one shape, got ", g.sizes(),
+                      " and ", grams[0].sizes());
+    TORCH_CHECK_VALUE(g.is_contiguous(), "gram_reduce: Grams must be contiguous");
+    TORCH_CHECK_VALUE(g.device() == grams[0].device(), "gram_reduce: Grams must be on one device");
+  }
+  return {d, packed, out_type};
+}
+
+inline int64_t check_unpack_triu_args(const at::Tensor& packed) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kFloat, "unpack_triu: packed must be float32, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.is_contiguous(), "unpack_triu: packed must be a contiguous 1-D tensor");
+  return gram_order(packed, "unpack_triu");
+}
+
+// spd_solve(A, B): A [n, n] and B [n, k], one float dtype (float32 or float64), one device.
+inline void check_spd_solve_args(const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+                   "spd_solve: A must be float32 or float64, got ", A.scalar_type());
+  TORCH_CHECK_TYPE(B.scalar_type() == A.scalar_type(), "spd_solve: A and B must have one dtype, got ",
+                   A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(0) == A.size(1), "spd_solve: A must be a square matrix, got shape ",
+                    A.sizes());
+  TORCH_CHECK_VALUE(B.dim() == 2 && B.size(0) == A.size(0), "spd_solve: B must be [", A.size(0),
+                    ", k], got shape ", B.sizes());
+  TORCH_CHECK_VALUE(A.device() == B.device(), "spd_solve: A and B must be on one device, got ", A.device(), " and ",
+                    B.device());
 }
 
 }  // namespace binding

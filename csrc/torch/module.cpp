@@ -5,7 +5,10 @@
 
 #include <string>
 
+#include "../kernels/check_cpu.h"
 #include "../kernels/gram_cpu.h"
+#include "aten_runner.h"
+#include "checks.h"
 
 // setup.py passes the arch list as one preprocessor number such as 8.0_8.6_9.0_PTX (no quotes
 // survive every build tool's escaping); it is turned into a string here.
@@ -37,14 +40,42 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict d;
 #ifdef REGMEAN_FAST_WITH_CUDA
     d["cuda"] = true;
+    d["cuda_reduce"] = true;     // gram_reduce / pack_triu / unpack_triu have CUDA kernels
+    d["cuda_gram_wmma"] = true;  // tensor-core gram_update for bf16/fp16 on sm_80+
 #else
     d["cuda"] = false;
+    d["cuda_reduce"] = false;
+    d["cuda_gram_wmma"] = false;
 #endif
+    d["spd_solve"] = true;  // torch.ops.regmean_fast.spd_solve (CPU: LAPACK; CUDA: cuSOLVER Xpotrf)
     d["cuda_archs"] = std::string(RF_CUDA_ARCHS);
     d["cpu_blas"] = std::string(blas);
     d["torch_version"] = std::string(TORCH_VERSION);
     return d;
   });
+  // Validity checks of tensors read from files: one pass each, no temporaries. CPU tensors only
+  // (the Python side uses torch expressions elsewhere).
+  m.def(
+      "all_finite",
+      [](const at::Tensor& t) {
+        TORCH_CHECK_VALUE(t.device().is_cpu(), "all_finite: a CPU tensor is expected");
+        const at::Tensor c = t.contiguous();
+        return regmean_fast::kernels::all_finite_cpu(c.const_data_ptr(), regmean_fast::binding::kernel_dtype(c.scalar_type()),
+                                                     c.numel(), regmean_fast::binding::AtenRunner());
+      },
+      "True when no element of the float32/bfloat16/float16 CPU tensor is inf or NaN.");
+  m.def(
+      "symmetry_stats",
+      [](const at::Tensor& G) {
+        regmean_fast::binding::check_square_f32(G, "symmetry_stats");
+        TORCH_CHECK_VALUE(G.device().is_cpu(), "symmetry_stats: a CPU tensor is expected");
+        const auto s = regmean_fast::kernels::symmetry_stats_cpu(G.const_data_ptr<float>(), G.size(0),
+                                                                 regmean_fast::binding::AtenRunner());
+        return pybind11::make_tuple(s.finite, s.max_abs, s.max_asym, s.min_diag);
+      },
+      "(all finite, max |G|, max |G - G^T|, min diag) of a square float32 CPU matrix, in one pass.");
+  m.def("have_bf16_gemm", &regmean_fast::kernels::have_bf16_gemm,
+        "True when MKL's bf16 GEMM is in this process (addmm_bf16x3_ needs it).");
   m.def(
       "cpu_gemm_path",
       [](const std::string& dtype) {

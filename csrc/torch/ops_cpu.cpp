@@ -9,19 +9,12 @@
 
 #include "../kernels/gram_cpu.h"
 #include "../kernels/reduce_cpu.h"
+#include "aten_runner.h"
 #include "checks.h"
 
 namespace regmean_fast {
 namespace binding {
 namespace {
-
-// Kernels take their threads from torch's pool.
-class AtenRunner final : public kernels::TaskRunner {
- public:
-  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) const override {
-    at::parallel_for(0, n, 1, body);
-  }
-};
 
 void gram_update_cpu(at::Tensor G, const at::Tensor& X, const c10::optional<at::Tensor>& mask) {
   check_gram_update_args(G, X, mask);
@@ -38,42 +31,14 @@ void symmetrize_cpu(at::Tensor G) {
   kernels::symmetrize_cpu(G.data_ptr<float>(), G.size(0), AtenRunner());
 }
 
-// Order of a matrix from a Gram argument: [d, d] (full) or [d (d + 1) / 2] (packed upper triangle).
-int64_t gram_order(const at::Tensor& g, const char* op) {
-  if (g.dim() == 2) {
-    TORCH_CHECK_VALUE(g.size(0) == g.size(1), op, ": a full Gram must be square, got shape ", g.sizes());
-    return g.size(0);
-  }
-  TORCH_CHECK_VALUE(g.dim() == 1, op, ": a Gram must be [d, d] or a packed [d (d + 1) / 2] triangle, got shape ",
-                    g.sizes());
-  const int64_t n = g.size(0);
-  int64_t d = static_cast<int64_t>((std::sqrt(8.0 * static_cast<double>(n) + 1.0) - 1.0) / 2.0);
-  while (kernels::packed_size(d) < n) ++d;
-  while (d > 0 && kernels::packed_size(d) > n) --d;
-  TORCH_CHECK_VALUE(kernels::packed_size(d) == n, op, ": ", n, " is not the size of a packed triangle");
-  return d;
-}
-
 at::Tensor gram_reduce_cpu(at::TensorList grams, at::ArrayRef<double> factors, double alpha,
                            std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK_VALUE(!grams.empty(), "gram_reduce: no Grams given");
-  TORCH_CHECK_VALUE(factors.size() == grams.size(), "gram_reduce: ", factors.size(), " factors for ", grams.size(),
-                    " Grams");
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "gram_reduce: alpha must be in [0, 1], got ", alpha);
-  const at::ScalarType out_type = dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(out_type == at::kFloat || out_type == at::kDouble,
-                   "gram_reduce: dtype must be float32 or float64, got ", out_type);
-  const bool packed = grams[0].dim() == 1;
-  const int64_t d = gram_order(grams[0], "gram_reduce");
+  const GramReduceArgs args = check_gram_reduce_args(grams, factors, alpha, dtype);
+  const int64_t d = args.d;
+  const bool packed = args.packed;
+  const at::ScalarType out_type = args.out_type;
   std::vector<const float*> ptrs;
-  for (const at::Tensor& g : grams) {
-    TORCH_CHECK_TYPE(g.scalar_type() == at::kFloat, "gram_reduce: Grams must be float32, got ", g.scalar_type());
-    TORCH_CHECK_VALUE(g.sizes() == grams[0].sizes(), "gram_reduce: all Grams must have one shape, got ", g.sizes(),
-                      " and ", grams[0].sizes());
-    TORCH_CHECK_VALUE(g.is_contiguous(), "gram_reduce: Grams must be contiguous");
-    TORCH_CHECK_VALUE(g.device() == grams[0].device(), "gram_reduce: Grams must be on one device");
-    ptrs.push_back(g.const_data_ptr<float>());
-  }
+  for (const at::Tensor& g : grams) ptrs.push_back(g.const_data_ptr<float>());
   at::Tensor A = at::empty({d, d}, grams[0].options().dtype(out_type));
   if (out_type == at::kFloat) {
     kernels::gram_reduce_cpu<float>(A.data_ptr<float>(), d, ptrs.data(), static_cast<int64_t>(ptrs.size()),
@@ -94,13 +59,64 @@ at::Tensor pack_triu_cpu(const at::Tensor& G) {
 }
 
 at::Tensor unpack_triu_cpu(const at::Tensor& packed) {
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kFloat, "unpack_triu: packed must be float32, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.is_contiguous(), "unpack_triu: packed must be a contiguous 1-D tensor");
-  const int64_t d = gram_order(packed, "unpack_triu");
+  const int64_t d = check_unpack_triu_args(packed);
   at::Tensor G = at::empty({d, d}, packed.options());
   kernels::unpack_upper_cpu(packed.const_data_ptr<float>(), d, G.data_ptr<float>(), AtenRunner());
   return G;
+}
+
+// A X = B by Cholesky (torch's LAPACK path on the CPU). info = [potrf info, factor non-finite,
+// 0], int32, the layout of the CUDA op (see kernels/cuda/solve_cuda.h).
+std::tuple<at::Tensor, at::Tensor> spd_solve_cpu(const at::Tensor& A, const at::Tensor& B) {
+  check_spd_solve_args(A, B);
+  auto [L, info] = at::linalg_cholesky_ex(A);
+  at::Tensor out_info = at::zeros({3}, A.options().dtype(at::kInt));
+  out_info[0] = info.to(at::kInt);
+  out_info[1] = L.isfinite().all().logical_not().to(at::kInt);
+  return {at::cholesky_solve(B, L), out_info};
+}
+
+at::Tensor split_bf16x3_cpu(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "split_bf16x3: x must be float32, got ", x.scalar_type());
+  const at::Tensor c = x.contiguous();
+  std::vector<int64_t> shape{3};
+  for (int64_t s : c.sizes()) shape.push_back(s);
+  at::Tensor out = at::empty(shape, c.options().dtype(at::kBFloat16));
+  kernels::split_bf16x3_cpu(c.const_data_ptr<float>(), c.numel(), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                            AtenRunner());
+  return out;
+}
+
+void addmm_bf16x3_cpu(at::Tensor C, const at::Tensor& A, const at::Tensor& Bs, double alpha) {
+  TORCH_CHECK_TYPE(C.scalar_type() == at::kFloat, "addmm_bf16x3_: C must be float32, got ", C.scalar_type());
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kBFloat16 && Bs.scalar_type() == at::kBFloat16,
+                   "addmm_bf16x3_: A and Bs must be bfloat16, got ", A.scalar_type(), " and ", Bs.scalar_type());
+  TORCH_CHECK_VALUE(C.dim() == 2 && A.dim() == 2 && Bs.dim() == 3 && Bs.size(0) == 3,
+                    "addmm_bf16x3_: expected C [m, n], A [m, k], Bs [3, k, n], got ", C.sizes(), ", ", A.sizes(),
+                    ", ", Bs.sizes());
+  TORCH_CHECK_VALUE(A.size(0) == C.size(0) && A.size(1) == Bs.size(1) && Bs.size(2) == C.size(1),
+                    "addmm_bf16x3_: shapes do not chain: C ", C.sizes(), ", A ", A.sizes(), ", Bs ", Bs.sizes());
+  TORCH_CHECK_VALUE(C.stride(1) == 1 || C.size(1) == 1, "addmm_bf16x3_: C's rows must be contiguous");
+  TORCH_CHECK(kernels::have_bf16_gemm(), "addmm_bf16x3_: no bf16 GEMM (MKL) in this process");
+  const int64_t m = C.size(0), n = C.size(1), k = A.size(1);
+  if (m == 0 || n == 0 || k == 0) return;
+  // A row-major ([m, k], unit column stride) or column-major (a transposed view): no copy either way.
+  at::Tensor a = A;
+  bool trans = false;
+  if (!(a.stride(1) == 1 || a.size(1) == 1)) {
+    if (a.stride(0) == 1) {
+      trans = true;
+    } else {
+      a = a.contiguous();
+    }
+  }
+  const int64_t lda = trans ? a.stride(1) : (a.size(0) > 1 ? a.stride(0) : k);
+  const at::Tensor b = Bs.contiguous();
+  const auto* bp = reinterpret_cast<const uint16_t*>(b.const_data_ptr());
+  for (int p = 0; p < 3; ++p) {
+    kernels::gemm_bf16_accumulate(m, n, k, static_cast<float>(alpha), reinterpret_cast<const uint16_t*>(a.const_data_ptr()),
+                                  lda, trans, bp + p * k * n, n, C.data_ptr<float>(), C.size(0) > 1 ? C.stride(0) : n);
+  }
 }
 
 }  // namespace
@@ -111,6 +127,9 @@ TORCH_LIBRARY(regmean_fast, m) {
   m.def("gram_reduce(Tensor[] grams, float[] factors, float alpha, ScalarType? dtype=None) -> Tensor");
   m.def("pack_triu(Tensor G) -> Tensor");
   m.def("unpack_triu(Tensor packed) -> Tensor");
+  m.def("spd_solve(Tensor A, Tensor B) -> (Tensor, Tensor)");
+  m.def("split_bf16x3(Tensor x) -> Tensor");
+  m.def("addmm_bf16x3_(Tensor(a!) C, Tensor A, Tensor Bs, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(regmean_fast, CPU, m) {
@@ -119,6 +138,9 @@ TORCH_LIBRARY_IMPL(regmean_fast, CPU, m) {
   m.impl("gram_reduce", &gram_reduce_cpu);
   m.impl("pack_triu", &pack_triu_cpu);
   m.impl("unpack_triu", &unpack_triu_cpu);
+  m.impl("spd_solve", &spd_solve_cpu);
+  m.impl("split_bf16x3", &split_bf16x3_cpu);
+  m.impl("addmm_bf16x3_", &addmm_bf16x3_cpu);
 }
 
 }  // namespace binding

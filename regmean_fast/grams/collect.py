@@ -379,6 +379,34 @@ class GramCollector:
             overwrite=overwrite,
         )
 
+    # ---- several processes (torchrun)
+    def reduce_to_rank0(self, ctx) -> None:
+        """Sum every rank's Grams, counts and totals into rank 0 (regmean_fast.distributed.DistContext),
+        one Gram at a time; the other ranks are left empty. A no-op in a world of one."""
+        if not ctx.enabled:
+            return
+        from ..distributed import reduce_tensor_dict
+
+        self.finish()
+        maps = ctx.all_gather_object(dict(self.module_map), "the Gram sharing maps")
+        merged: dict = {}
+        for mp in maps:
+            for m, k in mp.items():
+                if merged.setdefault(m, k) != k:
+                    raise SharingChangedError(f"module {m!r} shares its input differently on different ranks; "
+                                              "collect with share_inputs=False (--no-share)")
+        keys = sorted({k for mp in maps for k in mp.values()})
+        sums = ctx.all_sum([self.counts.get(k, 0) for k in keys] + [self.batches, self.examples, self.tokens],
+                           "the token counts")
+        grams = reduce_tensor_dict(ctx, self.grams, "the Grams")
+        self.module_map = merged
+        self.batches, self.examples, self.tokens = sums[-3:]
+        if ctx.is_main:
+            self.grams = grams
+            self.counts = {k: n for k, n in zip(keys, sums) if k in grams}
+        else:
+            self.grams, self.counts = {}, {}
+
     # ---- checkpoints
     def state(self) -> dict:
         """Everything needed to continue: raw accumulators (upper triangle), counts, mapping, totals."""

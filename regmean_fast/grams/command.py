@@ -79,21 +79,37 @@ def _error(msg: str) -> int:
 
 
 def cmd_grams(args) -> int:
+    from .. import distributed as DI
+
     try:
         return _run(args)
     except GramsError as e:
+        _report_failure(DI, e)
         return _error(str(e).replace("\n", " "))
+    except BaseException as e:
+        _report_failure(DI, e)  # torchrun: the other ranks stop with a clear error at their next sync point
+        raise
+    finally:
+        if DI._CTX is not None:
+            DI._CTX.close()
 
 
-def checkpoint_path(out: str) -> str:
-    return os.path.abspath(out).rstrip(os.sep) + ".checkpoint.safetensors"
+def _report_failure(DI, e) -> None:
+    if DI._CTX is not None:
+        DI._CTX.fail(e)
+
+
+def checkpoint_path(out: str, rank: int = 0, world: int = 1) -> str:
+    """Beside --out; one file per rank under torchrun (OUT.checkpoint.rank1-of-4.safetensors)."""
+    tail = f".checkpoint.rank{rank}-of-{world}.safetensors" if world > 1 else ".checkpoint.safetensors"
+    return os.path.abspath(out).rstrip(os.sep) + tail
 
 
 # --------------------------------------------------------------------------------------------------
 # validation
 
 
-def check_output(out: str, force: bool, resume: bool) -> None:
+def check_output(out: str, force: bool, resume: bool, rank: int = 0, world: int = 1) -> None:
     target = out
     if out.endswith(".safetensors") and not os.path.exists(out) and os.path.exists(out + ".index.json"):
         target = out + ".index.json"
@@ -104,8 +120,8 @@ def check_output(out: str, force: bool, resume: bool) -> None:
         raise GramsError(f"output folder does not exist: {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise GramsError(f"output folder is not writable: {parent}")
-    if resume and not os.path.exists(checkpoint_path(out)):
-        raise GramsError(f"--resume: no checkpoint at {checkpoint_path(out)}")
+    if resume and not os.path.exists(checkpoint_path(out, rank, world)):
+        raise GramsError(f"--resume: no checkpoint at {checkpoint_path(out, rank, world)}")
 
 
 def check_model_dir(model_dir: str) -> list[str]:
@@ -291,7 +307,10 @@ def _run(args) -> int:
         except ValueError as e:
             raise GramsError(str(e)) from None
     out = args.out
-    check_output(out, args.force, args.resume)
+    from .. import distributed as DI
+
+    world, rank, _ = DI.env_world()
+    check_output(out, args.force, args.resume, rank, world)
     model_dir = args.model_dir
     st_files = check_model_dir(model_dir)
 
@@ -299,6 +318,8 @@ def _run(args) -> int:
 
     examples = D.read_examples(args.data, args.format, args.text_field, args.label_field if args.fisher else None)
     device = resolve_device(args.device)
+    ctx = DI.init_from_env(device)  # torchrun: join the process group; 'cuda' means cuda:LOCAL_RANK
+    device = ctx.device
 
     import torch
 
@@ -329,6 +350,9 @@ def _run(args) -> int:
     labels = [ex.label for ex in examples] if args.fisher else None
     batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels)
     signature = _signature(args, model_dir, st_files, max_length)
+    if ctx.enabled:  # each rank: its own disjoint share of the batches, its own checkpoint
+        batches = ctx.shard(batches)
+        signature = hashlib.sha256(f"{signature}:rank{ctx.rank}of{ctx.world}".encode()).hexdigest()
     torch.manual_seed(args.seed)
     dtype = getattr(torch, DTYPES[args.dtype])
 
@@ -345,6 +369,8 @@ def _run(args) -> int:
         "seed": args.seed,
         "mode": "sequential" if args.sequential else "whole-model",
     }
+    if ctx.enabled:
+        metadata["ranks"] = ctx.world
 
     if args.sequential:
         from .sequential import sequential_supported
@@ -365,11 +391,20 @@ def _run(args) -> int:
             raise GramsError("--checkpoint-every / --resume are not supported with --sequential")
         from .sequential import run_sequential
 
-        collector, fisher = run_sequential(model_dir, config, batches, device=device, dtype=dtype,
-                                           include=args.include, exclude=args.exclude,
-                                           include_padding=args.include_padding, share_inputs=not args.no_share,
-                                           progress=not args.no_progress, fisher=args.fisher)
-        return _finish(args, collector, out, metadata, shard_size, fisher)
+        ctx.sync(None, "the start")
+        if batches:
+            collector, fisher = run_sequential(model_dir, config, batches, device=device, dtype=dtype,
+                                               include=args.include, exclude=args.exclude,
+                                               include_padding=args.include_padding, share_inputs=not args.no_share,
+                                               progress=not args.no_progress and ctx.is_main, fisher=args.fisher)
+        else:  # more ranks than batches: this rank contributes nothing
+            from .collect import GramCollector
+
+            collector, fisher = GramCollector(meta_model(config, args.trust_remote_code), include=args.include,
+                                              exclude=args.exclude, include_padding=args.include_padding,
+                                              share_inputs=not args.no_share), None
+        ctx.sync(None, "the end of the statistics")
+        return _finish(args, collector, out, metadata, shard_size, fisher, ctx)
 
     from .collect import GramCollector
 
@@ -382,7 +417,7 @@ def _run(args) -> int:
 
         fisher_acc = FisherAccumulator(model)
     start = 0
-    ckpt = checkpoint_path(out)
+    ckpt = checkpoint_path(out, ctx.rank, ctx.world)
     if args.resume:
         state, others = read_checkpoint(ckpt, signature)
         collector.load_state(state, device=device)
@@ -395,7 +430,7 @@ def _run(args) -> int:
     n_examples = sum(b.n_examples for b in batches)
     done_examples = sum(b.n_examples for b in batches[:start])
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_examples, initial=done_examples, unit="ex", desc="grams", dynamic_ncols=True,
@@ -418,6 +453,7 @@ def _run(args) -> int:
             extra["_tensors"] = fisher_acc.state_tensors()
         write_checkpoint(ckpt, collector, signature, extra)
 
+    ctx.sync(None, "the start")  # every rank has its model and data (else all stop here)
     in_main = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     try:
@@ -445,12 +481,16 @@ def _run(args) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGINT, old_handler)
-    if stop["flag"] and done < len(batches):
+    ctx.sync(None, "the end of the statistics")
+    stopped = stop["flag"] and done < len(batches)
+    if ctx.enabled:  # one rank interrupted: every rank saves its checkpoint and stops
+        stopped = ctx.all_sum([int(stopped)], "the interruption flags")[0] > 0
+    if stopped:
         if bar is not None:
             bar.close()
         save_ckpt(done)
-        print(f"regmean_fast: interrupted after {done} of {len(batches)} batches; checkpoint saved to {ckpt}. "
-              "Resume with the same command plus --resume", file=sys.stderr)
+        ctx.log(f"interrupted after {done} of {len(batches)} batches; checkpoint saved to {ckpt}. "
+                "Resume with the same command plus --resume")
         return EXIT_INTERRUPTED
     if bar is not None:
         bar.close()
@@ -458,13 +498,24 @@ def _run(args) -> int:
     if fisher_acc is not None:
         metadata["fisher_examples"] = fisher_acc.examples
         metadata["fisher_labels"] = fisher_acc.label_source or ("next-token" if fisher_acc.kind == "causal" else None)
-    rc = _finish(args, collector, out, metadata, shard_size, fisher)
+    if ctx.enabled and fisher_acc is not None:
+        from ..distributed import reduce_tensor_dict
+
+        metadata["fisher_examples"] = ctx.all_sum([fisher_acc.examples], "the Fisher counts")[0]
+        summed = reduce_tensor_dict(ctx, fisher_acc.sums, "the Fisher sums")
+        fisher = {n: F.detach().cpu() for n, F in summed.items()} if ctx.is_main else None
+    rc = _finish(args, collector, out, metadata, shard_size, fisher, ctx)
     if os.path.exists(ckpt):
         os.remove(ckpt)
     return rc
 
 
-def _finish(args, collector, out, metadata, shard_size, fisher) -> int:
+def _finish(args, collector, out, metadata, shard_size, fisher, ctx=None) -> int:
+    if ctx is not None and ctx.enabled:
+        collector.reduce_to_rank0(ctx)  # Grams and counts summed into rank 0, one Gram at a time
+        if not ctx.is_main:
+            ctx.sync(None, "the writing of the Gram file")  # rank 0 writes; a failure there stops us too
+            return 0
     path = collector.save(out, metadata=metadata, packed=args.packed, shard_size=shard_size,
                           overwrite=args.force, fisher=fisher)
     n_mod = len(collector.module_entries())
@@ -474,6 +525,8 @@ def _finish(args, collector, out, metadata, shard_size, fisher) -> int:
     if collector.unseen_modules():
         print(f"regmean_fast: note: modules that saw no data (left out): {', '.join(collector.unseen_modules())}",
               file=sys.stderr)
+    if ctx is not None and ctx.enabled:
+        ctx.sync(None, "the writing of the Gram file")
     return 0
 
 

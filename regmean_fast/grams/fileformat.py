@@ -17,6 +17,8 @@ from typing import Iterable, Mapping
 import torch
 from safetensors import safe_open
 
+from .. import ops
+
 FORMAT_NAME = "regmean_fast.grams"
 FORMAT_VERSION = "1"
 LAYOUTS = ("full", "packed")
@@ -35,39 +37,28 @@ class GramFileError(GramsError):
     """A Gram file is missing, malformed, of another version, or holds an invalid Gram."""
 
 
+def check_gram_values(G: torch.Tensor, what: str) -> None:
+    """A Gram read from anywhere must be finite, symmetric (to SYMMETRY_RTOL of its largest entry)
+    and have a non-negative diagonal; one pass over G (regmean_fast.ops.symmetry_stats)."""
+    finite, max_abs, max_asym, min_diag = ops.symmetry_stats(G)
+    if not finite:
+        raise GramFileError(f"{what} has non-finite values")
+    if max_asym > SYMMETRY_RTOL * max(max_abs, 1e-30):
+        raise GramFileError(f"{what} is not symmetric")
+    if G.numel() and min_diag < 0:
+        raise GramFileError(f"{what} has a negative diagonal entry (not a Gram)")
+
+
 # --------------------------------------------------------------------------------------------------
 # packing
 
 
-def pack_upper(G: torch.Tensor) -> torch.Tensor:
-    """[d, d] -> the row-major upper triangle (diagonal included), [d (d + 1) / 2]."""
-    d = G.size(0)
-    out = torch.empty(d * (d + 1) // 2, dtype=G.dtype, device=G.device)
-    off = 0
-    for i in range(d):
-        n = d - i
-        out[off : off + n] = G[i, i:]
-        off += n
-    return out
-
-
-def unpack_upper(v: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of pack_upper: a full symmetric [d, d] matrix."""
-    G = torch.empty(d, d, dtype=v.dtype, device=v.device)
-    off = 0
-    for i in range(d):
-        n = d - i
-        row = v[off : off + n]
-        G[i, i:] = row
-        G[i:, i] = row
-        off += n
-    return G
-
-
 def packed_dim(n: int) -> int:
     """d such that d (d + 1) / 2 == n, or -1."""
-    d = int((math.isqrt(8 * n + 1) - 1) // 2)
-    return d if d * (d + 1) // 2 == n else -1
+    try:
+        return ops.packed_order(n)
+    except ValueError:
+        return -1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,14 +172,14 @@ def save_grams(
         G = G.detach().to("cpu", torch.float32)
         if symmetrize:
             G = torch.triu(G) + torch.triu(G, diagonal=1).T
-        if not torch.isfinite(G).all():
+        if not ops.all_finite(G):
             raise GramFileError(f"Gram {key!r} has non-finite values")
         c = int(counts[key])
         if c <= 0:
             raise GramFileError(f"Gram {key!r} has count {c}; counts must be > 0")
         dims[key] = G.size(0)
         cnts[key] = c
-        tensors[GRAM_PREFIX + key] = (pack_upper(G) if packed else G).contiguous()
+        tensors[GRAM_PREFIX + key] = (ops.pack_triu(G.contiguous()) if packed else G).contiguous()
     for mod, v in mods.items():
         shape = (fingerprint.get("weights") or {}).get(mod)
         if shape is not None and len(shape) == 2:
@@ -422,17 +413,10 @@ class GramSet:
         if t.dtype != torch.float32:
             raise GramFileError(f"{self.path}: Gram {key!r} is {t.dtype}, expected float32")
         if self.layout == "packed":
-            t = unpack_upper(t, d)
+            t = ops.unpack_triu(t.contiguous())
         elif tuple(t.shape) != (d, d):
             raise GramFileError(f"{self.path}: Gram {key!r} has shape {tuple(t.shape)}, expected {(d, d)}")
-        if not torch.isfinite(t).all():
-            raise GramFileError(f"{self.path}: Gram {key!r} has non-finite values")
-        if self.layout == "full":
-            scale = float(t.abs().max()) if t.numel() else 0.0
-            if not torch.allclose(t, t.T, rtol=0.0, atol=SYMMETRY_RTOL * max(scale, 1e-30)):
-                raise GramFileError(f"{self.path}: Gram {key!r} is not symmetric")
-        if d and float(t.diagonal().min()) < 0:
-            raise GramFileError(f"{self.path}: Gram {key!r} has a negative diagonal entry (not a Gram)")
+        check_gram_values(t, f"{self.path}: Gram {key!r}")
         return t
 
     @property
@@ -447,7 +431,7 @@ class GramSet:
         if name not in self._source:
             return None
         t = self._source[name]()
-        if not torch.isfinite(t).all():
+        if not ops.all_finite(t):
             raise GramFileError(f"{self.path}: Fisher {param_name!r} has non-finite values")
         return t
 

@@ -12,6 +12,11 @@ import torch
 from .safetensors_file import StreamingShardWriter, element_size, file_sha256, numel
 
 MANIFEST_NAME = "regmean-manifest.json"
+MANIFEST_GLOB = "regmean-manifest*.json"  # under torchrun each rank keeps regmean-manifest.rankR.json
+
+
+def rank_manifest_name(rank: int, world: int) -> str:
+    return MANIFEST_NAME if world <= 1 else f"regmean-manifest.rank{rank}.json"
 MANIFEST_FORMAT = "regmean_fast.merge-manifest"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -77,10 +82,16 @@ class ShardedOutput:
 
     Every finished shard is fsynced and recorded (size, sha256) in a manifest; with resume=True the
     shards already recorded, and still matching their record, are kept and their tensors skipped.
+
+    Several processes (torchrun): `owned` (shard file names) are the shards this rank writes; it keeps
+    its own manifest (`manifest_name`) and, resuming, trusts the records of every manifest in the folder
+    (whatever the earlier world size) for the shards it owns now, after checking size and sha256.
     """
 
-    def __init__(self, folder: str, layout: ShardLayout, plan_hash: str, resume: bool = False, on_shard_done=None):
+    def __init__(self, folder: str, layout: ShardLayout, plan_hash: str, resume: bool = False, on_shard_done=None,
+                 owned=None, manifest_name: str = MANIFEST_NAME):
         self.folder = folder
+        self.owned = None if owned is None else set(owned)
         self.layout = layout
         self.plan_hash = plan_hash
         self.on_shard_done = on_shard_done
@@ -89,29 +100,40 @@ class ShardedOutput:
             for name, _, _ in ents:
                 self._shard_of[name] = j
         self.records: dict[str, dict] = {}
+        self._others: dict[str, dict] = {}
         self.reused: list[str] = []
         self._writer = None
         self._writer_j = -1
-        self._manifest = os.path.join(folder, MANIFEST_NAME)
+        self._manifest = os.path.join(folder, manifest_name)
         if resume:
             self._load_verified()
         self._save_manifest()
 
     def _load_verified(self) -> None:
-        if not os.path.exists(self._manifest):
-            return
-        try:
-            with open(self._manifest) as f:
-                man = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return
-        if man.get("format") != MANIFEST_FORMAT or man.get("plan_hash") != self.plan_hash:
-            raise ValueError("the partial merge left in " + self.folder + " was made with a different configuration "
-                             "or different inputs; drop --resume to start again")
+        import glob
+
+        paths = sorted(glob.glob(os.path.join(glob.escape(self.folder), MANIFEST_GLOB)))
+        for mpath in paths:
+            if mpath.endswith(".tmp"):
+                continue
+            try:
+                with open(mpath) as f:
+                    man = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if man.get("format") != MANIFEST_FORMAT or man.get("plan_hash") != self.plan_hash:
+                raise ValueError("the partial merge left in " + self.folder + " was made with a different "
+                                 "configuration or different inputs; drop --resume to start again")
+            self._load_records(man)
+
+    def _load_records(self, man) -> None:
         valid = {fname for fname, _ in self.layout.shards}
         for fname, rec in man.get("shards", {}).items():
             path = os.path.join(self.folder, fname)
-            if fname not in valid or not os.path.isfile(path):
+            if fname not in valid or fname in self.records or not os.path.isfile(path):
+                continue
+            if self.owned is not None and fname not in self.owned:
+                self._others.setdefault(fname, rec)  # another rank's: kept in our manifest, checked by its owner
                 continue
             if os.path.getsize(path) == rec.get("size") and file_sha256(path) == rec.get("sha256"):
                 self.records[fname] = {"size": rec["size"], "sha256": rec["sha256"]}
@@ -119,7 +141,11 @@ class ShardedOutput:
 
     def _save_manifest(self) -> None:
         _write_json_atomic(self._manifest, {"format": MANIFEST_FORMAT, "plan_hash": self.plan_hash,
-                                            "shards": self.records})
+                                            "shards": {**self._others, **self.records}})
+
+    def owns(self, name: str) -> bool:
+        """This process writes `name` (always true in one process)."""
+        return self.owned is None or self.layout.shards[self._shard_of[name]][0] in self.owned
 
     def is_done(self, name: str) -> bool:
         return self.layout.shards[self._shard_of[name]][0] in self.records
@@ -144,7 +170,8 @@ class ShardedOutput:
                 self.on_shard_done(fname)
 
     def complete(self) -> bool:
-        return all(fname in self.records for fname, _ in self.layout.shards)
+        return all(fname in self.records for fname, _ in self.layout.shards
+                   if self.owned is None or fname in self.owned)
 
     def abort(self) -> None:
         if self._writer is not None:

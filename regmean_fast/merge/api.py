@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import time
 import torch
 
 from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, write_config, write_index
-from ..io.shards import MANIFEST_NAME, ShardedOutput, ShardLayout
+from ..io.shards import MANIFEST_GLOB, ShardedOutput, ShardLayout, rank_manifest_name
 from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
 from .engine import Engine
 from .errors import MergeError
@@ -117,6 +118,11 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     (models=..., method=..., parameters=..., out_dtype=...) replace its fields. Writes into a
     temporary folder next to `out` and renames it at the end; resume=True reuses verified shards.
     Raises MergeError on bad input, leaving no output behind.
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs this with the same arguments: the shards are spread
+    over the ranks by estimated cost, each rank computes and writes its own, and rank 0 writes the
+    index, config and report after all are done (bit-identical to one process with the same shards).
+    Any rank failing stops every rank (DistributedError) and leaves the partial folder for resume=True.
     """
     t_start = time.perf_counter()
     cfg = _as_config(config, overrides)
@@ -130,6 +136,11 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
         raise MergeError(f"the folder {parent} for the output does not exist")
     tmp = os.path.join(parent, "." + os.path.basename(out) + PARTIAL_SUFFIX)
     sources, base, created_tmp, output = [], None, False, None
+    from .. import distributed as DI
+
+    ctx = DI.init_from_env(cfg.device)  # a world of one without torchrun
+    if ctx.enabled and torch.device(cfg.device).type == "cuda":
+        cfg.device = str(ctx.device)  # one rank per GPU: cuda -> cuda:LOCAL_RANK
     try:
         try:
             sources = [ModelFolder(m.model) for m in cfg.models]
@@ -150,37 +161,62 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                 raise MergeError(f"the largest tensor group needs about {need / 2**20:.0f} MiB of host memory, "
                                  f"more than --max-memory {cfg.max_memory}")
         plan_hash = _plan_hash(cfg, plan, layout, sources, cfg.device)
-        if os.path.exists(tmp):
-            if not os.path.exists(os.path.join(tmp, MANIFEST_NAME)):
-                raise MergeError(f"{tmp} exists and was not made by regmean_fast; remove it")
-            if not resume:
-                shutil.rmtree(tmp)
-        if not os.path.exists(tmp):
-            os.mkdir(tmp)
-            created_tmp = True
+        ctx.sync(None, "the plan")  # torchrun: every rank has a plan (else every rank stops here)
+        if ctx.is_main:
+            if os.path.exists(tmp):
+                if not glob.glob(os.path.join(glob.escape(tmp), MANIFEST_GLOB)):
+                    raise MergeError(f"{tmp} exists and was not made by regmean_fast; remove it")
+                if not resume:
+                    shutil.rmtree(tmp)
+            if not os.path.exists(tmp):
+                os.mkdir(tmp)
+                created_tmp = True
+        owned = None
+        if ctx.enabled:
+            ctx.sync(None, "the output folder")
+            from .plan import shard_owners
+
+            owners = shard_owners(plan, layout, sources, ctx.world)
+            owned = {fname for j, (fname, _) in enumerate(layout.shards) if owners[j] == ctx.rank}
+            hook = DI.die_after_shards_hook(ctx)
+            if hook is not None:
+                on_shard_done = _chain(on_shard_done, hook)
         try:
-            output = ShardedOutput(tmp, layout, plan_hash, resume=resume, on_shard_done=on_shard_done)
+            output = ShardedOutput(tmp, layout, plan_hash, resume=resume, on_shard_done=on_shard_done, owned=owned,
+                                   manifest_name=rank_manifest_name(ctx.rank, ctx.world))
         except ValueError as e:
             raise MergeError(str(e)) from None
         needed = sum(sum(int(torch.empty((), dtype=d).element_size()) * int(torch.Size(s).numel()) for _, d, s in ents)
-                     for fname, ents in layout.shards if fname not in output.records)
+                     for fname, ents in layout.shards
+                     if fname not in output.records and (owned is None or fname in owned))
         free = shutil.disk_usage(parent).free
         if needed + (1 << 20) > free:
             raise MergeError(f"not enough free disk space for the output in {parent}: "
                              f"need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
         bar = None
-        if progress:
+        if progress and ctx.is_main:
             from tqdm import tqdm
             bar = tqdm(total=len(plan.items), desc="merging", unit="group")
         engine = Engine(plan, sources, base=base, gramsets=gramsets, gram_paths=gram_paths,
                         compute_dtype=cfg.torch_dtype(), solve_dtype=cfg.torch_solve_dtype(), device=cfg.device,
                         allow_missing=cfg.allow_missing_grams)
-        tensor_report = engine.run(output.write, skip=output.is_done,
+        skip = output.is_done if owned is None else (lambda n: output.is_done(n) or not output.owns(n))
+        tensor_report = engine.run(output.write, skip=skip,
                                    progress=(lambda item: bar.update(1)) if bar is not None else None)
         if bar is not None:
             bar.close()
         if not output.complete():
             raise RuntimeError("internal error: some shards were not written")
+        records, reused = dict(output.records), list(output.reused)
+        if ctx.enabled:  # the barrier: every rank's shards are written; rank 0 gathers the reports
+            ctx.sync(None, "the shards")
+            mine = {n: tensor_report[n] for n, _, _ in plan.outputs if output.owns(n)}
+            parts = ctx.all_gather_object({"tensors": mine, "records": records, "reused": reused,
+                                           "warnings": plan.warnings}, "the reports")
+            tensor_report, records, reused = _combine_reports(plan, layout, parts)
+            if not ctx.is_main:
+                ctx.sync(None, "the final output")  # rank 0 writes the index, config and report
+                return ctx.broadcast_object(None, "the report")
         # finalise inside the temporary folder, then one rename
         if len(layout.shards) > 1:
             write_index(tmp, layout.weight_map(), layout.total_bytes(), {"regmean_fast_version": _version()})
@@ -189,14 +225,15 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
         write_config(donor.config, tmp, out_dtype)
         if cfg.copy_tokenizer:
             copy_aux_files(donor.path, tmp)
-        report = build_report(cfg, plan, tensor_report, shards=dict(output.records),
-                              total_s=time.perf_counter() - t_start, reused=output.reused, device=cfg.device)
+        report = build_report(cfg, plan, tensor_report, shards=records,
+                              total_s=time.perf_counter() - t_start, reused=reused, device=cfg.device)
         write_json(os.path.join(tmp, REPORT_NAME), report)
         with open(os.path.join(tmp, "regmean_config.yml"), "w") as f:
             f.write(config_yaml(cfg))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(cfg, plan))
-        os.remove(os.path.join(tmp, MANIFEST_NAME))
+        for man in glob.glob(os.path.join(glob.escape(tmp), MANIFEST_GLOB)):
+            os.remove(man)
         _fsync_dir(tmp)
         if os.path.exists(out):
             old = out + f".regmean-old-{os.getpid()}"
@@ -206,18 +243,28 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
         else:
             os.rename(tmp, out)
         _fsync_dir(parent)
+        if ctx.enabled:
+            ctx.sync(None, "the final output")
+            ctx.broadcast_object(report, "the report")
         return report
-    except MergeError:
+    except DI.DistributedError:  # another rank failed or died: keep the partial folder for --resume
+        if output is not None:
+            output.abort()
+        raise
+    except MergeError as e:
+        ctx.fail(e)  # first: the other ranks stop writing before rank 0 removes the folder
         _cleanup(output, tmp, created_tmp)
         raise
     except OSError as e:
+        ctx.fail(e)
         if e.errno in _NO_SPACE:
             _cleanup(output, tmp, created_tmp)
             raise MergeError(f"no space left on the device while writing {out}") from None
         if output is not None:
             output.abort()
         raise
-    except BaseException:
+    except BaseException as e:
+        ctx.fail(e)
         if output is not None:  # interrupted: keep the partial folder, resumable with --resume
             output.abort()
         raise
@@ -226,6 +273,32 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             s.close()
         if base is not None:
             base.close()
+
+
+def _chain(a, b):
+    if a is None:
+        return b
+
+    def both(fname):
+        a(fname)
+        b(fname)
+
+    return both
+
+
+def _combine_reports(plan, layout, parts):
+    """Rank reports -> (tensor report in plan order, shard records and reused shards in layout order)."""
+    tensors, records, reused = {}, {}, set()
+    for p in parts:
+        tensors.update(p["tensors"])
+        records.update(p["records"])
+        reused.update(p["reused"])
+        for w in p["warnings"]:
+            if w not in plan.warnings:
+                plan.warnings.append(w)
+    order = [f for f, _ in layout.shards]
+    return ({n: tensors[n] for n, _, _ in plan.outputs if n in tensors},
+            {f: records[f] for f in order if f in records}, [f for f in order if f in reused])
 
 
 def _version():

@@ -101,6 +101,10 @@ def cmd_merge(args) -> int:
 
     cfg = config_from_args(args)
     report = merge(cfg, out=args.out, force=args.force, resume=args.resume, progress=args.progress)
+    from ..distributed import env_world
+
+    if env_world()[1] != 0:  # torchrun: rank 0 prints the report
+        return 0
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:

@@ -277,3 +277,37 @@ def estimate_working_bytes(plan: Plan, sources, compute_dtype: torch.dtype, solv
             b = copies * n * ce
         worst = max(worst, b)
     return worst
+
+
+# -- several processes (torchrun): which rank writes which shard --------------------------------------
+IO_WEIGHT = 64  # flop-equivalents per element read, so that per-tensor items (I/O bound) are not free
+
+
+def item_cost(item, sources, k: int) -> float:
+    """Estimated cost of one plan item: a RegMean group d_in^3 + d_in^2 * d_out (+ its reads); any other
+    tensor its k reads."""
+    ref = sources[0]
+    if isinstance(item, GroupItem):
+        from ..distributed import group_cost
+
+        width = sum(ref.shape(n)[0] if not c else ref.shape(n)[1] for n, c in zip(item.members, item.conv1d))
+        return group_cost(item.d_in, width, k) + IO_WEIGHT * k * item.d_in * width
+    n = 1
+    for s in ref.shape(item.name):
+        n *= int(s)
+    return float(IO_WEIGHT * (1 if item.method == "copy" else k) * n)
+
+
+def shard_owners(plan: Plan, layout, sources, world: int) -> list[int]:
+    """The rank that writes each shard of `layout` (same on every rank): greedy bin packing of the shards
+    by the cost of the items they need (an item cut by a shard boundary counts, and is computed, in both)."""
+    from ..distributed import assign_greedy
+
+    shard_of = {name: j for j, (_, ents) in enumerate(layout.shards) for name, _, _ in ents}
+    costs = [0.0] * len(layout.shards)
+    k = len(sources)
+    for it in plan.items:
+        c = item_cost(it, sources, k)
+        for j in sorted({shard_of[n] for n in it.outputs()}):
+            costs[j] += c
+    return assign_greedy(costs, world)

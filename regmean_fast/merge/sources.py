@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..grams.fileformat import check_gram_values
+
 
 class StateDictSource:
     """A state dict seen through the same protocol as io.ModelFolder (names/shape/dtype/get)."""
@@ -73,7 +75,10 @@ class DictGramSet:
         return out
 
     def gram(self, name):
-        return self._grams[self._key(name)].detach().to(torch.float32, copy=True)
+        key = self._key(name)
+        G = self._grams[key].detach().to(torch.float32, copy=True)
+        check_gram_values(G.contiguous(), f"Gram {key!r}")
+        return G
 
     def count(self, name):
         return self._counts[self._key(name)]

@@ -2,16 +2,19 @@
 // half-precision conversions, and the CPU Gram kernel against a double-precision loop.
 // Run by ctest; no GPU, no torch.
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "check_cpu.h"
 #include "common.h"
 #include "gram_cpu.h"
 #include "reduce_cpu.h"
 #include "tiling.h"
+#include "cuda/gram_wmma_layout.h"
 
 using namespace regmean_fast::kernels;
 
@@ -305,6 +308,210 @@ static void test_reduce_and_packing() {
   }
 }
 
+// The tensor-core Gram kernel's tiling replayed on the host (gram_wmma_layout.h): staging covers
+// every (row, column) of a step once, WMMA pointers are 32-byte aligned, and over all blocks,
+// warps, live fragments, lanes and store iterations every (i <= j) element of G is stored exactly
+// once and nothing below the diagonal is.
+static void test_wmma_layout() {
+  namespace wl = wmma_layout;
+  std::vector<int> seen(static_cast<size_t>(wl::kK * wl::kTile), 0);
+  std::vector<int> offs(static_cast<size_t>(wl::kStageElems), 0);
+  for (int tid = 0; tid < wl::kThreads; ++tid)
+    for (int it = 0; it < wl::kStageIters; ++it) {
+      int k, m;
+      wl::stage_element(tid, it, &k, &m);
+      if (k >= 0 && k < wl::kK && m >= 0 && m < wl::kTile) {
+        ++seen[k * wl::kTile + m];
+        const int o = wl::stage_offset(k, m);
+        if (o >= 0 && o < wl::kStageElems) ++offs[o];
+      }
+    }
+  bool once = true;
+  for (int v : seen) once = once && v == 1;
+  for (int v : offs) once = once && v <= 1;
+  CHECK(once, "staging covers each (row, column) once");
+  CHECK(wl::kLd % 8 == 0 && (wl::kFrag * wl::kLd * 2) % 32 == 0, "ld multiple of 8, 16-row stride 32-byte aligned");
+  bool aligned = true;
+  for (int kk = 0; kk < wl::kK; kk += wl::kFrag)
+    for (int m0 = 0; m0 < wl::kTile; m0 += wl::kFrag) aligned = aligned && (wl::stage_offset(kk, m0) * 2) % 32 == 0;
+  CHECK(aligned, "fragment pointers 32-byte aligned");
+  CHECK(wl::kThreads * wl::kStageIters == wl::kK * wl::kTile, "staging iterations");
+  CHECK(wl::kStoreIters * 32 == wl::kFrag * wl::kFrag, "store iterations");
+
+  for (int64_t d : {1, 15, 16, 17, 63, 64, 65, 130, 257}) {
+    const int64_t nb = ceil_div(d, wl::kTile);
+    std::vector<int> hits(static_cast<size_t>(d * d), 0);
+    bool skip_ok = true;
+    for (int64_t t = 0; t < triangle_tile_count(nb); ++t) {
+      int64_t bi, bj;
+      triangle_tile_coords(t, nb, &bi, &bj);
+      const int64_t i0 = bi * wl::kTile, j0 = bj * wl::kTile;
+      for (int w = 0; w < wl::kWarps; ++w) {
+        int wr, wc;
+        wl::warp_origin(w, &wr, &wc);
+        for (int p = 0; p < wl::kFragsPerWarp; ++p)
+          for (int q = 0; q < wl::kFragsPerWarp; ++q) {
+            const int64_t gi = i0 + wr + p * wl::kFrag, gj = j0 + wc + q * wl::kFrag;
+            const bool skipped = wl::fragment_strictly_lower(gi, gj);
+            for (int lane = 0; lane < 32; ++lane)
+              for (int it = 0; it < wl::kStoreIters; ++it) {
+                int r, c;
+                wl::store_element(lane, it, &r, &c);
+                const int64_t i = gi + r, j = gj + c;
+                if (skipped) {
+                  skip_ok = skip_ok && !(i < d && j < d && j >= i);  // a skipped fragment owns no needed element
+                } else if (wl::store_mask(i, j, d)) {
+                  ++hits[i * d + j];
+                }
+              }
+          }
+      }
+    }
+    bool ok = true;
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) ok = ok && hits[i * d + j] == (j >= i ? 1 : 0);
+    CHECK(ok && skip_ok, "wmma tiling d=%lld", (long long)d);
+  }
+}
+
+// CPU twin of gram_wmma_kernel: the same grid, row splits, index list, zero-filled staging
+// through stage_offset, WMMA operand conventions (A = staged^T read col-major, B = staged read
+// row-major, both with ld kLd) and masked stores, on bf16 data; must match a double reference.
+static void test_wmma_kernel_twin() {
+  namespace wl = wmma_layout;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t d : {1, 17, 130}) {
+    for (int64_t n_all : {1, 33, 300}) {
+      const int64_t ldx = d + 3;
+      std::vector<uint16_t> X(static_cast<size_t>(n_all * ldx), 0x7fc0);  // padding columns: NaN
+      for (int64_t r = 0; r < n_all; ++r)
+        for (int64_t c = 0; c < d; ++c) X[r * ldx + c] = float_to_bf16_bits(nd(rng));
+      std::vector<int64_t> index;
+      for (int64_t r = 0; r < n_all; ++r)
+        if (r % 3 != 1) index.push_back(r);
+      const int64_t n_rows = static_cast<int64_t>(index.size());
+      const int64_t nb = ceil_div(d, wl::kTile), tiles = triangle_tile_count(nb);
+      const int64_t splits = gram_row_splits(tiles, n_rows, 132, 2 * wl::kK, 65535);
+      std::vector<float> G(static_cast<size_t>(d * d), -7.f);
+      std::vector<uint16_t> si(wl::kStageElems), sj(wl::kStageElems);
+      for (int64_t bx = 0; bx < tiles; ++bx) {
+        int64_t bi, bj;
+        triangle_tile_coords(bx, nb, &bi, &bj);
+        const bool diag = bi == bj;
+        const int64_t i0 = bi * wl::kTile, j0 = bj * wl::kTile;
+        for (int64_t by = 0; by < splits; ++by) {
+          int64_t rb, re;
+          split_range(n_rows, splits, by, &rb, &re);
+          std::vector<double> acc(static_cast<size_t>(wl::kTile * wl::kTile), 0.0);  // all warps' fragments
+          for (int64_t r0 = rb; r0 < re; r0 += wl::kK) {
+            for (int tid = 0; tid < wl::kThreads; ++tid)
+              for (int it = 0; it < wl::kStageIters; ++it) {
+                int k, m;
+                wl::stage_element(tid, it, &k, &m);
+                const int64_t r = r0 + k;
+                uint16_t vi = 0, vj = 0;
+                if (r < re) {
+                  const uint16_t* x = X.data() + index[r] * ldx;
+                  if (i0 + m < d) vi = x[i0 + m];
+                  if (!diag && j0 + m < d) vj = x[j0 + m];
+                }
+                si[wl::stage_offset(k, m)] = vi;
+                if (!diag) sj[wl::stage_offset(k, m)] = vj;
+              }
+            const uint16_t* sb = diag ? si.data() : sj.data();
+            for (int w = 0; w < wl::kWarps; ++w) {
+              int wr, wc;
+              wl::warp_origin(w, &wr, &wc);
+              for (int p = 0; p < wl::kFragsPerWarp; ++p)
+                for (int q = 0; q < wl::kFragsPerWarp; ++q) {
+                  if (wl::fragment_strictly_lower(i0 + wr + p * wl::kFrag, j0 + wc + q * wl::kFrag)) continue;
+                  for (int kk = 0; kk < wl::kK; kk += wl::kFrag) {
+                    const uint16_t* a = si.data() + wl::stage_offset(kk, wr + p * wl::kFrag);  // col-major A
+                    const uint16_t* b = sb + wl::stage_offset(kk, wc + q * wl::kFrag);         // row-major B
+                    for (int mi = 0; mi < wl::kFrag; ++mi)
+                      for (int ni = 0; ni < wl::kFrag; ++ni) {
+                        double sum = 0;
+                        for (int ki = 0; ki < wl::kFrag; ++ki)
+                          sum += double(bf16_bits_to_float(a[mi + ki * wl::kLd])) *
+                                 double(bf16_bits_to_float(b[ki * wl::kLd + ni]));
+                        acc[(wr + p * wl::kFrag + mi) * wl::kTile + wc + q * wl::kFrag + ni] += sum;
+                      }
+                  }
+                }
+            }
+          }
+          for (int w = 0; w < wl::kWarps; ++w) {
+            int wr, wc;
+            wl::warp_origin(w, &wr, &wc);
+            for (int p = 0; p < wl::kFragsPerWarp; ++p)
+              for (int q = 0; q < wl::kFragsPerWarp; ++q) {
+                const int64_t gi = i0 + wr + p * wl::kFrag, gj = j0 + wc + q * wl::kFrag;
+                if (wl::fragment_strictly_lower(gi, gj)) continue;
+                for (int lane = 0; lane < 32; ++lane)
+                  for (int it = 0; it < wl::kStoreIters; ++it) {
+                    int r, c;
+                    wl::store_element(lane, it, &r, &c);
+                    if (wl::store_mask(gi + r, gj + c, d))
+                      G[(gi + r) * d + gj + c] += static_cast<float>(acc[(gi - i0 + r) * wl::kTile + gj - j0 + c]);
+                  }
+              }
+          }
+        }
+      }
+      double max_err = 0, scale = 1;
+      bool lower_ok = true;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) {
+          if (j < i) {
+            lower_ok = lower_ok && G[i * d + j] == -7.f;
+            continue;
+          }
+          double ref = -7.0;
+          for (int64_t r : index) {
+            ref += double(bf16_bits_to_float(X[r * ldx + i])) * double(bf16_bits_to_float(X[r * ldx + j]));
+          }
+          max_err = std::max(max_err, std::fabs(ref - G[i * d + j]));
+          scale = std::max(scale, std::fabs(ref));
+        }
+      CHECK(lower_ok && max_err / scale < 1e-5, "wmma twin d=%lld rows=%lld splits=%lld err=%g", (long long)d,
+            (long long)n_rows, (long long)splits, max_err / scale);
+    }
+  }
+}
+
+static void test_checks() {
+  ThreadRunner threads(3);
+  std::vector<float> x(10001, 1.5f);
+  CHECK(all_finite_cpu(x.data(), DType::F32, 10001, threads), "all finite f32");
+  x[9999] = std::numeric_limits<float>::infinity();
+  CHECK(!all_finite_cpu(x.data(), DType::F32, 10001, threads), "inf f32");
+  x[9999] = std::nanf("");
+  CHECK(!all_finite_cpu(x.data(), DType::F32, 10001, threads), "nan f32");
+  CHECK(all_finite_cpu(x.data(), DType::F32, 9999, threads), "prefix without the nan");
+  std::vector<uint16_t> h(5000, float_to_bf16_bits(2.0f));
+  CHECK(all_finite_cpu(h.data(), DType::BF16, 5000, threads), "bf16 finite");
+  h[17] = 0x7f80;  // bf16 +inf
+  CHECK(!all_finite_cpu(h.data(), DType::BF16, 5000, threads), "bf16 inf");
+  std::vector<uint16_t> f(5000, 0x3c00);  // fp16 1.0
+  CHECK(all_finite_cpu(f.data(), DType::F16, 5000, threads), "f16 finite");
+  f[4999] = 0x7e00;  // fp16 NaN
+  CHECK(!all_finite_cpu(f.data(), DType::F16, 5000, threads), "f16 nan");
+  f[4999] = 0x7bff;  // fp16 max finite
+  CHECK(all_finite_cpu(f.data(), DType::F16, 5000, threads), "f16 max is finite");
+
+  const int64_t d = 70;
+  std::vector<float> G(static_cast<size_t>(d * d));
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j) G[i * d + j] = static_cast<float>((i + 1) * (j + 1)) - 3.0f * (i == j);
+  G[3 * d + 60] += 0.5f;
+  const SymmetryStats s = symmetry_stats_cpu(G.data(), d, threads);
+  CHECK(s.finite && s.max_abs == 70.f * 70.f - 3.f && s.max_asym == 0.5f && s.min_diag == -2.f,
+        "symmetry stats %d %g %g %g", s.finite, s.max_abs, s.max_asym, s.min_diag);
+  G[65 * d + 2] = std::nanf("");
+  CHECK(!symmetry_stats_cpu(G.data(), d, threads).finite, "symmetry stats sees NaN in the lower triangle");
+}
+
 int main() {
   test_triangle_enumeration();
   test_ranges();
@@ -314,6 +521,9 @@ int main() {
   test_cuda_schedule_covers_once();
   test_path_selection();
   test_reduce_and_packing();
+  test_checks();
+  test_wmma_layout();
+  test_wmma_kernel_twin();
   std::printf("kernels_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from ...solve import NORMALIZATIONS, add_model_term, gram_scales, robust_spd_solve
+from ... import ops
+from ...solve import EXACT_BF16_MIN_DIM, NORMALIZATIONS, add_model_term, gram_scales, robust_spd_solve
 from ..errors import MergeError
 from .base import MergeMethod, check_unit_interval, weighted_average
 
@@ -21,7 +22,7 @@ from .base import MergeMethod, check_unit_interval, weighted_average
 class GroupInputs:
     """One shared-input group: members are parameter names; conv1d[m] says member m is stored [in, out].
 
-    load_weight(i, m) -> stored tensor of member m in model i (compute dtype, device);
+    load_weight(i, m) -> member m of model i as stored (its own dtype), on the device;
     load_gram(i) -> model i's raw fp32 Gram [d, d] on the device (validated); count(i) -> its tokens."""
 
     members: list
@@ -52,25 +53,38 @@ class RegMean(MergeMethod):
         alpha = params["alpha"]
         counts = [g.count(i) for i in range(g.k)]
         factors = [c * s for c, s in zip(g.coeffs, gram_scales(counts, g.k, params["normalization"]))]
-        A = B = None
+        A = Bt = None
         widths = None
         for i in range(g.k):
             G = g.load_gram(i).to(solve_dtype)
+            # bf16 checkpoints: W G through exact bf16x3 products (fp32-accurate, AMX-fast), G split once.
+            fast = (solve_dtype == torch.float32 and G.size(0) >= EXACT_BF16_MIN_DIM
+                    and ops.exact_bf16_products_available(G.device))
+            G_split = None
             ws = []
             for m in range(len(g.members)):
-                w = g.load_weight(i, m).to(solve_dtype)
-                ws.append(w if g.conv1d[m] else w.T)  # oriented [d_in, d_out]
-            Wt = torch.cat(ws, dim=1) if len(ws) > 1 else ws[0]
+                w = g.load_weight(i, m)  # as stored
+                if fast and w.dtype == torch.bfloat16:
+                    if G_split is None:
+                        G_split = ops.split_bf16x3(G)
+                else:
+                    w = w.to(solve_dtype)
+                ws.append(w.T if g.conv1d[m] else w)  # oriented [d_out, d_in]
+                if ws[-1].size(1) != G.size(0):
+                    raise MergeError(f"{g.members[m]}: Gram of size {G.size(0)} for inputs of size {ws[-1].size(1)}")
             if widths is None:
-                widths = [w.size(1) for w in ws]
+                widths = [w.size(0) for w in ws]
                 A = torch.zeros_like(G)
-                B = torch.zeros(G.size(0), Wt.size(1), dtype=solve_dtype, device=G.device)
-            if Wt.size(0) != G.size(0):
-                raise MergeError(f"{g.members[0]}: Gram of size {G.size(0)} for inputs of size {Wt.size(0)}")
-            add_model_term(A, B, G, Wt, factors[i], alpha)
-            del G, ws, Wt
-        X, report = robust_spd_solve(A, B)
+                Bt = torch.zeros(sum(widths), G.size(0), dtype=solve_dtype, device=G.device)
+            # Each member's (transposed) right-hand side goes straight into its rows of Bt: no
+            # concatenated copy, every GEMM operand row-major; A is accumulated once per model.
+            off = 0
+            for m, W in enumerate(ws):
+                add_model_term(A if m == 0 else None, Bt[off:off + widths[m]], G, W, factors[i], alpha, G_split)
+                off += widths[m]
+            del G, G_split, ws
+        X, report = robust_spd_solve(A, Bt.T)
         outs = []
-        for m, part in enumerate(torch.split(X, widths, dim=1)):
-            outs.append(part.contiguous() if g.conv1d[m] else part.T.contiguous())
+        for m, part in enumerate(torch.split(X.T, widths, dim=0)):
+            outs.append(part.T.contiguous() if g.conv1d[m] else part.contiguous())
         return outs, report

@@ -1,0 +1,77 @@
+"""The exact bf16x3 products (W G for a bf16 W through three bf16 GEMMs): exactness of the split,
+accuracy against fp64, and the merge giving the same result with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from regmean_fast import ops
+
+pytestmark = pytest.mark.skipif(not ops.exact_bf16_products_available("cpu"),
+                                reason="no MKL bf16 GEMM in this process")
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 9), (300, 300)])
+def test_split_is_exact(shape):
+    g = torch.Generator().manual_seed(1)
+    # A wide dynamic range: the split must hold for tiny and huge entries alike.
+    x = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 8)
+    s = ops.split_bf16x3(x)
+    assert s.shape == (3, *shape) and s.dtype == torch.bfloat16
+    assert torch.equal(s[0].float() + s[1].float() + s[2].float(), x)
+    assert torch.equal(s[0], x.bfloat16())  # the leading slice is plain round-to-nearest
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (70, 130, 33), (257, 300, 129)])
+def test_addmm_bf16x3_is_fp32_accurate(transposed, m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    W = torch.randn(m, k, generator=g).bfloat16()
+    if transposed:
+        W = W.T.contiguous().T  # a column-major view: used in place, as for Conv1D weights
+    B = torch.randn(k, n, generator=g)
+    C0 = torch.randn(m, n, generator=g)
+    C = C0.clone()
+    ops.addmm_bf16x3_(C, W, ops.split_bf16x3(B), 0.75)
+    expect = C0.double() + 0.75 * W.double() @ B.double()
+    fp32 = C0 + 0.75 * (W.float() @ B)
+    err = float((C.double() - expect).abs().max())
+    err_fp32 = float((fp32.double() - expect).abs().max())
+    assert err <= max(2 * err_fp32, 1e-5 * float(expect.abs().max()))
+
+
+def test_merge_same_with_and_without_exact_bf16(tmp_path, monkeypatch):
+    from test_merge_common import make_activations, make_models, read_folder, save_model, write_gram_files
+
+    import importlib
+
+    from regmean_fast.merge import merge
+
+    method = importlib.import_module("regmean_fast.merge.methods.regmean")  # regmean_fast.merge is also a function
+
+    _, models = make_models("llama", k=3, seed=9)
+    mods, acts = make_activations(models[0], 3, seed=9)
+    paths = [save_model(m.to(torch.bfloat16), tmp_path / f"m{i}") for i, m in enumerate(models)]
+    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
+    cfg = {"models": [{"model": p, "grams": gp} for p, gp in zip(paths, gpaths)], "out_dtype": "float32",
+           "parameters": {"alpha": 0.9}}
+    calls = []
+    real = ops.addmm_bf16x3_
+    monkeypatch.setattr(ops, "addmm_bf16x3_", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(method, "EXACT_BF16_MIN_DIM", 10**9)
+    merge(cfg, out=str(tmp_path / "plain"))
+    assert not calls
+    monkeypatch.setattr(method, "EXACT_BF16_MIN_DIM", 0)
+    merge(cfg, out=str(tmp_path / "exact"))
+    assert calls  # the exact path really ran
+    plain, exact = read_folder(tmp_path / "plain"), read_folder(tmp_path / "exact")
+    for name in plain:
+        torch.testing.assert_close(exact[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_ops_pass_opcheck():
+    x = torch.randn(6, 5)
+    torch.library.opcheck(torch.ops.regmean_fast.split_bf16x3.default, (x,))
+    torch.library.opcheck(torch.ops.regmean_fast.addmm_bf16x3_.default,
+                          (torch.zeros(4, 5), torch.randn(4, 6).bfloat16(), ops.split_bf16x3(x), 0.5))
