@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import hf_tiny  # noqa: E402
-from test_merge_common import make_activations, make_models, save_model, write_gram_files  # noqa: E402
+from test_merge_common import (make_activations, make_models, save_model, saved_models_and_grams,  # noqa: E402
+                               write_gram_files)
 
 from regmean_fast import load_grams  # noqa: E402
 from regmean_fast.cli import main  # noqa: E402
@@ -149,10 +150,7 @@ def test_grams_two_ranks_equal_one_process_with_resume(tiny, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     root = tmp_path_factory.mktemp("dmerge")
-    _, models = make_models("llama", k=2, seed=5)
-    mods, acts = make_activations(models[0], 2, seed=5)
-    paths = [save_model(m, root / f"m{i}") for i, m in enumerate(models)]
-    grams = write_gram_files(models[0], mods, acts, root)
+    _, paths, grams = saved_models_and_grams(root, k=2, seed=5)
     cfg = {"models": [{"model": p, "grams": g} for p, g in zip(paths, grams)], "parameters": {"alpha": 0.9},
            "shard_size": "12KB"}
     argv = ["merge", "--models", *paths, "--grams", *grams, "--alpha", "0.9", "--shard-size", "12KB"]

@@ -159,3 +159,12 @@ def read_folder(path):
         if f.endswith(".safetensors"):
             out.update(load_file(os.path.join(path, f)))
     return out
+
+
+def saved_models_and_grams(root, arch: str = "llama", k: int = 3, seed: int = 0, prefix: str = "m"):
+    """k tiny models of `arch` saved under root/{prefix}{i} and their Gram files under root; returns
+    (models, model paths, Gram file paths)."""
+    _, models = make_models(arch, k=k, seed=seed)
+    mods, acts = make_activations(models[0], k, seed=seed)
+    paths = [save_model(m, root / f"{prefix}{i}") for i, m in enumerate(models)]
+    return models, paths, write_gram_files(models[0], mods, acts, root)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from test_merge_common import make_activations, make_models, save_model, write_gram_files
+from test_merge_common import saved_models_and_grams
 
 from regmean_fast.cli import main
 from regmean_fast.merge import MergeError, merge
@@ -20,10 +20,7 @@ class Stop(KeyboardInterrupt):
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    _, models = make_models("llama", k=3, seed=21)
-    mods, acts = make_activations(models[0], 3, seed=21)
-    paths = [save_model(m, root / f"m{i}") for i, m in enumerate(models)]
-    grams = write_gram_files(models[0], mods, acts, root)
+    _, paths, grams = saved_models_and_grams(root, k=3, seed=21)
     cfg = {"models": [{"model": p, "grams": g} for p, g in zip(paths, grams)], "parameters": {"alpha": 0.9},
            "shard_size": "12KB"}
     return cfg
