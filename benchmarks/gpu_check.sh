@@ -9,12 +9,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+py="${PYTHON:-python}"
+if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check: no CUDA device visible to torch ($("$py" -c 'import torch; print(torch.__version__)' 2>&1)); nothing to check" >&2
+  exit 2
+fi
 # Only the GPU's own arch: a quicker build than the four default archs.
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST="$(python -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")')"
+  TORCH_CUDA_ARCH_LIST="$("$py" -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")')"
   export TORCH_CUDA_ARCH_LIST
 fi
-py="${PYTHON:-python}"
 start=$(date +%s)
 echo "== build (archs $TORCH_CUDA_ARCH_LIST)"
 REGMEAN_FAST_CUDA=1 "$py" setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
