@@ -268,8 +268,7 @@ class GramCollector:
                     "collect with share_inputs=False (--no-share)"
                 )
             return
-        if found is not None and found != mapped and self.module_map.get(found) == found:
-            pass  # two leaders reading one tensor in this forward (not seen in the first): sum both
+        # Two leaders that read one tensor only in a later forward keep their own Grams (both summed).
         self._update(mapped, x)
         self._recent.append((ident, x, mapped))
         if len(self._recent) > _RECENT:
