@@ -21,6 +21,8 @@ _SCHEMAS = {
     "pack_triu": "pack_triu(Tensor G) -> Tensor",
     "unpack_triu": "unpack_triu(Tensor packed) -> Tensor",
     "spd_solve": "spd_solve(Tensor A, Tensor B) -> (Tensor, Tensor)",
+    "split_bf16x3": "split_bf16x3(Tensor x) -> Tensor",
+    "addmm_bf16x3_": "addmm_bf16x3_(Tensor(a!) C, Tensor A, Tensor Bs, float alpha) -> ()",
 }
 
 
@@ -155,6 +157,19 @@ def torch_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.cholesky_solve(B, L), out_info
 
 
+def torch_split_bf16x3(x: torch.Tensor) -> torch.Tensor:
+    """split_bf16x3 in pure PyTorch (the no-extension path): each slice rounds what the previous left."""
+    hi = x.bfloat16()
+    r1 = x - hi.float()
+    mid = r1.bfloat16()
+    return torch.stack([hi, mid, (r1 - mid.float()).bfloat16()])
+
+
+def torch_addmm_bf16x3_(C: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor, alpha: float) -> None:
+    """addmm_bf16x3_ in pure PyTorch (the no-extension path): one fp32 GEMM on the re-summed slices."""
+    C.addmm_(A.float(), Bs[0].float() + Bs[1].float() + Bs[2].float(), alpha=alpha)
+
+
 # The compiled spd_solve exists only in builds that report it (an older in-place build lacks it).
 HAS_SPD_SOLVE_OP = _ext.HAS_SPD_SOLVE_OP or not _ext.HAVE_EXTENSION
 
@@ -179,6 +194,8 @@ if not _ext.HAVE_EXTENSION:
     _fallback_lib.impl("unpack_triu", torch_unpack_triu, "CompositeExplicitAutograd")
     _fallback_lib.impl("symmetrize_", _symmetrize_fallback, "CompositeExplicitAutograd")
     _fallback_lib.impl("spd_solve", torch_spd_solve, "CompositeExplicitAutograd")
+    _fallback_lib.impl("split_bf16x3", torch_split_bf16x3, "CompositeExplicitAutograd")
+    _fallback_lib.impl("addmm_bf16x3_", torch_addmm_bf16x3_, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("regmean_fast::gram_update")
