@@ -59,38 +59,37 @@ def _spread(s):
     return "" if math.isnan(s["std"]) else f" ± {100 * s['std']:.1f}"
 
 
+def _table_rows(results: dict, gains, minus: str):
+    """(is_gain, label, per-domain cells, mean cell, spread) for every row of a results table: the
+    summarised methods, then the gains ("row{minus}over") that can be computed. Cells are formatted
+    percentages; markdown and text_table only lay them out."""
+    domains = results["domains"]
+    for s in summarize(results):
+        yield False, s["row"], [_fmt(s["domains"][d]) for d in domains], _fmt(s["mean"]), _spread(s)
+    for row, over in gains:
+        g = gain(results, row, over)
+        if g is not None:
+            yield (True, f"{row}{minus}{over}", [f"{100 * g['domains'][d]:+.1f}" for d in domains],
+                   f"{100 * g['mean']:+.1f}", _spread(g))
+
+
 def markdown(results: dict, gains=()) -> str:
     domains = results["domains"]
     n = len(results["seeds"])
     lines = [f"| method | {' | '.join(domains)} | mean (± std over {n} seed{'s' if n > 1 else ''}) |",
              "|---|" + "---|" * (len(domains) + 1)]
-    for s in summarize(results):
-        lines.append(f"| {s['row']} | " + " | ".join(_fmt(s["domains"][d]) for d in domains)
-                     + f" | **{_fmt(s['mean'])}**{_spread(s)} |")
-    for row, over in gains:
-        g = gain(results, row, over)
-        if g is None:
-            continue
-        lines.append(f"| *{row} − {over}* | " + " | ".join(f"{100 * g['domains'][d]:+.1f}" for d in domains)
-                     + f" | **{100 * g['mean']:+.1f}**{_spread(g)} |")
+    for is_gain, label, cells, mean, spread in _table_rows(results, gains, " − "):
+        lines.append(f"| {f'*{label}*' if is_gain else label} | " + " | ".join(cells) + f" | **{mean}**{spread} |")
     return "\n".join(lines)
 
 
 def text_table(results: dict, gains=()) -> str:
-    domains = results["domains"]
-    summ = summarize(results)
-    w = max([len(s["row"]) for s in summ] + [len(f"{r} - {o}") for r, o in gains] + [6])
-    head = f"  {'method':<{w}}  " + "  ".join(f"{d:>7}" for d in domains) + f"  {'mean':>7}"
+    rows = list(_table_rows(results, gains, " - "))
+    w = max([len(label) for _, label, *_ in rows] + [6])
+    head = f"  {'method':<{w}}  " + "  ".join(f"{d:>7}" for d in results["domains"]) + f"  {'mean':>7}"
     lines = [head, "  " + "-" * (len(head) - 2)]
-    for s in summ:
-        lines.append(f"  {s['row']:<{w}}  " + "  ".join(f"{_fmt(s['domains'][d]):>7}" for d in domains)
-                     + f"  {_fmt(s['mean']):>7}{_spread(s)}")
-    for row, over in gains:
-        g = gain(results, row, over)
-        if g is None:
-            continue
-        lines.append(f"  {row + ' - ' + over:<{w}}  " + "  ".join(f"{100 * g['domains'][d]:>+7.1f}" for d in domains)
-                     + f"  {100 * g['mean']:>+7.1f}{_spread(g)}")
+    for _, label, cells, mean, spread in rows:
+        lines.append(f"  {label:<{w}}  " + "  ".join(f"{c:>7}" for c in cells) + f"  {mean:>7}{spread}")
     return "\n".join(lines)
 
 
