@@ -71,22 +71,27 @@ def cuda_library_includes(cuda_home: str) -> list[str]:
     return found
 
 
-def cusolver_link_args(cuda_home: str) -> list[str]:
-    """Link flags for cuSOLVER: the versioned library (-l:libcusolver.so.N; the nvidia wheels ship
-    no unversioned symlink) with an rpath to its folder. The copy in the nvidia-* wheels torch came
-    with is preferred (the one torch itself loads), then the toolkit's own."""
+def cuda_math_link_args(cuda_home: str, names=("cusolver", "cublas")) -> list[str]:
+    """Link flags for the CUDA math libraries the kernels call (cuSOLVER for the SPD solve, cuBLAS
+    for the bf16x3 GEMMs): each by its versioned name (-l:libNAME.so.N; the nvidia wheels ship no
+    unversioned symlink) with an rpath to its folder. The copies in the nvidia-* wheels torch came
+    with are preferred (the ones torch itself loads), then the toolkit's own."""
     dirs = []
     for site in sys.path:
         dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
     dirs += [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
-    for lib_dir in dirs:
-        libs = sorted(glob.glob(os.path.join(lib_dir, "libcusolver.so.*")), key=len)
-        if libs:
-            name = os.path.basename(libs[0])  # the SONAME-style libcusolver.so.N (shortest name)
-            return [f"-L{lib_dir}", f"-l:{name}", f"-Wl,-rpath,{os.path.realpath(lib_dir)}"]
-    fail("cuSOLVER (libcusolver.so.*) not found in the nvidia-* wheels next to torch nor in "
-         f"{cuda_home}/lib64; install the CUDA math libraries or build without CUDA (REGMEAN_FAST_CUDA=0).")
-    return []
+    args = []
+    for lib in names:
+        for lib_dir in dirs:
+            libs = sorted(glob.glob(os.path.join(lib_dir, f"lib{lib}.so.*")), key=len)
+            if libs:
+                name = os.path.basename(libs[0])  # the SONAME-style libNAME.so.N (shortest name)
+                args += [f"-L{lib_dir}", f"-l:{name}", f"-Wl,-rpath,{os.path.realpath(lib_dir)}"]
+                break
+        else:
+            fail(f"lib{lib}.so.* not found in the nvidia-* wheels next to torch nor in {cuda_home}/lib64; "
+                 "install the CUDA math libraries or build without CUDA (REGMEAN_FAST_CUDA=0).")
+    return args
 
 
 def want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
@@ -137,7 +142,7 @@ def build_extension():
         }
         ext = CUDAExtension("regmean_fast._C", sources, define_macros=defines,
                             include_dirs=cuda_library_includes(cuda_home),
-                            extra_link_args=cusolver_link_args(cuda_home), **kwargs)
+                            extra_link_args=cuda_math_link_args(cuda_home), **kwargs)
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         ext = CppExtension("regmean_fast._C", sources, define_macros=defines, **kwargs)

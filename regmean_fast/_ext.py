@@ -33,12 +33,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 # lacks them; callers then take the pure-PyTorch path):
 #   HAS_CUDA_REDUCE: CUDA kernels for gram_reduce / pack_triu / unpack_triu.
 #   HAS_SPD_SOLVE_OP: torch.ops.regmean_fast.spd_solve (cuSOLVER Xpotrf + Xpotrs on CUDA).
+#   HAS_CUDA_BF16X3: CUDA kernels for split_bf16x3 / addmm_bf16x3_ (cublasGemmEx).
 HAS_CUDA_REDUCE = False
 HAS_SPD_SOLVE_OP = False
+HAS_CUDA_BF16X3 = False
 if HAVE_EXTENSION:
     _compiled_info = _C.build_info()
     HAS_CUDA_REDUCE = bool(_compiled_info.get("cuda_reduce", False))
     HAS_SPD_SOLVE_OP = bool(_compiled_info.get("spd_solve", False))
+    HAS_CUDA_BF16X3 = bool(_compiled_info.get("cuda_bf16x3", False))
 
 
 def build_info() -> dict:
@@ -66,5 +69,6 @@ def build_info() -> dict:
         cuda_reduce=bool(compiled.get("cuda_reduce", False)),
         cuda_gram_wmma=bool(compiled.get("cuda_gram_wmma", False)),
         spd_solve_op=bool(compiled.get("spd_solve", False)),
+        cuda_bf16x3=bool(compiled.get("cuda_bf16x3", False)),
     )
     return info

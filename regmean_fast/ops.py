@@ -335,9 +335,14 @@ def _addmm_bf16x3_fake(C, A, Bs, alpha):
 
 
 def exact_bf16_products_available(device) -> bool:
-    """True when addmm_bf16x3_ can run here: a CPU tensor and MKL's bf16 GEMM in the process."""
-    return (_ext.HAVE_EXTENSION and torch.device(device).type == "cpu" and hasattr(_ext._C, "have_bf16_gemm")
-            and bool(_ext._C.have_bf16_gemm()))
+    """True when addmm_bf16x3_ runs as real bf16 GEMMs on this device: on the CPU, MKL's bf16 GEMM
+    is in the process; on CUDA, the extension was built with its cuBLAS kernels."""
+    kind = torch.device(device).type
+    if not _ext.HAVE_EXTENSION:
+        return False
+    if kind == "cuda":
+        return _ext.HAS_CUDA_BF16X3
+    return kind == "cpu" and hasattr(_ext._C, "have_bf16_gemm") and bool(_ext._C.have_bf16_gemm())
 
 
 def split_bf16x3(x: torch.Tensor) -> torch.Tensor:
@@ -350,7 +355,7 @@ def addmm_bf16x3_(C: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor, alpha: flo
     """In place: ``C += alpha * A @ (Bs[0] + Bs[1] + Bs[2])`` with A bfloat16 [m, k], Bs = split_bf16x3(B)
     [3, k, n], C float32 [m, n] with contiguous rows. Every bf16 x bf16 product is exact in fp32 and
     the sums accumulate in fp32, so this is an fp32-accurate A @ B for a bf16 A (stored weights) at
-    the speed of three bf16 GEMMs (AMX on x86: several times one fp32 GEMM). CPU with MKL only
-    (exact_bf16_products_available)."""
+    the speed of three bf16 GEMMs (AMX on x86, tensor cores through cublasGemmEx on CUDA: several
+    times one fp32 GEMM). CPU with MKL or CUDA (exact_bf16_products_available)."""
     torch.ops.regmean_fast.addmm_bf16x3_(C, A, Bs, float(alpha))
     return C

@@ -202,3 +202,60 @@ def test_build_info_reports_cuda_kernels():
     assert info["cuda_kernels"], info
     if os.environ.get("REGMEAN_FAST_EXPECT_NEW_CUDA_OPS", "1") == "1":
         assert info.get("cuda_reduce") and info.get("spd_solve_op") and info.get("cuda_gram_wmma"), info
+
+
+# -- exact bf16x3 products (cublasGemmEx) --------------------------------------------------------
+def test_split_bf16x3_cuda_equals_cpu_bitwise():
+    _need("HAS_CUDA_BF16X3")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1000, 37, generator=g) * torch.exp(torch.randn(1000, 37, generator=g) * 8)
+    x[0, :4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")])
+    got = ops.split_bf16x3(x.cuda()).cpu()
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 1000, 37)
+    assert torch.equal(got.view(torch.int16), ops.split_bf16x3(x).view(torch.int16))
+    fin = x.isfinite()
+    assert torch.equal((got[0].double() + got[1].double() + got[2].double())[fin], x.double()[fin])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (70, 130, 33), (257, 1000, 130), (1000, 257, 17)])
+def test_addmm_bf16x3_cuda_vs_fp64(transposed, m, k, n):
+    _need("HAS_CUDA_BF16X3")
+    g = torch.Generator().manual_seed(m * 7 + k + n)
+    W = torch.randn(m, k, generator=g).bfloat16()
+    B = torch.randn(k, n, generator=g) * torch.exp(torch.randn(k, n, generator=g))
+    C0 = torch.randn(m, n, generator=g)
+    Wd = W.cuda()
+    if transposed:
+        Wd = Wd.T.contiguous().T  # column-major, as a Conv1D weight's transpose: used in place
+    C = C0.cuda()
+    ops.addmm_bf16x3_(C, Wd, ops.split_bf16x3(B.cuda()), 0.75)
+    expect = C0.double() + 0.75 * W.double() @ B.double()
+    # fp32-accurate: within a few fp32 roundings of each product's magnitude (the fp32 GEMM's own bound).
+    scale = (W.double().abs() @ B.double().abs()).max() + C0.abs().max()
+    err = float((C.cpu().double() - expect).abs().max() / scale)
+    assert err <= 8 * k**0.5 * 2.0**-24, err
+
+
+def test_addmm_bf16x3_cuda_rows_of_a_bigger_matrix():
+    _need("HAS_CUDA_BF16X3")
+    # Rows of a larger C (the merge writes each module's rows of the concatenated right-hand side).
+    g = torch.Generator().manual_seed(5)
+    big = torch.full((50, 40), float("nan"))
+    big[10:30] = 0.0
+    W = torch.randn(20, 64, generator=g).bfloat16()
+    B = torch.randn(64, 40, generator=g)
+    big_d = big.cuda()
+    ops.addmm_bf16x3_(big_d[10:30], W.cuda(), ops.split_bf16x3(B.cuda()), 1.0)
+    out = big_d.cpu()
+    assert out[:10].isnan().all() and out[30:].isnan().all()  # nothing written outside the view
+    torch.testing.assert_close(out[10:30].double(), W.double() @ B.double(), rtol=1e-6, atol=1e-5)
+
+
+def test_bf16x3_cuda_ops_pass_opcheck():
+    _need("HAS_CUDA_BF16X3")
+    x = torch.randn(6, 5, device="cuda")
+    torch.library.opcheck(torch.ops.regmean_fast.split_bf16x3.default, (x,))
+    torch.library.opcheck(torch.ops.regmean_fast.addmm_bf16x3_.default,
+                          (torch.zeros(4, 5, device="cuda"), torch.randn(4, 6, device="cuda").bfloat16(),
+                           ops.split_bf16x3(x), 0.5))

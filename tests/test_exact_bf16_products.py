@@ -75,3 +75,33 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.regmean_fast.split_bf16x3.default, (x,))
     torch.library.opcheck(torch.ops.regmean_fast.addmm_bf16x3_.default,
                           (torch.zeros(4, 5), torch.randn(4, 6).bfloat16(), ops.split_bf16x3(x), 0.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_merge_on_cuda_takes_the_exact_path_and_agrees_with_cpu(tmp_path, monkeypatch):
+    from test_merge_common import make_activations, make_models, read_folder, save_model, write_gram_files
+
+    import importlib
+
+    from regmean_fast.merge import merge
+
+    if not ops.exact_bf16_products_available("cuda"):
+        pytest.skip("the compiled extension has no CUDA bf16x3 kernels")
+    method = importlib.import_module("regmean_fast.merge.methods.regmean")
+    _, models = make_models("llama", k=3, seed=4)
+    mods, acts = make_activations(models[0], 3, seed=4)
+    paths = [save_model(m.to(torch.bfloat16), tmp_path / f"m{i}") for i, m in enumerate(models)]
+    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
+    cfg = {"models": [{"model": p, "grams": gp} for p, gp in zip(paths, gpaths)], "out_dtype": "float32",
+           "parameters": {"alpha": 0.9}}
+    monkeypatch.setattr(method, "EXACT_BF16_MIN_DIM", 0)
+    merge(cfg, out=str(tmp_path / "cpu"))
+    devices = []
+    real = ops.addmm_bf16x3_
+    monkeypatch.setattr(ops, "addmm_bf16x3_", lambda C, *a: devices.append(C.device.type) or real(C, *a))
+    merge(cfg, out=str(tmp_path / "cuda"), device="cuda")
+    assert devices and set(devices) == {"cuda"}
+    cpu, gpu = read_folder(tmp_path / "cpu"), read_folder(tmp_path / "cuda")
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-4, atol=1e-5)

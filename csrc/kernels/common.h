@@ -43,13 +43,36 @@ RF_HOST_DEVICE float float_from_bits(uint32_t u) {
 // bfloat16 is the top half of an IEEE float: widening is a shift.
 RF_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) { return float_from_bits(static_cast<uint32_t>(bits) << 16); }
 
-// Round-to-nearest-even narrowing, used by tests and the CPU twins to make bf16 data.
-inline uint16_t float_to_bf16_bits(float f) {
+// The IEEE bits of f.
+RF_HOST_DEVICE uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+// Round-to-nearest-even narrowing (NaN stays a quiet NaN): the bf16 slices of split_bf16x3 on
+// both devices, and the data of tests and CPU twins.
+RF_HOST_DEVICE uint16_t float_to_bf16_bits(float f) {
+  uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+}
+
+// x as three bf16 slices, x == s0 + s1 + s2 exactly for normal numbers: s0 rounds x, s1 rounds
+// what s0 left (the low 16 significant bits, exact in fp32), s2 is the rest (exact, <= 8 bits).
+// One function for the CPU op and the CUDA kernel, so the CPU is the GPU's twin by construction.
+RF_HOST_DEVICE void split_bf16x3_value(float x, uint16_t* s0, uint16_t* s1, uint16_t* s2) {
+  const uint16_t h0 = float_to_bf16_bits(x);
+  const float r1 = x - bf16_bits_to_float(h0);
+  const uint16_t h1 = float_to_bf16_bits(r1);
+  *s0 = h0;
+  *s1 = h1;
+  *s2 = float_to_bf16_bits(r1 - bf16_bits_to_float(h1));
 }
 
 // IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, NaN).

@@ -344,15 +344,7 @@ void gemm_bf16_accumulate(int64_t m, int64_t n, int64_t k, float alpha, const ui
 
 void split_bf16x3_cpu(const float* x, int64_t n, uint16_t* out, const TaskRunner& runner) {
   runner.parallel_for(n, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const uint16_t h0 = float_to_bf16_bits(x[i]);
-      const float r1 = x[i] - bf16_bits_to_float(h0);  // exact: the low 16 significant bits of x
-      const uint16_t h1 = float_to_bf16_bits(r1);
-      const float r2 = r1 - bf16_bits_to_float(h1);  // exact, and fits in 8 bits
-      out[i] = h0;
-      out[n + i] = h1;
-      out[2 * n + i] = float_to_bf16_bits(r2);
-    }
+    for (int64_t i = b; i < e; ++i) split_bf16x3_value(x[i], &out[i], &out[n + i], &out[2 * n + i]);
   });
 }
 

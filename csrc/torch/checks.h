@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "../kernels/common.h"
 
@@ -130,6 +131,55 @@ inline void check_spd_solve_args(const at::Tensor& A, const at::Tensor& B) {
                     ", k], got shape ", B.sizes());
   TORCH_CHECK_VALUE(A.device() == B.device(), "spd_solve: A and B must be on one device, got ", A.device(), " and ",
                     B.device());
+}
+
+// split_bf16x3: x float32 (any shape); allocates out [3, *x.shape] bfloat16, returns x contiguous.
+inline at::Tensor split_bf16x3_operands(const at::Tensor& x, at::Tensor* out) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "split_bf16x3: x must be float32, got ", x.scalar_type());
+  at::Tensor c = x.contiguous();
+  std::vector<int64_t> shape{3};
+  for (int64_t s : c.sizes()) shape.push_back(s);
+  *out = at::empty(shape, c.options().dtype(at::kBFloat16));
+  return c;
+}
+
+// addmm_bf16x3_'s operands as the GEMMs take them: A row-major ([m, k], unit column stride) or
+// column-major (a transposed view, trans_a) without a copy, else a contiguous copy; Bs contiguous.
+struct Bf16x3Operands {
+  at::Tensor a, b;
+  bool trans_a = false;
+  int64_t lda = 0, ldc = 0;
+  bool empty = false;
+};
+
+inline Bf16x3Operands check_addmm_bf16x3_args(const at::Tensor& C, const at::Tensor& A, const at::Tensor& Bs) {
+  TORCH_CHECK_TYPE(C.scalar_type() == at::kFloat, "addmm_bf16x3_: C must be float32, got ", C.scalar_type());
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kBFloat16 && Bs.scalar_type() == at::kBFloat16,
+                   "addmm_bf16x3_: A and Bs must be bfloat16, got ", A.scalar_type(), " and ", Bs.scalar_type());
+  TORCH_CHECK_VALUE(C.dim() == 2 && A.dim() == 2 && Bs.dim() == 3 && Bs.size(0) == 3,
+                    "addmm_bf16x3_: expected C [m, n], A [m, k], Bs [3, k, n], got ", C.sizes(), ", ", A.sizes(),
+                    ", ", Bs.sizes());
+  TORCH_CHECK_VALUE(A.size(0) == C.size(0) && A.size(1) == Bs.size(1) && Bs.size(2) == C.size(1),
+                    "addmm_bf16x3_: shapes do not chain: C ", C.sizes(), ", A ", A.sizes(), ", Bs ", Bs.sizes());
+  TORCH_CHECK_VALUE(C.stride(1) == 1 || C.size(1) == 1, "addmm_bf16x3_: C's rows must be contiguous");
+  TORCH_CHECK_VALUE(A.device() == C.device() && Bs.device() == C.device(),
+                    "addmm_bf16x3_: C, A and Bs must be on the same device, got ", C.device(), ", ", A.device(),
+                    " and ", Bs.device());
+  Bf16x3Operands op;
+  const int64_t k = A.size(1);
+  op.empty = C.size(0) == 0 || C.size(1) == 0 || k == 0;
+  op.a = A;
+  if (!(op.a.stride(1) == 1 || op.a.size(1) == 1)) {
+    if (op.a.stride(0) == 1) {
+      op.trans_a = true;
+    } else {
+      op.a = op.a.contiguous();
+    }
+  }
+  op.lda = op.trans_a ? op.a.stride(1) : (op.a.size(0) > 1 ? op.a.stride(0) : k);
+  op.ldc = C.size(0) > 1 ? C.stride(0) : C.size(1);
+  op.b = Bs.contiguous();
+  return op;
 }
 
 }  // namespace binding

@@ -42,10 +42,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cuda"] = true;
     d["cuda_reduce"] = true;     // gram_reduce / pack_triu / unpack_triu have CUDA kernels
     d["cuda_gram_wmma"] = true;  // tensor-core gram_update for bf16/fp16 on sm_80+
+    d["cuda_bf16x3"] = true;     // split_bf16x3 / addmm_bf16x3_ on CUDA (cublasGemmEx)
 #else
     d["cuda"] = false;
     d["cuda_reduce"] = false;
     d["cuda_gram_wmma"] = false;
+    d["cuda_bf16x3"] = false;
 #endif
     d["spd_solve"] = true;  // torch.ops.regmean_fast.spd_solve (CPU: LAPACK; CUDA: cuSOLVER Xpotrf)
     d["cuda_archs"] = std::string(RF_CUDA_ARCHS);

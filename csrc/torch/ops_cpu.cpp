@@ -77,45 +77,23 @@ std::tuple<at::Tensor, at::Tensor> spd_solve_cpu(const at::Tensor& A, const at::
 }
 
 at::Tensor split_bf16x3_cpu(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "split_bf16x3: x must be float32, got ", x.scalar_type());
-  const at::Tensor c = x.contiguous();
-  std::vector<int64_t> shape{3};
-  for (int64_t s : c.sizes()) shape.push_back(s);
-  at::Tensor out = at::empty(shape, c.options().dtype(at::kBFloat16));
+  at::Tensor out;
+  const at::Tensor c = split_bf16x3_operands(x, &out);
   kernels::split_bf16x3_cpu(c.const_data_ptr<float>(), c.numel(), reinterpret_cast<uint16_t*>(out.data_ptr()),
                             AtenRunner());
   return out;
 }
 
 void addmm_bf16x3_cpu(at::Tensor C, const at::Tensor& A, const at::Tensor& Bs, double alpha) {
-  TORCH_CHECK_TYPE(C.scalar_type() == at::kFloat, "addmm_bf16x3_: C must be float32, got ", C.scalar_type());
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kBFloat16 && Bs.scalar_type() == at::kBFloat16,
-                   "addmm_bf16x3_: A and Bs must be bfloat16, got ", A.scalar_type(), " and ", Bs.scalar_type());
-  TORCH_CHECK_VALUE(C.dim() == 2 && A.dim() == 2 && Bs.dim() == 3 && Bs.size(0) == 3,
-                    "addmm_bf16x3_: expected C [m, n], A [m, k], Bs [3, k, n], got ", C.sizes(), ", ", A.sizes(),
-                    ", ", Bs.sizes());
-  TORCH_CHECK_VALUE(A.size(0) == C.size(0) && A.size(1) == Bs.size(1) && Bs.size(2) == C.size(1),
-                    "addmm_bf16x3_: shapes do not chain: C ", C.sizes(), ", A ", A.sizes(), ", Bs ", Bs.sizes());
-  TORCH_CHECK_VALUE(C.stride(1) == 1 || C.size(1) == 1, "addmm_bf16x3_: C's rows must be contiguous");
+  const Bf16x3Operands op = check_addmm_bf16x3_args(C, A, Bs);
   TORCH_CHECK(kernels::have_bf16_gemm(), "addmm_bf16x3_: no bf16 GEMM (MKL) in this process");
+  if (op.empty) return;
   const int64_t m = C.size(0), n = C.size(1), k = A.size(1);
-  if (m == 0 || n == 0 || k == 0) return;
-  // A row-major ([m, k], unit column stride) or column-major (a transposed view): no copy either way.
-  at::Tensor a = A;
-  bool trans = false;
-  if (!(a.stride(1) == 1 || a.size(1) == 1)) {
-    if (a.stride(0) == 1) {
-      trans = true;
-    } else {
-      a = a.contiguous();
-    }
-  }
-  const int64_t lda = trans ? a.stride(1) : (a.size(0) > 1 ? a.stride(0) : k);
-  const at::Tensor b = Bs.contiguous();
-  const auto* bp = reinterpret_cast<const uint16_t*>(b.const_data_ptr());
+  const auto* bp = reinterpret_cast<const uint16_t*>(op.b.const_data_ptr());
   for (int p = 0; p < 3; ++p) {
-    kernels::gemm_bf16_accumulate(m, n, k, static_cast<float>(alpha), reinterpret_cast<const uint16_t*>(a.const_data_ptr()),
-                                  lda, trans, bp + p * k * n, n, C.data_ptr<float>(), C.size(0) > 1 ? C.stride(0) : n);
+    kernels::gemm_bf16_accumulate(m, n, k, static_cast<float>(alpha),
+                                  reinterpret_cast<const uint16_t*>(op.a.const_data_ptr()), op.lda, op.trans_a,
+                                  bp + p * k * n, n, C.data_ptr<float>(), op.ldc);
   }
 }
 

@@ -7,10 +7,12 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "../kernels/cuda/gram_cuda.h"
+#include "../kernels/cuda/products_cuda.h"
 #include "../kernels/cuda/reduce_cuda.h"
 #include "../kernels/cuda/solve_cuda.h"
 #include "checks.h"
@@ -124,6 +126,31 @@ std::tuple<at::Tensor, at::Tensor> spd_solve_cuda(const at::Tensor& A, const at:
   return {Xt.t(), info};
 }
 
+at::Tensor split_bf16x3_cuda(const at::Tensor& x) {
+  at::Tensor out;
+  const at::Tensor c = split_bf16x3_operands(x, &out);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(kernels::split_bf16x3_cuda(c.const_data_ptr<float>(), c.numel(),
+                                          reinterpret_cast<uint16_t*>(out.data_ptr()),
+                                          at::cuda::getCurrentCUDAStream()),
+               "split_bf16x3");
+  return out;
+}
+
+// Three bf16 tensor-core GEMMs with fp32 accumulation through cublasGemmEx, on torch's cuBLAS
+// handle for the current stream (it carries torch's workspace).
+void addmm_bf16x3_cuda(at::Tensor C, const at::Tensor& A, const at::Tensor& Bs, double alpha) {
+  const Bf16x3Operands op = check_addmm_bf16x3_args(C, A, Bs);
+  if (op.empty) return;
+  const c10::cuda::CUDAGuard guard(C.device());
+  const int64_t m = C.size(0), n = C.size(1), k = A.size(1);
+  const std::string err = kernels::gemm_bf16x3_accumulate_cuda(
+      at::cuda::getCurrentCUDABlasHandle(), m, n, k, static_cast<float>(alpha),
+      reinterpret_cast<const uint16_t*>(op.a.const_data_ptr()), op.lda, op.trans_a,
+      reinterpret_cast<const uint16_t*>(op.b.const_data_ptr()), n, k * n, C.data_ptr<float>(), op.ldc);
+  TORCH_CHECK(err.empty(), "addmm_bf16x3_: ", err);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regmean_fast, CUDA, m) {
@@ -133,6 +160,8 @@ TORCH_LIBRARY_IMPL(regmean_fast, CUDA, m) {
   m.impl("pack_triu", &pack_triu_cuda);
   m.impl("unpack_triu", &unpack_triu_cuda);
   m.impl("spd_solve", &spd_solve_cuda);
+  m.impl("split_bf16x3", &split_bf16x3_cuda);
+  m.impl("addmm_bf16x3_", &addmm_bf16x3_cuda);
 }
 
 }  // namespace binding

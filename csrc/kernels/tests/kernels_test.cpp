@@ -512,6 +512,34 @@ static void test_checks() {
   CHECK(!symmetry_stats_cpu(G.data(), d, threads).finite, "symmetry stats sees NaN in the lower triangle");
 }
 
+// split_bf16x3_value (the CPU op's and the CUDA kernel's one function): three bf16 slices that sum
+// exactly to x for normal numbers over the whole exponent range, each slice at most 2^-8 of the one
+// before, and the specials passed through the first slice.
+static void test_split_bf16x3() {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> mant(1.0, 2.0);
+  std::uniform_int_distribution<int> expo(-100, 100);
+  for (int t = 0; t < 20000; ++t) {
+    const float x = static_cast<float>((t % 2 ? -1.0 : 1.0) * std::ldexp(mant(rng), expo(rng)));
+    uint16_t s0, s1, s2;
+    split_bf16x3_value(x, &s0, &s1, &s2);
+    const double a = bf16_bits_to_float(s0), b = bf16_bits_to_float(s1), c = bf16_bits_to_float(s2);
+    CHECK(a + b + c == static_cast<double>(x), "split %.9g -> %.9g %.9g %.9g", x, a, b, c);
+    CHECK(std::fabs(b) <= std::ldexp(std::fabs(a), -8) && std::fabs(c) <= std::ldexp(std::fabs(b), -7),
+          "split slices shrink %.9g: %.9g %.9g %.9g", x, a, b, c);
+  }
+  const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(), 1.0f, -3.0f};
+  for (float x : specials) {
+    uint16_t s0, s1, s2;
+    split_bf16x3_value(x, &s0, &s1, &s2);
+    CHECK(bf16_bits_to_float(s0) == x, "split special %g", x);
+  }
+  uint16_t s0, s1, s2;
+  split_bf16x3_value(std::nanf(""), &s0, &s1, &s2);
+  CHECK(std::isnan(bf16_bits_to_float(s0)), "split keeps NaN in the first slice");
+}
+
 int main() {
   test_triangle_enumeration();
   test_ranges();
@@ -522,6 +550,7 @@ int main() {
   test_path_selection();
   test_reduce_and_packing();
   test_checks();
+  test_split_bf16x3();
   test_wmma_layout();
   test_wmma_kernel_twin();
   std::printf("kernels_test: %d checks, %d failures\n", g_checks, g_failures);
