@@ -564,7 +564,9 @@ def _run_sequential(args, model_dir, config, batches, device, dtype, signature, 
     with _Stop() as stop:
         run.run(stop, on_part_done, progress=not args.no_progress and ctx.is_main)
     ctx.sync(None, "the end of the statistics")
-    if _save_if_stopped(ctx, stop, run.complete, save_ckpt, ckpt, f"before {run.position()}"):
+    # complete yet stopped: under torchrun, another rank was interrupted
+    where = "with this rank's share done" if run.complete else f"before {run.position()}"
+    if _save_if_stopped(ctx, stop, run.complete, save_ckpt, ckpt, where):
         return EXIT_INTERRUPTED
     rc = _finish(args, run.collector, out, metadata, shard_size, None, ctx)
     _remove_checkpoint(ckpt)
