@@ -116,11 +116,12 @@ def _assert_grams_match(got, ref):
         assert got.metadata[k] == ref.metadata[k]
 
 
-def test_grams_two_ranks_equal_one_process_with_resume(tiny, tmp_path, capsys):
-    """2 ranks, each interrupted after its first batch (per-rank checkpoints, nothing written), then
+@pytest.mark.parametrize("mode", ["whole-model", "sequential"])
+def test_grams_two_ranks_equal_one_process_with_resume(mode, tiny, tmp_path, capsys):
+    """2 ranks, each interrupted after its first step (per-rank checkpoints, nothing written), then
     resumed through torchrun: the statistics equal one process's (counts exactly, Grams within the bound)."""
     root, model, data = tiny
-    common = ["--data", data, "--batch-size", "2", "--no-progress"]
+    common = ["--data", data, "--batch-size", "2", "--no-progress", *(["--sequential"] if mode == "sequential" else [])]
     one = tmp_path / "one.safetensors"
     assert main(["grams", model, *common, "--out", str(one)]) == 0
     capsys.readouterr()
@@ -139,7 +140,7 @@ def test_grams_two_ranks_equal_one_process_with_resume(tiny, tmp_path, capsys):
     assert "resuming" in r.stderr
     g1, g2 = load_grams(one), load_grams(out, verify=True)
     _assert_grams_match(g2, g1)
-    assert g2.metadata["ranks"] == 2 and g1.metadata["batches"] == 7
+    assert g2.metadata["ranks"] == 2 and g1.metadata["batches"] == 7 and g2.metadata["mode"] == mode
     assert not [f for f in os.listdir(tmp_path) if "checkpoint" in f]
 
 

@@ -9,6 +9,7 @@ import hf_tiny  # noqa: E402
 
 from regmean_fast import load_grams  # noqa: E402
 from regmean_fast.cli import main  # noqa: E402
+from regmean_fast.grams.command import checkpoint_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,145 @@ def test_sequential_falls_back(data, tmp_path, capsys):
     m = hf_tiny.save_tiny(tmp_path / "gpt2", "gpt2")
     gs, err = _grams(capsys, m, d, tmp_path / "g.safetensors", "--sequential")
     assert "not available for this model" in err and gs.metadata["mode"] == "whole-model"
+
+
+# ---- checkpoints and --resume in sequential mode (3 batches x (2 blocks + the head) = 9 steps)
+
+@pytest.fixture(scope="module")
+def llama_runs(data, tmp_path_factory):
+    """A tiny Llama, its uninterrupted sequential file and its whole-model file."""
+    root, d = data
+    tmp = tmp_path_factory.mktemp("seq-resume")
+    m = hf_tiny.save_tiny(tmp / "llama", "llama", max_shard_size="20KB")
+    files = {}
+    for mode, extra in (("seq", ["--sequential"]), ("whole", [])):
+        files[mode] = tmp / f"{mode}.safetensors"
+        assert main(["grams", m, "--data", d, "--out", str(files[mode]), "--batch-size", "4", "--no-progress",
+                     *extra]) == 0
+    return m, d, files
+
+
+def _seq(capsys, m, d, out, *extra):
+    rc = main(["grams", str(m), "--data", d, "--out", str(out), "--batch-size", "4", "--no-progress", "--sequential",
+               *map(str, extra)])
+    return rc, capsys.readouterr().err
+
+
+def _assert_same_file(a, b, whole):
+    assert open(a, "rb").read() == open(b, "rb").read()
+    gs, ref = load_grams(b, verify=True), load_grams(whole)
+    for k in ref.keys():
+        assert gs.count(k) == ref.count(k), k
+        torch.testing.assert_close(gs.gram(k), ref.gram(k), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_sequential_resume_identical(device, llama_runs, tmp_path, capsys, monkeypatch):
+    """Stopped mid-block and resumed (on CUDA the resumed block's Grams go back to the device)."""
+    m, d, files = llama_runs
+    out = tmp_path / "part.safetensors"
+    ckpt = checkpoint_path(str(out))
+    full = files["seq"]
+    if device != "cpu":
+        full = tmp_path / "full.safetensors"
+        assert _seq(capsys, m, d, full, "--device", device)[0] == 0
+    # stops mid block 0 (after 2 steps), mid block 1 (2 more), in the head (4 more), then finishes
+    for after, where in ((2, "decoder block 1 of 2, batch 3 of 3"), (2, "decoder block 2 of 2, batch 2 of 3"),
+                         (4, "the final norm and LM head, batch 3 of 3")):
+        monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", str(after))
+        rc, err = _seq(capsys, m, d, out, "--device", device, *(["--resume"] if os.path.exists(ckpt) else []))
+        assert rc == 130 and f"interrupted before {where}" in err and "--resume" in err, err
+        assert os.path.exists(ckpt) and not os.path.exists(out)
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+    rc, err = _seq(capsys, m, d, out, "--device", device, "--resume")
+    assert rc == 0 and "resuming from" in err, err
+    assert not os.path.exists(ckpt)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    _assert_same_file(full, out, files["whole"])
+
+
+def test_sequential_ctrl_c_then_resume(llama_runs, tmp_path, capsys, monkeypatch):
+    """A real SIGINT while block 2 is being loaded: 130, a checkpoint at that block, how to resume."""
+    import signal
+
+    from regmean_fast.grams import sequential as S
+
+    m, d, files = llama_runs
+    out = tmp_path / "part.safetensors"
+    real = S._materialize
+
+    def ctrl_c_at_block_2(module, prefix, *a):
+        if prefix == "model.layers.1":
+            signal.raise_signal(signal.SIGINT)
+        return real(module, prefix, *a)
+
+    monkeypatch.setattr(S, "_materialize", ctrl_c_at_block_2)
+    rc, err = _seq(capsys, m, d, out)
+    assert rc == 130 and "interrupted; finishing the current batch" in err
+    assert "interrupted before decoder block 2 of 2, batch 1 of 3" in err and "same command plus --resume" in err
+    assert not os.path.exists(out) and os.path.exists(checkpoint_path(str(out)))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    monkeypatch.setattr(S, "_materialize", real)
+    rc, err = _seq(capsys, m, d, out, "--resume")
+    assert rc == 0, err
+    _assert_same_file(files["seq"], out, files["whole"])
+
+
+def test_sequential_crash_resumes_from_periodic_checkpoint(llama_runs, tmp_path, capsys, monkeypatch):
+    """An error in block 2 with --checkpoint-every 1: the checkpoint written after block 1 resumes."""
+    from regmean_fast.grams import sequential as S
+
+    m, d, files = llama_runs
+    out = tmp_path / "part.safetensors"
+    ckpt = checkpoint_path(str(out))
+    real = S._materialize
+    seen = []
+
+    def fail_at_block_2(module, prefix, *a):
+        if prefix == "model.layers.1":
+            seen.append(os.path.exists(ckpt))
+            raise RuntimeError("simulated crash")
+        return real(module, prefix, *a)
+
+    monkeypatch.setattr(S, "_materialize", fail_at_block_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _seq(capsys, m, d, out, "--checkpoint-every", 1)
+    assert seen == [True] and not os.path.exists(out)
+    monkeypatch.setattr(S, "_materialize", real)
+    rc, err = _seq(capsys, m, d, out, "--resume", "--checkpoint-every", 1)
+    assert rc == 0 and "resuming from" in err and "at decoder block 2 of 2, batch 1 of 3" in err, err
+    _assert_same_file(files["seq"], out, files["whole"])
+
+
+def test_sequential_resume_refuses_other_runs(llama_runs, tmp_path, capsys, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m, d, files = llama_runs
+    out = tmp_path / "part.safetensors"
+    ckpt = checkpoint_path(str(out))
+    monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", "4")
+    assert _seq(capsys, m, d, out)[0] == 130
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+
+    def refused(argv, what):
+        before = open(ckpt, "rb").read()
+        rc = main(["grams", str(m), "--data", d, "--out", str(out), "--batch-size", "4", "--no-progress",
+                   "--resume", *map(str, argv)])
+        err = capsys.readouterr().err
+        assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, err
+        assert not os.path.exists(out) and open(ckpt, "rb").read() == before  # nothing written, nothing lost
+
+    refused(["--sequential", "--max-examples", 5], "another model, data or settings")
+    refused(["--sequential", "--dtype", "bf16"], "another model, data or settings")
+    refused([], "another model, data or settings")  # whole-model mode does not take it
+
+    with safe_open(ckpt, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, ckpt, metadata=dict(meta, version="0"))
+    refused(["--sequential"], "not a version-1 regmean_fast grams checkpoint")
+    save_file({k: v for k, v in tensors.items() if k != "hidden.2"}, ckpt, metadata=meta)
+    refused(["--sequential"], "hidden states of batch 2: missing")
+    save_file(dict(tensors, **{"hidden.0": tensors["hidden.0"][:, :-1].contiguous()}), ckpt, metadata=meta)
+    refused(["--sequential"], "hidden states of batch 0")

@@ -22,7 +22,10 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
           "fp16": "float16", "float16": "float16"}
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-_TEST_INTERRUPT_ENV = "REGMEAN_FAST_GRAMS_INTERRUPT_AFTER"  # tests: raise KeyboardInterrupt after N batches
+# tests: stop as a Ctrl-C does after N steps of a run (a step: one batch; --sequential: one batch through one part)
+_TEST_INTERRUPT_ENV = "REGMEAN_FAST_GRAMS_INTERRUPT_AFTER"
+CHECKPOINT_FORMAT = "regmean_fast grams checkpoint"
+CHECKPOINT_VERSION = "1"  # bump when the state or the tensors a checkpoint holds change meaning
 
 
 def register_grams(sub) -> argparse.ArgumentParser:
@@ -66,7 +69,8 @@ def register_grams(sub) -> argparse.ArgumentParser:
     g.add_argument("--packed", action="store_true", help="store the upper triangle only")
     g.add_argument("--shard-size", help="split into shards of about this size, e.g. 2GB")
     g.add_argument("--force", action="store_true", help="overwrite an existing output")
-    g.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N batches")
+    g.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="write a checkpoint every N batches (--sequential: every N decoder blocks)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_grams)
@@ -253,22 +257,30 @@ def _signature(args, model_dir: str, st_files: list[str], max_length: int) -> st
 # checkpoints
 
 
-def write_checkpoint(path: str, collector, signature: str, extra: dict | None = None) -> None:
+def write_checkpoint(path: str, collector, signature: str, mode: str, extra: dict | None = None) -> None:
+    """Atomically: the collector's state, the run's own position (extra; its "_tensors" become tensors)."""
     from safetensors.torch import save_file
 
     st = collector.state()
     meta = {k: v for k, v in st.items() if k != "grams"}
     extra = dict(extra or {})
     more = extra.pop("_tensors", {})
-    meta.update(extra)
+    meta.update(extra, mode=mode)
     tmp = f"{path}.tmp-{os.getpid()}"
     tensors = {"gram." + k: G.contiguous() for k, G in st["grams"].items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in more.items()})
-    save_file(tensors, tmp, metadata={"signature": signature, "state": json.dumps(meta)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                                          "signature": signature, "state": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a second Ctrl-C: leave the previous checkpoint, not a torso
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def read_checkpoint(path: str, signature: str) -> tuple[dict, dict]:
+def read_checkpoint(path: str, signature: str, mode: str) -> tuple[dict, dict]:
+    """-> (state with "grams", the other tensors); a checkpoint of another run or version is refused."""
     from safetensors import safe_open
 
     try:
@@ -277,15 +289,73 @@ def read_checkpoint(path: str, signature: str) -> tuple[dict, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise GramsError(f"unreadable checkpoint {path}: {e}") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise GramsError(
+            f"checkpoint {path} is not a version-{CHECKPOINT_VERSION} regmean_fast grams checkpoint "
+            f"(version {meta.get('version', 'none')}); delete it and rerun without --resume"
+        )
     if meta.get("signature") != signature:
         raise GramsError(
             f"checkpoint {path} was made with another model, data or settings; rerun with the same command "
             "or delete it"
         )
     state = json.loads(meta["state"])
+    if state.get("mode") != mode:
+        raise GramsError(f"checkpoint {path} is from a {state.get('mode')} run, this run is {mode}; "
+                         "rerun with the same command or delete it")
     state["grams"] = {k[5:]: v for k, v in tensors.items() if k.startswith("gram.")}
     others = {k: v for k, v in tensors.items() if not k.startswith("gram.")}
     return state, others
+
+
+class _Stop:
+    """Ctrl-C (or the test hook) asks the run to stop after its current step; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.flag = False
+        self.steps = 0
+        self.after = int(os.environ.get(_TEST_INTERRUPT_ENV, "0") or 0)
+        self._old = None
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.after and self.steps >= self.after:
+            self.flag = True
+
+    def _on_sigint(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        print("\nregmean_fast: interrupted; finishing the current batch and saving a checkpoint "
+              "(Ctrl-C again to abort without one)", file=sys.stderr)
+
+    def __enter__(self) -> "_Stop":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+def _save_if_stopped(ctx, stop: _Stop, finished: bool, save, ckpt: str, where: str) -> bool:
+    """After the loop, on every rank: if this rank stopped early (under torchrun: if any rank did), save the
+    checkpoint, say how to resume and return True (the command then exits with EXIT_INTERRUPTED)."""
+    stopped = stop.flag and not finished
+    if ctx.enabled:  # one rank interrupted: every rank saves its checkpoint and stops
+        stopped = ctx.all_sum([int(stopped)], "the interruption flags")[0] > 0
+    if not stopped:
+        return False
+    save()
+    ctx.log(f"interrupted {where}; checkpoint saved to {ckpt}. Resume with the same command plus --resume")
+    return True
+
+
+def _remove_checkpoint(ckpt: str) -> None:
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,25 +456,10 @@ def _run(args) -> int:
               "at once", file=sys.stderr)
         args.sequential = False
         metadata["mode"] = "whole-model"
+    ckpt = checkpoint_path(out, ctx.rank, ctx.world)
     if args.sequential:
-        if args.checkpoint_every or args.resume:
-            raise GramsError("--checkpoint-every / --resume are not supported with --sequential")
-        from .sequential import run_sequential
-
-        ctx.sync(None, "the start")
-        if batches:
-            collector, fisher = run_sequential(model_dir, config, batches, device=device, dtype=dtype,
-                                               include=args.include, exclude=args.exclude,
-                                               include_padding=args.include_padding, share_inputs=not args.no_share,
-                                               progress=not args.no_progress and ctx.is_main, fisher=args.fisher)
-        else:  # more ranks than batches: this rank contributes nothing
-            from .collect import GramCollector
-
-            collector, fisher = GramCollector(meta_model(config, args.trust_remote_code), include=args.include,
-                                              exclude=args.exclude, include_padding=args.include_padding,
-                                              share_inputs=not args.no_share), None
-        ctx.sync(None, "the end of the statistics")
-        return _finish(args, collector, out, metadata, shard_size, fisher, ctx)
+        return _run_sequential(args, model_dir, config, batches, device, dtype, signature, ckpt, out, metadata,
+                               shard_size, ctx)
 
     from .collect import GramCollector
 
@@ -417,16 +472,14 @@ def _run(args) -> int:
 
         fisher_acc = FisherAccumulator(model)
     start = 0
-    ckpt = checkpoint_path(out, ctx.rank, ctx.world)
     if args.resume:
-        state, others = read_checkpoint(ckpt, signature)
+        state, others = read_checkpoint(ckpt, signature, "whole-model")
         collector.load_state(state, device=device)
         start = int(state["done_batches"])
         if fisher_acc is not None:
             fisher_acc.load_state(others, int(state.get("fisher_examples", 0)), device)
         print(f"regmean_fast: resuming from {ckpt} after {start} of {len(batches)} batches", file=sys.stderr)
 
-    interrupt_after = int(os.environ.get(_TEST_INTERRUPT_ENV, "0") or 0)
     n_examples = sum(b.n_examples for b in batches)
     done_examples = sum(b.n_examples for b in batches[:start])
     bar = None
@@ -437,63 +490,41 @@ def _run(args) -> int:
                    file=sys.stderr)
     tokens_run, t0 = 0, time.perf_counter()
     done = start
-    stop = {"flag": False}
-
-    def on_sigint(signum, frame):
-        if stop["flag"]:
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        print("\nregmean_fast: interrupted; finishing the current batch and saving a checkpoint "
-              "(Ctrl-C again to abort without one)", file=sys.stderr)
 
     def save_ckpt(n_done):
         extra = {"done_batches": n_done}
         if fisher_acc is not None:
             extra["fisher_examples"] = fisher_acc.examples
             extra["_tensors"] = fisher_acc.state_tensors()
-        write_checkpoint(ckpt, collector, signature, extra)
+        write_checkpoint(ckpt, collector, signature, "whole-model", extra)
 
     ctx.sync(None, "the start")  # every rank has its model and data (else all stop here)
-    in_main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main else None
-    try:
-        with collector, torch.no_grad():
-            for i in range(start, len(batches)):
-                if stop["flag"]:
-                    break
-                b = batches[i]
-                kw = {k: v.to(device) for k, v in b.model_kwargs().items()}
-                model(**kw)
-                collector.finish()
-                if fisher_acc is not None:
-                    with torch.enable_grad(), collector.paused():
-                        fisher_acc.add_batch(b, device)
-                done = i + 1
-                tokens_run += b.n_tokens
-                if bar is not None:
-                    el = time.perf_counter() - t0
-                    bar.update(b.n_examples)
-                    bar.set_postfix_str(f"{tokens_run / max(el, 1e-9):,.0f} tok/s", refresh=False)
-                if args.checkpoint_every and done % args.checkpoint_every == 0 and done < len(batches):
-                    save_ckpt(done)
-                if interrupt_after and done - start >= interrupt_after:
-                    stop["flag"] = True
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, old_handler)
+    with _Stop() as stop, collector, torch.no_grad():
+        for i in range(start, len(batches)):
+            if stop.flag:
+                break
+            b = batches[i]
+            kw = {k: v.to(device) for k, v in b.model_kwargs().items()}
+            model(**kw)
+            collector.finish()
+            if fisher_acc is not None:
+                with torch.enable_grad(), collector.paused():
+                    fisher_acc.add_batch(b, device)
+            done = i + 1
+            tokens_run += b.n_tokens
+            if bar is not None:
+                el = time.perf_counter() - t0
+                bar.update(b.n_examples)
+                bar.set_postfix_str(f"{tokens_run / max(el, 1e-9):,.0f} tok/s", refresh=False)
+            if args.checkpoint_every and done % args.checkpoint_every == 0 and done < len(batches):
+                save_ckpt(done)
+            stop.step()
     ctx.sync(None, "the end of the statistics")
-    stopped = stop["flag"] and done < len(batches)
-    if ctx.enabled:  # one rank interrupted: every rank saves its checkpoint and stops
-        stopped = ctx.all_sum([int(stopped)], "the interruption flags")[0] > 0
-    if stopped:
-        if bar is not None:
-            bar.close()
-        save_ckpt(done)
-        ctx.log(f"interrupted after {done} of {len(batches)} batches; checkpoint saved to {ckpt}. "
-                "Resume with the same command plus --resume")
-        return EXIT_INTERRUPTED
     if bar is not None:
         bar.close()
+    if _save_if_stopped(ctx, stop, done == len(batches), lambda: save_ckpt(done), ckpt,
+                        f"after {done} of {len(batches)} batches"):
+        return EXIT_INTERRUPTED
     fisher = fisher_acc.result() if fisher_acc is not None else None
     if fisher_acc is not None:
         metadata["fisher_examples"] = fisher_acc.examples
@@ -505,8 +536,40 @@ def _run(args) -> int:
         summed = reduce_tensor_dict(ctx, fisher_acc.sums, "the Fisher sums")
         fisher = {n: F.detach().cpu() for n, F in summed.items()} if ctx.is_main else None
     rc = _finish(args, collector, out, metadata, shard_size, fisher, ctx)
-    if os.path.exists(ckpt):
-        os.remove(ckpt)
+    _remove_checkpoint(ckpt)
+    return rc
+
+
+def _run_sequential(args, model_dir, config, batches, device, dtype, signature, ckpt, out, metadata, shard_size,
+                    ctx) -> int:
+    """--sequential: checkpoints hold the position (part, batch) and the host cache of hidden states."""
+    from .sequential import SequentialRun
+
+    run = SequentialRun(model_dir, config, batches, device=device, dtype=dtype, include=args.include,
+                        exclude=args.exclude, include_padding=args.include_padding, share_inputs=not args.no_share,
+                        trust_remote_code=args.trust_remote_code)
+    if args.resume:
+        state, others = read_checkpoint(ckpt, signature, "sequential")
+        run.load_checkpoint(state, others, ckpt)
+        print(f"regmean_fast: resuming from {ckpt} at {run.position()}", file=sys.stderr)
+
+    def save_ckpt():
+        write_checkpoint(ckpt, run.collector, signature, "sequential", run.checkpoint_extra())
+
+    def on_part_done(li):
+        if args.checkpoint_every and (li + 1) % args.checkpoint_every == 0 and not run.complete:
+            save_ckpt()
+
+    ctx.sync(None, "the start")
+    with _Stop() as stop:
+        run.run(stop, on_part_done, progress=not args.no_progress and ctx.is_main)
+    ctx.sync(None, "the end of the statistics")
+    # complete yet stopped: under torchrun, another rank was interrupted
+    where = "with this rank's share done" if run.complete else f"before {run.position()}"
+    if _save_if_stopped(ctx, stop, run.complete, save_ckpt, ckpt, where):
+        return EXIT_INTERRUPTED
+    rc = _finish(args, run.collector, out, metadata, shard_size, None, ctx)
+    _remove_checkpoint(ckpt)
     return rc
 
 

@@ -107,18 +107,25 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
                                        label=row.get(label_field) if label_field else None))
         elif fmt == "parquet":
             try:
+                import pyarrow as pa
                 import pyarrow.parquet as pq
             except ImportError:
-                raise GramsError("reading Parquet needs the pyarrow package (pip install pyarrow)") from None
-            table = pq.read_table(path)
-            if text_field not in table.column_names:
-                raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
-            labels = table.column(label_field).to_pylist() if label_field and label_field in table.column_names \
-                else None
-            for i, txt in enumerate(table.column(text_field).to_pylist()):
+                raise GramsError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") \
+                    from None
+            try:
+                pf = pq.ParquetFile(path)
+                cols = pf.schema_arrow.names
+                if text_field not in cols:
+                    raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
+                has_label = bool(label_field) and label_field in cols and label_field != text_field
+                table = pf.read(columns=[text_field, label_field] if has_label else [text_field])  # only these
+            except pa.ArrowException as e:  # empty, truncated or not Parquet at all
+                raise GramsError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            labels = table.column(label_field).to_pylist() if has_label else None
+            for i, txt in enumerate(table.column(text_field).to_pylist(), 1):
                 if not isinstance(txt, str):
                     raise GramsError(f"{path}: row {i}: column {text_field!r} is not a string")
-                out.append(Example(where=f"row {i}", text=txt, label=labels[i] if labels else None))
+                out.append(Example(where=f"row {i}", text=txt, label=labels[i - 1] if labels else None))
     except UnicodeDecodeError as e:
         raise GramsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:

@@ -5,6 +5,7 @@ only for its turn, then freed. Hidden states of all batches live on the host bet
 pass of the real model with every decoder block replaced by an identity records what each block is
 called with (causal / sliding-window masks, rotary position embeddings, position ids), so nothing
 about masks is re-implemented here. Peak device memory: one block plus one batch of activations.
+A run stops and resumes at any (part, batch) position: see SequentialRun.
 """
 
 from __future__ import annotations
@@ -88,103 +89,197 @@ def _to(obj, device):
     return obj
 
 
-def run_sequential(model_dir, config, batches, device, dtype, include=None, exclude=None, include_padding=False,
-                   share_inputs=True, progress=True, fisher=False, trust_remote_code=False):
-    """-> (GramCollector with every Gram, None). batches: data.Batch objects."""
-    from .collect import GramCollector
-    from .command import meta_model
+class SequentialRun:
+    """The blocks over the batches, resumable at any (part, batch) position.
 
-    if fisher:
-        raise GramsError("--fisher needs whole-model mode (drop --sequential)")
-    model = meta_model(config, trust_remote_code)
-    model.eval()
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
-    base_prefix = getattr(model, "base_model_prefix", "model") if base is not model else ""
-    pre = (base_prefix + ".") if base_prefix else ""
-    layers = base.layers
-    collector = GramCollector(model, include=include, exclude=exclude, include_padding=include_padding,
-                              share_inputs=share_inputs)
-    reader = _WeightReader(model_dir)
+    Parts 0..L-1 are the decoder blocks, part L the final norm and what reads it (the LM head). The
+    position is the next (part, batch) to run: hidden[b] is the input of that part for b >= batch and of
+    the next part for b < batch. So the Grams so far, the position and the host cache of hidden states are
+    all a checkpoint needs (checkpoint_extra / load_checkpoint); the block arguments (masks, rotary
+    embeddings) are recomputed by the cheap identity pass instead of being stored.
+    """
 
-    # --- 1. embeddings + one pass with identity blocks: the host cache of hidden states and block kwargs
-    _materialize(base.embed_tokens, pre + "embed_tokens", reader, device, dtype)
-    _materialize(base.norm, pre + "norm", reader, device, dtype)
-    with torch.device(device):  # its inv_freq is a non-persistent buffer: recompute it, as loading does
-        base.rotary_emb = type(base.rotary_emb)(config=config)
-    calls: list = []
-    saved_forwards = []
+    def __init__(self, model_dir, config, batches, device, dtype, include=None, exclude=None,
+                 include_padding=False, share_inputs=True, trust_remote_code=False):
+        from .collect import GramCollector
+        from .command import meta_model
 
-    def make_stub(i):
-        def stub(hidden_states, *args, **kwargs):
-            calls.append((i, hidden_states, args, kwargs))
-            return hidden_states
+        self.model = meta_model(config, trust_remote_code).eval()
+        prefix = getattr(self.model, "base_model_prefix", "model")
+        self.base = getattr(self.model, prefix, self.model)
+        self.pre = f"{prefix}." if self.base is not self.model and prefix else ""
+        self.layers = self.base.layers
+        self.collector = GramCollector(self.model, include=include, exclude=exclude,
+                                       include_padding=include_padding, share_inputs=share_inputs)
+        self.config, self.batches, self.device, self.dtype = config, batches, device, dtype
+        self.reader = _WeightReader(model_dir)
+        self.part, self.batch = (0, 0) if batches else (self.n_parts, 0)  # no batches: nothing to run
+        self.hidden: list[torch.Tensor] | None = None  # per batch, on the host
+        self._layer_kwargs: list | None = None  # per batch: per block (args, kwargs), on the host
 
-        return stub
+    @property
+    def n_parts(self) -> int:
+        return len(self.layers) + 1
 
-    for i, layer in enumerate(layers):
-        saved_forwards.append(layer.forward)
-        layer.forward = make_stub(i)
-    hidden: list[torch.Tensor] = []
-    layer_kwargs: list[list] = []  # per batch: per layer (args, kwargs) on the host
-    try:
-        with torch.no_grad():
-            for b in batches:
-                calls.clear()
-                kw = {k: v.to(device) for k, v in b.model_kwargs().items()}
-                base(**kw, use_cache=False)
-                hidden.append(calls[0][1].to("cpu"))
-                memo: dict = {}
+    @property
+    def complete(self) -> bool:
+        return self.part >= self.n_parts
 
-                def host(o):
-                    if torch.is_tensor(o):
-                        if id(o) not in memo:
-                            memo[id(o)] = o.to("cpu")
-                        return memo[id(o)]
-                    if isinstance(o, (tuple, list)):
-                        return type(o)(host(x) for x in o)
-                    if isinstance(o, dict):
-                        return {k: host(v) for k, v in o.items()}
-                    return o
+    def position(self) -> str:
+        """Where the run stands, for messages."""
+        L, n = len(self.layers), len(self.batches)
+        if self.complete:
+            return "the end"
+        part = f"decoder block {self.part + 1} of {L}" if self.part < L else "the final norm and LM head"
+        return f"{part}, batch {self.batch + 1} of {n}"
 
-                layer_kwargs.append([(host(a), host(k)) for _, _, a, k in calls])
-    finally:
-        for layer, fwd in zip(layers, saved_forwards):
-            del layer.forward
-    _free(base.embed_tokens)
-    if len(layer_kwargs[0]) != len(layers):
-        raise GramsError("--sequential: the model did not call every decoder block once")
+    # ---- checkpoints
+    def checkpoint_extra(self) -> dict:
+        """The position and, unless complete, the hidden states (extra for command.write_checkpoint)."""
+        hidden = {} if self.complete or self.hidden is None else \
+            {f"hidden.{i}": h for i, h in enumerate(self.hidden)}
+        return {"part": self.part, "batch": self.batch, "_tensors": hidden}
 
-    # --- 2. block by block
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def load_checkpoint(self, state: dict, tensors: dict, where: str) -> None:
+        """Continue from a checkpoint's state (validated against this run: one-line GramsError)."""
+        def bad(why):
+            return GramsError(f"checkpoint {where} does not fit this run ({why}); delete it or rerun the command "
+                              "that wrote it")
 
-        bar = tqdm(total=len(layers) * len(batches), unit="batch", desc="grams (sequential)", file=sys.stderr)
-    with collector, torch.no_grad():
-        for li, layer in enumerate(layers):
-            _materialize(layer, f"{pre}layers.{li}", reader, device, dtype)
-            for bi, b in enumerate(batches):
-                collector.begin_batch(b.attention_mask) if li == 0 else collector.begin_batch_same(b.attention_mask)
-                args, kwargs = layer_kwargs[bi][li]
-                out = layer(hidden[bi].to(device), *_to(args, device), **_to(kwargs, device))
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                hidden[bi] = out.to("cpu")
-                if bar is not None:
-                    bar.update(1)
-            collector.finish()
-            _free(layer)
-            collector.offload_to("cpu")
-        # --- 3. final norm and whatever reads it (the LM head): only its input is needed
-        heads = [n for n in collector.order if not n.startswith(f"{pre}layers.")]
-        for bi, b in enumerate(batches):
-            collector.begin_batch_same(b.attention_mask)
-            x = base.norm(hidden[bi].to(device))
-            for n in heads:
-                collector.observe(n, x)
-        collector.finish()
-    if bar is not None:
-        bar.close()
-    _free(base.norm)
-    collector.offload_to("cpu")
-    return collector, None
+        try:
+            part, batch = int(state["part"]), int(state["batch"])
+        except (KeyError, TypeError, ValueError):
+            raise bad("no sequential position") from None
+        n = len(self.batches)
+        if not (0 <= part < self.n_parts and 0 <= batch < n or part == self.n_parts and batch == 0):
+            raise bad(f"position part {part}, batch {batch} of {self.n_parts} parts, {n} batches")
+        hidden = None
+        if part < self.n_parts:
+            hidden = [tensors.get(f"hidden.{i}") for i in range(n)]
+            d = self.config.hidden_size
+            for i, (h, b) in enumerate(zip(hidden, self.batches)):
+                want = (*b.attention_mask.shape, d)
+                if h is None or tuple(h.shape) != want or h.dtype != self.dtype:
+                    got = "missing" if h is None else f"{tuple(h.shape)} {h.dtype}"
+                    raise bad(f"hidden states of batch {i}: {got}, expected {want} {self.dtype}")
+            if len(tensors) != n:
+                raise bad(f"{len(tensors)} hidden-state tensors for {n} batches")
+        self.collector.load_state(state, device="cpu")  # finished parts' Grams stay on the host
+        self.part, self.batch, self.hidden = part, batch, hidden
+
+    # ---- running
+    def _prepare(self) -> None:
+        """Embeddings + one pass with identity blocks: what each block is called with, and (when starting
+        afresh) the hidden states entering block 0."""
+        base, dev = self.base, self.device
+        _materialize(base.embed_tokens, self.pre + "embed_tokens", self.reader, dev, self.dtype)
+        _materialize(base.norm, self.pre + "norm", self.reader, dev, self.dtype)
+        with torch.device(dev):  # its inv_freq is a non-persistent buffer: recompute it, as loading does
+            base.rotary_emb = type(base.rotary_emb)(config=self.config)
+        calls: list = []
+
+        def make_stub(i):
+            def stub(hidden_states, *args, **kwargs):
+                calls.append((i, hidden_states, args, kwargs))
+                return hidden_states
+
+            return stub
+
+        for i, layer in enumerate(self.layers):
+            layer.forward = make_stub(i)  # an instance attribute over the class's forward, deleted below
+        fresh = self.hidden is None  # resumed: the checkpoint's hidden states, not a second copy
+        hidden: list[torch.Tensor] = []
+        self._layer_kwargs = []
+        try:
+            with torch.no_grad():
+                for b in self.batches:
+                    calls.clear()
+                    kw = {k: v.to(dev) for k, v in b.model_kwargs().items()}
+                    base(**kw, use_cache=False)
+                    if fresh:
+                        hidden.append(calls[0][1].to("cpu").contiguous())
+                    memo: dict = {}
+
+                    def host(o):
+                        if torch.is_tensor(o):
+                            if id(o) not in memo:
+                                memo[id(o)] = o.to("cpu")
+                            return memo[id(o)]
+                        if isinstance(o, (tuple, list)):
+                            return type(o)(host(x) for x in o)
+                        if isinstance(o, dict):
+                            return {k: host(v) for k, v in o.items()}
+                        return o
+
+                    self._layer_kwargs.append([(host(a), host(k)) for _, _, a, k in calls])
+        finally:
+            for layer in self.layers:
+                del layer.forward
+        _free(base.embed_tokens)
+        if len(self._layer_kwargs[0]) != len(self.layers):
+            raise GramsError("--sequential: the model did not call every decoder block once")
+        if fresh:
+            self.hidden = hidden
+
+    def _part_keys(self, li: int) -> list[str]:
+        """The Gram keys that part li accumulates."""
+        blocks = f"{self.pre}layers."
+        if li < len(self.layers):
+            return [k for k in self.collector.grams if k.startswith(f"{blocks}{li}.")]
+        return [k for k in self.collector.grams if not k.startswith(blocks)]
+
+    def run(self, stop, on_part_done=None, progress: bool = True) -> None:
+        """From the current position until complete or stop.flag (checked before every batch; stop.step()
+        after every batch). on_part_done(li) after each finished part."""
+        if self.complete:
+            return
+        self._prepare()
+        L, n, dev, c = len(self.layers), len(self.batches), self.device, self.collector
+        heads = [m for m in c.order if not m.startswith(f"{self.pre}layers.")]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.n_parts * n, initial=self.part * n + self.batch, unit="batch",
+                       desc="grams (sequential)", file=sys.stderr)
+        with c, torch.no_grad():
+            while not self.complete and not stop.flag:
+                li = self.part
+                layer = self.layers[li] if li < L else None
+                if layer is not None:
+                    _materialize(layer, f"{self.pre}layers.{li}", self.reader, dev, self.dtype)
+                for k in self._part_keys(li):  # resumed mid-part: its Grams go back to the device
+                    c.grams[k] = c.grams[k].to(dev)
+                for bi in range(self.batch, n):
+                    if stop.flag:
+                        break
+                    b = self.batches[bi]
+                    c.begin_batch(b.attention_mask) if li == 0 else c.begin_batch_same(b.attention_mask)
+                    if layer is not None:
+                        args, kwargs = self._layer_kwargs[bi][li]
+                        out = layer(self.hidden[bi].to(dev), *_to(args, dev), **_to(kwargs, dev))
+                        if isinstance(out, (tuple, list)):
+                            out = out[0]
+                        self.hidden[bi] = out.to("cpu").contiguous()
+                    else:  # the final norm and whatever reads it (the LM head): only its input is needed
+                        x = self.base.norm(self.hidden[bi].to(dev))
+                        for m in heads:
+                            c.observe(m, x)
+                    self.batch = bi + 1
+                    if bar is not None:
+                        bar.update(1)
+                    stop.step()
+                c.finish()
+                if layer is not None:
+                    _free(layer)
+                if self.batch < n:
+                    break  # stopped mid-part
+                c.offload_to("cpu")
+                self.part, self.batch = li + 1, 0
+                if on_part_done is not None:
+                    on_part_done(li)
+        if bar is not None:
+            bar.close()
+        _free(self.base.norm)
+        if self.complete:
+            self.hidden = None
