@@ -52,6 +52,18 @@ inline uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// x == bf16(out[0]) + bf16(out[stride]) + bf16(out[2 * stride]) exactly (for normal numbers): the
+// first slice is x rounded to bf16, the second the rounded remainder, the third the rest.
+inline void split_bf16x3(float x, uint16_t* out, int64_t stride) {
+  const uint16_t h0 = float_to_bf16_bits(x);
+  const float r1 = x - bf16_bits_to_float(h0);  // exact: the low 16 significant bits of x
+  const uint16_t h1 = float_to_bf16_bits(r1);
+  const float r2 = r1 - bf16_bits_to_float(h1);  // exact, and fits in 8 bits
+  out[0] = h0;
+  out[stride] = h1;
+  out[2 * stride] = float_to_bf16_bits(r2);
+}
+
 // IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, NaN).
 RF_HOST_DEVICE float f16_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

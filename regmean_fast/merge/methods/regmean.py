@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ... import ops
-from ...solve import EXACT_BF16_MIN_DIM, NORMALIZATIONS, add_model_term, gram_scales, robust_spd_solve
+from ...solve import EXACT_BF16_MIN_DIM, NORMALIZATIONS, add_rhs, gram_scales, model_term, robust_spd_solve_
 from ..errors import MergeError
 from .base import MergeMethod, check_unit_interval, weighted_average
 
@@ -23,7 +23,9 @@ class GroupInputs:
     """One shared-input group: members are parameter names; conv1d[m] says member m is stored [in, out].
 
     load_weight(i, m) -> member m of model i as stored (its own dtype), on the device;
-    load_gram(i) -> model i's raw fp32 Gram [d, d] on the device (validated); count(i) -> its tokens."""
+    load_gram(i) -> model i's raw fp32 Gram [d, d] on the device, contiguous, possibly not validated yet:
+    check_gram(i, stats) raises on invalid ops.symmetry_stats; count(i) -> its tokens;
+    scratch(name, shape, dtype) -> a reusable buffer (contents undefined) or None to allocate."""
 
     members: list
     conv1d: list
@@ -32,6 +34,8 @@ class GroupInputs:
     load_gram: Callable
     count: Callable
     coeffs: list
+    check_gram: Callable = lambda i, stats: None
+    scratch: Callable | None = None
 
 
 class RegMean(MergeMethod):
@@ -50,41 +54,48 @@ class RegMean(MergeMethod):
         return weighted_average(inputs)
 
     def merge_group(self, g: GroupInputs, params: dict, solve_dtype: torch.dtype):
+        """-> (merged members, each [d_out, d_in] or stored [in, out] for Conv1D; SolveReport). The outputs
+        may be views of g.scratch buffers, valid until the next group."""
         alpha = params["alpha"]
         counts = [g.count(i) for i in range(g.k)]
         factors = [c * s for c, s in zip(g.coeffs, gram_scales(counts, g.k, params["normalization"]))]
+
+        def buffer(name, shape, dtype, device):
+            return g.scratch(name, shape, dtype) if g.scratch is not None else torch.empty(shape, dtype=dtype,
+                                                                                             device=device)
         A = Bt = None
         widths = None
         for i in range(g.k):
-            G = g.load_gram(i).to(solve_dtype)
-            # bf16 checkpoints: W G through exact bf16x3 products (fp32-accurate, AMX-fast), G split once.
-            fast = (solve_dtype == torch.float32 and G.size(0) >= EXACT_BF16_MIN_DIM
-                    and ops.exact_bf16_products_available(G.device))
-            G_split = None
+            G = g.load_gram(i)
+            d = G.size(0)
             ws = []
             for m in range(len(g.members)):
                 w = g.load_weight(i, m)  # as stored
-                if fast and w.dtype == torch.bfloat16:
-                    if G_split is None:
-                        G_split = ops.split_bf16x3(G)
-                else:
-                    w = w.to(solve_dtype)
                 ws.append(w.T if g.conv1d[m] else w)  # oriented [d_out, d_in]
-                if ws[-1].size(1) != G.size(0):
-                    raise MergeError(f"{g.members[m]}: Gram of size {G.size(0)} for inputs of size {ws[-1].size(1)}")
+                if ws[-1].size(1) != d:
+                    raise MergeError(f"{g.members[m]}: Gram of size {d} for inputs of size {ws[-1].size(1)}")
             if widths is None:
                 widths = [w.size(0) for w in ws]
-                A = torch.zeros_like(G)
-                Bt = torch.zeros(sum(widths), G.size(0), dtype=solve_dtype, device=G.device)
+                A = buffer("A", (d, d), solve_dtype, G.device).zero_()
+                Bt = buffer("Bt", (sum(widths), d), solve_dtype, G.device).zero_()
+            # bf16 checkpoints: W S through exact bf16x3 products (fp32-accurate, AMX-fast).
+            split = (solve_dtype == torch.float32 and d >= EXACT_BF16_MIN_DIM and alpha != 0.0
+                     and all(w.dtype == torch.bfloat16 for w in ws) and ops.exact_bf16_products_available(G.device))
+            out = None
+            if solve_dtype == torch.float32 and alpha != 0.0:
+                out = buffer("S", (3, d, d) if split else (d, d), torch.bfloat16 if split else torch.float32, G.device)
+            S, stats = model_term(A, G, factors[i], alpha, split=split, out=out)
+            g.check_gram(i, stats)  # before S is used: a bad Gram stops here, named
+            del G
             # Each member's (transposed) right-hand side goes straight into its rows of Bt: no
-            # concatenated copy, every GEMM operand row-major; A is accumulated once per model.
+            # concatenated copy, every GEMM operand row-major.
             off = 0
             for m, W in enumerate(ws):
-                add_model_term(A if m == 0 else None, Bt[off:off + widths[m]], G, W, factors[i], alpha, G_split)
+                add_rhs(Bt[off:off + widths[m]], W, S)
                 off += widths[m]
-            del G, G_split, ws
-        X, report = robust_spd_solve(A, Bt.T)
+            del S, ws
+        report = robust_spd_solve_(A, Bt)
         outs = []
-        for m, part in enumerate(torch.split(X.T, widths, dim=0)):
-            outs.append(part.T.contiguous() if g.conv1d[m] else part.contiguous())
+        for m, part in enumerate(torch.split(Bt, widths, dim=0)):
+            outs.append(part.T.contiguous() if g.conv1d[m] else part)
         return outs, report
