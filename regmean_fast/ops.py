@@ -24,7 +24,7 @@ _SCHEMAS = {
     "split_bf16x3": "split_bf16x3(Tensor x) -> Tensor",
     "addmm_bf16x3_": "addmm_bf16x3_(Tensor(a!) C, Tensor A, Tensor Bs, float alpha) -> ()",
     "gram_term": "gram_term(Tensor G, float factor, float alpha, Tensor(a!)? A=None, Tensor(b!)? S=None) -> Tensor",
-    "spd_solve_": "spd_solve_(Tensor(a!) A, Tensor(b!) Bt) -> Tensor",
+    "spd_solve_": "spd_solve_(Tensor(a!) A, Tensor(b!) Bt, bool factored=False) -> Tensor",
 }
 
 
@@ -229,17 +229,21 @@ def check_spd_solve_inplace_args(A: torch.Tensor, Bt: torch.Tensor) -> None:
         raise ValueError(f"spd_solve_: A and Bt must be on one device, got {A.device} and {Bt.device}")
 
 
-def torch_spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+def torch_spd_solve_(A: torch.Tensor, Bt: torch.Tensor, factored: bool = False) -> torch.Tensor:
     """spd_solve_ in pure PyTorch: the contract of the compiled op through torch.linalg."""
     check_spd_solve_inplace_args(A, Bt)
-    U, status = torch.linalg.cholesky_ex(A, upper=True)
     info = torch.zeros(3, dtype=torch.int32, device=A.device)
-    info[0] = status
-    if int(status) == 0 and not bool(torch.isfinite(U).all()):
-        info[1] = 1
-    if int(info[0]) == 0 and int(info[1]) == 0:
-        Bt.copy_(torch.cholesky_solve(Bt.T, U, upper=True).T)
+    U = torch.triu(A)
+    if not factored:
+        U, status = torch.linalg.cholesky_ex(A, upper=True)
+        info[0] = status
+        if int(status) == 0 and not bool(torch.isfinite(U).all()):
+            info[1] = 1
+        if int(info[0]) != 0 or int(info[1]) != 0:
+            return info
         A.copy_(torch.triu(U) + torch.tril(A, diagonal=-1))
+    if Bt.size(0):
+        Bt.copy_(torch.cholesky_solve(Bt.T, U, upper=True).T)
     return info
 
 
@@ -422,17 +426,18 @@ def gram_term(G: torch.Tensor, factor: float, alpha: float, A: torch.Tensor | No
     return bool(finite), max_abs, max_asym, min_diag
 
 
-def spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+def spd_solve_(A: torch.Tensor, Bt: torch.Tensor, factored: bool = False) -> torch.Tensor:
     """In place: ``Bt <- Bt A^-1`` (the transposed solution X^T of ``A X = Bt^T``) for a symmetric positive
     definite A [d, d] (only its upper triangle is read) and Bt [k, d], contiguous, one float dtype.
 
     Returns int32 ``info = [potrf info, factor non-finite, potrs info]`` (as spd_solve). On success A's upper
     triangle holds the Cholesky factor U (A = U^T U); on failure A is restored from its strict lower triangle
-    (so a symmetric A is unchanged) and Bt is untouched. CPU: LAPACK (torch's MKL) on the buffers
-    themselves, no copies; elsewhere torch.linalg."""
+    (so a symmetric A is unchanged) and Bt is untouched. factored=True: A already holds U from a successful
+    call; only the solve runs (more right-hand sides, one factorisation). CPU: LAPACK (torch's MKL) on the
+    buffers themselves, no copies; elsewhere torch.linalg."""
     if A.device.type != "cpu" or not _ext.HAVE_EXTENSION:
-        return torch_spd_solve_(A, Bt)
-    return torch.ops.regmean_fast.spd_solve_(A, Bt)
+        return torch_spd_solve_(A, Bt, factored)
+    return torch.ops.regmean_fast.spd_solve_(A, Bt, factored)
 
 
 @torch.library.register_fake("regmean_fast::gram_term")
@@ -442,7 +447,7 @@ def _gram_term_fake(G, factor, alpha, A=None, S=None):
 
 
 @torch.library.register_fake("regmean_fast::spd_solve_")
-def _spd_solve_inplace_fake(A, Bt):
+def _spd_solve_inplace_fake(A, Bt, factored=False):
     check_spd_solve_inplace_args(A, Bt)
     return A.new_empty((3,), dtype=torch.int32)
 

@@ -129,12 +129,14 @@ def add_rhs(Bt: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> None:
         Bt.addmm_(W.to(S.dtype), S)
 
 
-def _cholesky_attempt(A: torch.Tensor, Bt: torch.Tensor) -> bool:
-    """One Cholesky solve, in place: True with Bt <- Bt A^-1, or False (factorisation failed: info > 0 or
-    a non-finite factor) with A and Bt as they were. CPU: LAPACK on the buffers (ops.spd_solve_);
-    CUDA: cuSOLVER (ops.spd_solve: Xpotrf + Xpotrs, one device-to-host copy of the info)."""
+def _cholesky_attempt(A: torch.Tensor, Bt: torch.Tensor | None) -> bool:
+    """One Cholesky attempt, in place: True with Bt <- Bt A^-1 (and, on the CPU, A's upper triangle
+    holding the factor), or False (info > 0 or a non-finite factor) with A and Bt as they were.
+    Bt=None factors only (CPU). CPU: LAPACK on the buffers (ops.spd_solve_); CUDA: cuSOLVER
+    (ops.spd_solve: Xpotrf + Xpotrs, one device-to-host copy of the info)."""
     if A.device.type == "cpu":
-        potrf_info, nonfinite, _ = ops.spd_solve_(A, Bt).tolist()
+        rhs = Bt if Bt is not None else A.new_empty((0, A.size(0)))
+        potrf_info, nonfinite, _ = ops.spd_solve_(A, rhs).tolist()
         return potrf_info == 0 and nonfinite == 0
     if ops.HAS_SPD_SOLVE_OP and A.dtype in (torch.float32, torch.float64) and Bt.dtype == A.dtype:
         X, info = ops.spd_solve(A, Bt.T)
@@ -149,17 +151,11 @@ def _cholesky_attempt(A: torch.Tensor, Bt: torch.Tensor) -> bool:
     return ok
 
 
-def robust_spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> SolveReport:
-    """Solve A X = Bt^T in place (Bt <- X^T = Bt A^-1) for symmetric positive (semi-)definite A [d, d] and
-    Bt [k, d], both contiguous; A is overwritten.
-
-    Cholesky first; when it fails (info > 0, or a non-finite factor, which CUDA can return with info == 0)
-    add lambda * mean(diag(A)) * I with lambda = 1e-6, 1e-5, ... up to 1e-1; then least squares.
-    """
-    if not ops.all_finite(A) or not ops.all_finite(Bt):
-        raise FloatingPointError("non-finite values in the system to solve")
+def _ridge_escalation(A: torch.Tensor, attempt) -> SolveReport:
+    """attempt() (a Cholesky attempt on A) as is, then with lambda * mean(diag(A)) * I added, lambda = 1e-6,
+    1e-5, ... up to 1e-1. Returns the report; method "lstsq" (A as given) when every attempt failed."""
     report = SolveReport()
-    if _cholesky_attempt(A, Bt):
+    if attempt():
         return report
     diag = torch.diagonal(A).clone()  # a failed attempt leaves A as it was
     scale = float(diag.abs().mean())
@@ -169,7 +165,7 @@ def robust_spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> SolveReport:
     while lam <= RIDGE_MAX * (1 + 1e-9):
         report.attempts += 1
         torch.diagonal(A).copy_(diag + lam * scale)
-        if _cholesky_attempt(A, Bt):
+        if attempt():
             report.method, report.ridge = "cholesky+ridge", lam
             return report
         lam *= 10.0
@@ -177,8 +173,31 @@ def robust_spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> SolveReport:
     report.attempts += 1
     report.method, report.ridge = "lstsq", 0.0
     report.notes.append("Cholesky failed even with a ridge of 1e-1 * mean(diag); used least squares")
-    X = torch.linalg.lstsq(A.double().cpu(), Bt.T.double().cpu(), driver="gelsd").solution
-    Bt.copy_(X.T)
+    return report
+
+
+def robust_cholesky_(A: torch.Tensor) -> SolveReport:
+    """Factor the CPU matrix A in place (its upper triangle becomes U, A = U^T U; see ops.spd_solve_) with
+    robust_spd_solve_'s ridge escalation; then ops.spd_solve_(A, Bt, factored=True) solves. Method "lstsq":
+    no factor (A as given), the caller must solve otherwise."""
+    if not ops.all_finite(A):
+        raise FloatingPointError("non-finite values in the system to solve")
+    return _ridge_escalation(A, lambda: _cholesky_attempt(A, None))
+
+
+def robust_spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> SolveReport:
+    """Solve A X = Bt^T in place (Bt <- X^T = Bt A^-1) for symmetric positive (semi-)definite A [d, d] and
+    Bt [k, d], both contiguous; A is overwritten.
+
+    Cholesky first; when it fails (info > 0, or a non-finite factor, which CUDA can return with info == 0)
+    add lambda * mean(diag(A)) * I with lambda = 1e-6, 1e-5, ... up to 1e-1; then least squares.
+    """
+    if not ops.all_finite(A) or not ops.all_finite(Bt):
+        raise FloatingPointError("non-finite values in the system to solve")
+    report = _ridge_escalation(A, lambda: _cholesky_attempt(A, Bt))
+    if report.method == "lstsq":
+        X = torch.linalg.lstsq(A.double().cpu(), Bt.T.double().cpu(), driver="gelsd").solution
+        Bt.copy_(X.T)
     return report
 
 

@@ -72,6 +72,31 @@ def test_folder_merge_matches_lstsq_and_loads(arch, tmp_path):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_wide_groups_solve_per_model_terms(tmp_path, monkeypatch, bf16):
+    """Two models: gate/up (2 x 48 rows for d_in 32, and lm_head) are wider than K d_in, so the merge solves
+    each model's d x d term and multiplies (regmean._solve_terms_then_multiply); the result is the same RegMean."""
+    import importlib
+
+    method = importlib.import_module("regmean_fast.merge.methods.regmean")
+    calls = []
+    real = method.RegMean._solve_terms_then_multiply
+    monkeypatch.setattr(method.RegMean, "_solve_terms_then_multiply",
+                        lambda self, g, *a: calls.append(g.members[0]) or real(self, g, *a))
+    if bf16:
+        monkeypatch.setattr(method, "EXACT_BF16_MIN_DIM", 0)  # the exact bf16x3 products at this size too
+    _, models = make_models("llama", k=2, seed=3)
+    if bf16:
+        models = [m.to(torch.bfloat16).float() for m in models]  # bf16 values, checked in fp64 below
+    mods, acts = make_activations(models[0], 2, seed=3)
+    paths = [save_model(m.to(torch.bfloat16) if bf16 else m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
+    merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)], "parameters": {"alpha": 0.9},
+           "out_dtype": "float32"}, out=str(tmp_path / "out"))
+    assert sum("gate_proj" in c for c in calls) == 2 and not any("q_proj" in c for c in calls)
+    _check_regmean(read_folder(tmp_path / "out"), models, mods, acts, 0.9)
+
+
 def test_matches_reference_implementation(tmp_path):
     from regmean_fast import reference
 

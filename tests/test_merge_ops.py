@@ -19,8 +19,8 @@ def gram_term(impl, G, factor, alpha, A=None, S=None):
     return bool(finite), max_abs, max_asym, min_diag
 
 
-def spd_solve_(impl, A, Bt):
-    return (ops.spd_solve_ if impl == "op" else ops.torch_spd_solve_)(A, Bt)
+def spd_solve_(impl, A, Bt, factored=False):
+    return (ops.spd_solve_ if impl == "op" else ops.torch_spd_solve_)(A, Bt, factored)
 
 
 def term_fp64(G: torch.Tensor, factor: float, alpha: float) -> torch.Tensor:
@@ -130,6 +130,22 @@ def test_spd_solve_inplace_matches_fp64(impl, dtype, d, n):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spd_solve_inplace_factored_solves_more_right_hand_sides(impl, dtype):
+    A64, Bt64, X = solve_case(90, 5, dtype, seed=4)
+    _, Ct64, _ = solve_case(90, 7, dtype, seed=5)
+    A = A64.to(dtype, copy=True)
+    assert spd_solve_(impl, A, torch.empty(0, 90, dtype=dtype)).tolist() == [0, 0, 0]  # factor only
+    U = A.clone()
+    for B64 in (Bt64, Ct64):
+        Bt = B64.to(dtype, copy=True)
+        assert spd_solve_(impl, A, Bt, True).tolist() == [0, 0, 0]
+        ref = torch.linalg.solve(A64, B64.T).T
+        assert float((Bt.double() - ref).abs().max() / ref.abs().max()) < (1e-5 if dtype == torch.float32 else 1e-12)
+    assert torch.equal(A, U)  # the factor is only read
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_spd_solve_inplace_failure_leaves_inputs(impl):
     A64, Bt64, _ = solve_case(50, 4, torch.float64)
     A64[20, 20] = -1.0  # not positive definite from the 21st leading minor on
@@ -159,3 +175,4 @@ def test_merge_ops_pass_opcheck():
                           (G, 0.5, 0.9, None, torch.zeros(3, 6, 6, dtype=torch.bfloat16)))
     A, Bt, _ = solve_case(6, 2, torch.float32)
     torch.library.opcheck(torch.ops.regmean_fast.spd_solve_.default, (A.float(), Bt.float()))
+    torch.library.opcheck(torch.ops.regmean_fast.spd_solve_.default, (A.float(), Bt.float(), True))

@@ -35,14 +35,20 @@ bool have_spd_solve() {
 }
 
 template <typename T>
-void spd_solve_inplace_cpu(T* A, int64_t d, T* Bt, int64_t n, int32_t info[3], const TaskRunner& runner) {
+void spd_solve_inplace_cpu(T* A, int64_t d, T* Bt, int64_t n, bool factored, int32_t info[3],
+                           const TaskRunner& runner) {
   info[0] = info[1] = info[2] = 0;
   if (d == 0) return;
-  std::vector<T> diag(static_cast<size_t>(d));
-  for (int64_t i = 0; i < d; ++i) diag[i] = A[i * d + i];
   // Row-major upper triangle = column-major lower: uplo "L".
   const int dd = static_cast<int>(d), nn = static_cast<int>(n);
   int status = 0;
+  if (factored) {
+    if (n > 0) Lapack<T>::potrs()("L", &dd, &nn, A, &dd, Bt, &dd, &status);
+    info[2] = status;
+    return;
+  }
+  std::vector<T> diag(static_cast<size_t>(d));
+  for (int64_t i = 0; i < d; ++i) diag[i] = A[i * d + i];
   Lapack<T>::potrf()("L", &dd, A, &dd, &status);
   info[0] = status;
   if (status == 0) {
@@ -71,8 +77,9 @@ void spd_solve_inplace_cpu(T* A, int64_t d, T* Bt, int64_t n, int32_t info[3], c
 
 template bool have_spd_solve<float>();
 template bool have_spd_solve<double>();
-template void spd_solve_inplace_cpu<float>(float*, int64_t, float*, int64_t, int32_t[3], const TaskRunner&);
-template void spd_solve_inplace_cpu<double>(double*, int64_t, double*, int64_t, int32_t[3], const TaskRunner&);
+template void spd_solve_inplace_cpu<float>(float*, int64_t, float*, int64_t, bool, int32_t[3], const TaskRunner&);
+template void spd_solve_inplace_cpu<double>(double*, int64_t, double*, int64_t, bool, int32_t[3],
+                                            const TaskRunner&);
 
 }  // namespace kernels
 }  // namespace regmean_fast

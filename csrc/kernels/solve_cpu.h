@@ -19,9 +19,12 @@ bool have_spd_solve();
 // non-finite, potrs info}, the layout of the CUDA spd_solve. On success (info[0] == info[1] == 0)
 // A's upper triangle holds the factor U (A = U^T U); otherwise A is restored from its strict lower
 // triangle and saved diagonal (unchanged when A was symmetric) and Bt is untouched.
+// factored: A's upper triangle already holds U (from an earlier successful call): potrs only, A is
+// not touched (this solves further right-hand sides with one factorisation).
 // Requires have_spd_solve<T>().
 template <typename T>
-void spd_solve_inplace_cpu(T* A, int64_t d, T* Bt, int64_t n, int32_t info[3], const TaskRunner& runner);
+void spd_solve_inplace_cpu(T* A, int64_t d, T* Bt, int64_t n, bool factored, int32_t info[3],
+                           const TaskRunner& runner);
 
 }  // namespace kernels
 }  // namespace regmean_fast

@@ -144,7 +144,7 @@ at::Tensor gram_term_cpu(const at::Tensor& G, double factor, double alpha, const
 
 // In place: Bt <- Bt A^-1 through LAPACK on the caller's buffers (kernels::spd_solve_inplace_cpu);
 // without LAPACK in the process, the same contract through torch.linalg.
-at::Tensor spd_solve_inplace_cpu(at::Tensor A, at::Tensor Bt) {
+at::Tensor spd_solve_inplace_cpu(at::Tensor A, at::Tensor Bt, bool factored) {
   check_spd_solve_inplace_args(A, Bt);
   at::Tensor info = at::zeros({3}, A.options().dtype(at::kInt));
   int32_t* inf = info.data_ptr<int32_t>();
@@ -152,19 +152,24 @@ at::Tensor spd_solve_inplace_cpu(at::Tensor A, at::Tensor Bt) {
   const bool lapack = A.scalar_type() == at::kFloat ? kernels::have_spd_solve<float>() : kernels::have_spd_solve<double>();
   if (lapack && d <= INT_MAX && n <= INT_MAX) {
     if (A.scalar_type() == at::kFloat) {
-      kernels::spd_solve_inplace_cpu<float>(A.data_ptr<float>(), d, Bt.data_ptr<float>(), n, inf, AtenRunner());
+      kernels::spd_solve_inplace_cpu<float>(A.data_ptr<float>(), d, Bt.data_ptr<float>(), n, factored, inf,
+                                            AtenRunner());
     } else {
-      kernels::spd_solve_inplace_cpu<double>(A.data_ptr<double>(), d, Bt.data_ptr<double>(), n, inf, AtenRunner());
+      kernels::spd_solve_inplace_cpu<double>(A.data_ptr<double>(), d, Bt.data_ptr<double>(), n, factored, inf,
+                                             AtenRunner());
     }
     return info;
   }
-  auto [U, status] = at::linalg_cholesky_ex(A, /*upper=*/true);
-  inf[0] = status.item<int32_t>();
-  inf[1] = inf[0] == 0 && !U.isfinite().all().item<bool>() ? 1 : 0;
-  if (inf[0] == 0 && inf[1] == 0) {
-    Bt.copy_(at::cholesky_solve(Bt.t(), U, /*upper=*/true).t());
+  at::Tensor U = at::triu(A);
+  if (!factored) {
+    auto [F, status] = at::linalg_cholesky_ex(A, /*upper=*/true);
+    inf[0] = status.item<int32_t>();
+    inf[1] = inf[0] == 0 && !F.isfinite().all().item<bool>() ? 1 : 0;
+    if (inf[0] != 0 || inf[1] != 0) return info;
+    U = F;
     A.copy_(at::triu(U) + at::tril(A, -1));
   }
+  if (n > 0) Bt.copy_(at::cholesky_solve(Bt.t(), U, /*upper=*/true).t());
   return info;
 }
 
@@ -180,7 +185,7 @@ TORCH_LIBRARY(regmean_fast, m) {
   m.def("split_bf16x3(Tensor x) -> Tensor");
   m.def("addmm_bf16x3_(Tensor(a!) C, Tensor A, Tensor Bs, float alpha) -> ()");
   m.def("gram_term(Tensor G, float factor, float alpha, Tensor(a!)? A=None, Tensor(b!)? S=None) -> Tensor");
-  m.def("spd_solve_(Tensor(a!) A, Tensor(b!) Bt) -> Tensor");
+  m.def("spd_solve_(Tensor(a!) A, Tensor(b!) Bt, bool factored=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(regmean_fast, CPU, m) {

@@ -119,10 +119,17 @@ class SafetensorsReader:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor holding a copy of `name` (the mapped pages are released afterwards)."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of `name` in a fresh tensor, or in `out` (a contiguous CPU tensor of its dtype and
+        shape, e.g. a view of a reused buffer); the mapped pages are released afterwards."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            raise ValueError(f"{self.path}: {name} is {info.dtype} {list(info.shape)}; cannot read it into a "
+                             f"{'' if out.is_contiguous() else 'non-contiguous '}{out.device.type} {out.dtype} "
+                             f"{list(out.shape)} tensor")
         nbytes = info.end - info.begin
         if nbytes:
             dst = out.view(-1).view(torch.uint8).numpy()

@@ -52,7 +52,13 @@ class Engine:
         p = getattr(self.sources[i], "path", None)
         return f"model {i} ({p})" if p else f"model {i}"
 
-    def _load(self, i: int, name: str, stored_dtype: bool = False) -> torch.Tensor:
+    def _load(self, i: int, name: str, stored_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Model i's tensor on the device, in the compute dtype or as stored; out: read it (as stored) into
+        this buffer instead."""
+        if out is not None:
+            t = self.sources[i].get(name, out=out) if out.device.type == "cpu" else out.copy_(self.sources[i].get(name))
+            _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
+            return t
         t = self.sources[i].get(name)
         _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
         return t.to(device=self.device, dtype=None if stored_dtype else self.compute_dtype)
@@ -122,7 +128,10 @@ class Engine:
         if isinstance(item, GroupItem):
             g = GroupInputs(
                 members=item.members, conv1d=item.conv1d, k=self.k,
-                load_weight=lambda i, m: self._load(i, item.members[m], stored_dtype=True),
+                load_weight=lambda i, m, out=None: self._load(i, item.members[m], stored_dtype=True, out=out),
+                weight_dtype=lambda i, m: self.sources[i].dtype(item.members[m]),
+                weight_shape=lambda m: tuple(self.sources[0].shape(item.members[m])),
+                d_in=item.d_in, device=self.device,
                 load_gram=lambda i: self._load_gram(i, item.keys[i], item.modules[0]),
                 check_gram=lambda i, stats: self._check_gram(i, item.keys[i], item.modules[0], stats),
                 scratch=self._scratch,

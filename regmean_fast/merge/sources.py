@@ -25,7 +25,9 @@ class StateDictSource:
     def dtype(self, name):
         return self.sd[name].dtype
 
-    def get(self, name):
+    def get(self, name, out=None):
+        if out is not None:
+            return out.copy_(self.sd[name].detach())
         return self.sd[name].detach().to("cpu", copy=True)
 
     def files(self):
