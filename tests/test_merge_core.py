@@ -234,3 +234,22 @@ def test_io_reader_and_streaming_writer_roundtrip(tmp_path):
         assert sorted(mf.names()) == sorted(ts)
         for n in ts:
             assert torch.equal(mf.get(n), ts[n])
+            into = torch.full_like(ts[n], 0)
+            assert mf.get(n, out=into) is into and torch.equal(into, ts[n])  # straight into a given buffer
+        with pytest.raises(ValueError, match="cannot read it into"):
+            mf.get("a", out=torch.empty(5, 3))
+
+
+def test_io_reader_maps_nothing(tmp_path):
+    """Tensors are read with pread: no file page of a shard ever counts in the resident set (a memory map
+    kept the pages the kernel's fault-around mapped next to each tensor, growing with depth)."""
+    ts = {f"t{i}": torch.randn(300, 7) for i in range(5)}
+    layout = ShardLayout.build([(n, t.dtype, t.shape) for n, t in ts.items()], shard_size=10**9)
+    out = ShardedOutput(str(tmp_path), layout, "h")
+    for n, t in ts.items():
+        out.write(n, t)
+    with ModelFolder(str(tmp_path)) as mf:
+        for n in ts:
+            assert torch.equal(mf.get(n), ts[n])
+        with open("/proc/self/maps") as f:
+            assert str(tmp_path) not in f.read()

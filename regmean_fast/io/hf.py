@@ -26,7 +26,7 @@ class ModelFolderError(ValueError):
 
 class ModelFolder:
     """A Hugging Face model folder read lazily: tensor names, shapes and dtypes from the headers,
-    tensors copied out of memory-mapped shards on request. One open handle per shard."""
+    tensors read from the shards on request (pread, nothing mapped). One open handle per shard."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(str(path))
