@@ -204,11 +204,10 @@ def torch_gram_term(G, factor, alpha, A=None, S=None) -> torch.Tensor:
     check_gram_term_args(G, A, S)
     finite, max_abs, max_asym, min_diag = torch_symmetry_stats(G)
     if A is not None or S is not None:
-        U = torch.triu(G, diagonal=1)
-        T = (U + U.T).mul_(factor * alpha)
+        T = G * (factor * alpha)
         T.diagonal().copy_(torch.diagonal(G) * factor)
         if A is not None:
-            A.add_(T)
+            A.add_(torch.triu(T))
         if S is not None:
             S.copy_(T if S.dtype == torch.float32 else torch_split_bf16x3(T))
     return torch.tensor([float(finite), max_abs, max_asym, min_diag], dtype=torch.float32, device=G.device)
@@ -411,13 +410,15 @@ def torch_symmetry_stats(G: torch.Tensor) -> tuple[bool, float, float, float]:
 
 def gram_term(G: torch.Tensor, factor: float, alpha: float, A: torch.Tensor | None = None,
               S: torch.Tensor | None = None) -> tuple[bool, float, float, float]:
-    """One pass over a raw Gram G (float32 [d, d], contiguous) for one model's RegMean term
-    ``S = factor * (alpha G + (1 - alpha) diag(G))``, built from G's upper triangle (exactly symmetric).
+    """One model's RegMean term from a raw Gram G (float32 [d, d], contiguous),
+    ``S = factor * (alpha G + (1 - alpha) diag(G))`` elementwise, and G's symmetry_stats, without a
+    temporary: the stats from one read-only pass over G's tile pairs, the outputs from one pass over its rows.
 
-    In place, each optional: ``A += S`` (float32 [d, d]); S written into ``S`` (float32 [d, d]) or, for a
-    bfloat16 [3, d, d] ``S``, its bf16x3 slices (``split_bf16x3``: the operand of ``addmm_bf16x3_``).
-    Returns symmetry_stats(G) from the same pass: the outputs mean something only when G is finite,
-    so callers check the stats (and raise) before using them."""
+    In place, each optional: the upper triangle of ``A`` (float32 [d, d], diagonal included) += S's, its strict
+    lower triangle left as it was (``symmetrize_`` it before reading it); S written into ``S`` (float32
+    [d, d]) or, for a bfloat16 [3, d, d] ``S``, its bf16x3 slices (``split_bf16x3``: the operand of
+    ``addmm_bf16x3_``). The outputs mean something only when the stats say G is finite, so callers check the
+    stats (and raise) before using them."""
     if G.device.type != "cpu" or not _ext.HAVE_EXTENSION:
         stats = torch_gram_term(G, float(factor), float(alpha), A, S)
     else:

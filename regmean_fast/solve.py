@@ -85,9 +85,10 @@ def reduce_grams(grams: Sequence[torch.Tensor], factors: Sequence[float], alpha:
 
 def model_term(A: torch.Tensor, G: torch.Tensor, factor: float, alpha: float, *, split: bool = False,
                out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
-    """One model's share of a group's matrix: S = factor (alpha G + (1 - alpha) diag(G)) from G's upper
-    triangle, A += S, and G's symmetry_stats, in one pass over the raw Gram G (ops.gram_term) when G and A
-    are float32; other dtypes through tensor expressions (stats then only for a float32 G, else None).
+    """One model's share of a group's matrix: S = factor (alpha G + (1 - alpha) diag(G)), A's upper
+    triangle += S's (call symmetrize_upper_(A) once all models are in), and G's symmetry_stats, without a
+    temporary (ops.gram_term) when G and A are float32; other dtypes through tensor expressions (stats
+    then only for a float32 G, else None).
 
     Returns (S, stats) with S in the form add_rhs takes: the fp32 matrix, its bf16x3 slices (split=True:
     for bf16 weights, see ops.addmm_bf16x3_), or for alpha == 0 only its diagonal (the term is diagonal).
@@ -107,18 +108,26 @@ def model_term(A: torch.Tensor, G: torch.Tensor, factor: float, alpha: float, *,
         S = torch.diagonal(Gs) * factor
         A.diagonal().add_(S)
         return S, stats
-    U = torch.triu(Gs, diagonal=1)
-    S = (U + U.T).mul_(factor * alpha)
+    S = Gs * (factor * alpha)
     S.diagonal().copy_(torch.diagonal(Gs) * factor)
-    A.add_(S)
+    A.add_(torch.triu(S))
     if split:
         S = ops.split_bf16x3(S)
     return S, stats
 
 
+def symmetrize_upper_(A: torch.Tensor) -> torch.Tensor:
+    """In place: A's strict lower triangle = its upper triangle's transpose (after model_term)."""
+    if A.dtype == torch.float32 and A.is_contiguous() and A.device.type == "cpu":
+        return ops.symmetrize_(A)
+    A.copy_(torch.triu(A) + torch.triu(A, diagonal=1).T)
+    return A
+
+
 def add_rhs(Bt: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> None:
     """Bt += W S for one module, in place: W [d_out, d_in] (oriented), Bt its rows of the transposed
-    right-hand side, S from model_term. Every operand is row-major (S is symmetric: (S W^T)^T = W S).
+    right-hand side, S from model_term (symmetric: (S W^T)^T = W S) or any [d_in, d_in] M. Every operand
+    is row-major.
     bf16x3 slices need a bfloat16 W (the stored weights of a bf16 checkpoint): three bf16 GEMMs with exact
     products and fp32 accumulation, as accurate as fp32 and several times faster (AMX)."""
     if S.dim() == 1:
@@ -245,7 +254,7 @@ def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[tor
         for per_model, width in zip(weights, widths):
             add_rhs(Bt[off:off + width], per_model[i].to(device=device, dtype=solve_dtype), S)
             off += width
-    report = robust_spd_solve_(A, Bt)
+    report = robust_spd_solve_(symmetrize_upper_(A), Bt)
     return list(torch.split(Bt, widths, dim=0)), report
 
 

@@ -54,51 +54,17 @@ inline bool finite_bits(float x) {
   return (u & 0x7f800000u) != 0x7f800000u;
 }
 
-struct TermOutputs {
-  float* A;
-  float* s_f32;
-  uint16_t* s_bf16;
-  int64_t plane;  // d * d: the distance between the bf16 slices
-};
-
-// w values of S starting at (r, c) into every requested output.
-inline void put_row(const TermOutputs& o, int64_t d, int64_t r, int64_t c, const float* s, int64_t w) {
-  const int64_t base = r * d + c;
-  if (o.A) {
-    float* a = o.A + base;
-    for (int64_t j = 0; j < w; ++j) a[j] += s[j];
-  }
-  if (o.s_f32) std::memcpy(o.s_f32 + base, s, static_cast<size_t>(w) * sizeof(float));
-  if (o.s_bf16) {
-    uint16_t* p = o.s_bf16 + base;
-    for (int64_t j = 0; j < w; ++j) split_bf16x3(s[j], p + j, o.plane);
-  }
-}
-
 }  // namespace
 
+// Per tile pair (bi <= bj): the lower tile is transposed into a local buffer (so the comparison runs
+// with unit stride, cache-resident) and compared with the upper tile read straight from G.
 SymmetryStats symmetry_stats_cpu(const float* G, int64_t d, const TaskRunner& runner) {
-  return gram_term_cpu(G, d, 1.0, 1.0, nullptr, nullptr, nullptr, runner);
-}
-
-// Per tile pair (bi <= bj): the upper tile and the transposed lower tile are copied into local
-// buffers (so the comparison and everything after it run with unit stride, cache-resident), the
-// stats are updated, and S's upper tile is written to both halves of the outputs.
-SymmetryStats gram_term_cpu(const float* G, int64_t d, double factor, double alpha, float* A, float* s_f32,
-                            uint16_t* s_bf16, const TaskRunner& runner) {
   constexpr int64_t T = kPairTile;
   const int64_t nb = ceil_div(d, T);
-  const float off = static_cast<float>(factor * alpha);
-  const float on = static_cast<float>(factor);  // diagonal: alpha + (1 - alpha) = 1
-  const TermOutputs out{A, s_f32, s_bf16, d * d};
-  const bool want = A || s_f32 || s_bf16;
   SymmetryStats total{true, 0.0f, 0.0f, std::numeric_limits<float>::infinity()};
   std::mutex mu;
   runner.parallel_for(triangle_tile_count(nb), [&](int64_t tb, int64_t te) {
-    std::vector<float> buf(static_cast<size_t>(3 * T * T));
-    float* up = buf.data();  // up[a * T + b] = G[i0 + a, j0 + b]
-    float* lo = up + T * T;  // lo[a * T + b] = G[j0 + b, i0 + a]; later S's lower tile
-    float* st = lo + T * T;  // st[a * T + b] = S[i0 + a, j0 + b]
+    std::vector<float> lo(static_cast<size_t>(T * T));  // lo[a * T + b] = G[j0 + b, i0 + a]
     bool finite = true;
     float max_abs = 0.0f, max_asym = 0.0f, min_diag = std::numeric_limits<float>::infinity();
     for (int64_t t = tb; t < te; ++t) {
@@ -106,7 +72,6 @@ SymmetryStats gram_term_cpu(const float* G, int64_t d, double factor, double alp
       triangle_tile_coords(t, nb, &bi, &bj);
       const int64_t i0 = bi * T, wi = block_extent(bi, T, d);
       const int64_t j0 = bj * T, wj = block_extent(bj, T, d);
-      for (int64_t a = 0; a < wi; ++a) std::memcpy(up + a * T, G + (i0 + a) * d + j0, static_cast<size_t>(wj) * sizeof(float));
       for (int64_t b = 0; b < wj; ++b) {
         const float* row = G + (j0 + b) * d + i0;
         for (int64_t a = 0; a < wi; ++a) lo[a * T + b] = row[a];
@@ -115,8 +80,8 @@ SymmetryStats gram_term_cpu(const float* G, int64_t d, double factor, double alp
       // with a non-finite member is left out of the numbers.
       uint32_t bad = 0;
       for (int64_t a = 0; a < wi; ++a) {
-        const float* u = up + a * T;
-        const float* l = lo + a * T;
+        const float* u = G + (i0 + a) * d + j0;
+        const float* l = lo.data() + a * T;
 #pragma omp simd reduction(| : bad) reduction(max : max_abs, max_asym)
         for (int64_t b = 0; b < wj; ++b) {
           const bool ok = finite_bits(u[b]) && finite_bits(l[b]);
@@ -129,23 +94,10 @@ SymmetryStats gram_term_cpu(const float* G, int64_t d, double factor, double alp
       }
       finite = finite && !bad;
       if (bi == bj) {
-        for (int64_t a = 0; a < wi; ++a)
-          if (finite_bits(up[a * T + a])) min_diag = std::min(min_diag, up[a * T + a]);
-      }
-      if (!want) continue;
-      for (int64_t a = 0; a < wi; ++a)
-        for (int64_t b = 0; b < wj; ++b) st[a * T + b] = off * up[a * T + b];
-      if (bi == bj) {
         for (int64_t a = 0; a < wi; ++a) {
-          st[a * T + a] = on * up[a * T + a];
-          for (int64_t b = 0; b < a; ++b) st[a * T + b] = st[b * T + a];  // S from G's upper triangle only
+          const float g = G[(i0 + a) * d + i0 + a];
+          if (finite_bits(g)) min_diag = std::min(min_diag, g);
         }
-      }
-      for (int64_t a = 0; a < wi; ++a) put_row(out, d, i0 + a, j0, st + a * T, wj);
-      if (bi != bj) {
-        for (int64_t b = 0; b < wj; ++b)
-          for (int64_t a = 0; a < wi; ++a) lo[b * T + a] = st[a * T + b];
-        for (int64_t b = 0; b < wj; ++b) put_row(out, d, j0 + b, i0, lo + b * T, wi);
       }
     }
     std::lock_guard<std::mutex> lock(mu);
@@ -155,6 +107,35 @@ SymmetryStats gram_term_cpu(const float* G, int64_t d, double factor, double alp
     total.min_diag = std::min(total.min_diag, min_diag);
   });
   return total;
+}
+
+// The stats need G against G^T (tile pairs, read only); the outputs are written row by row, straight
+// from G's rows, so every write streams (writing S's lower half as the transpose of its upper half
+// made each row segment of A and of the three slices a separate page: latency-bound, 3x slower).
+SymmetryStats gram_term_cpu(const float* G, int64_t d, double factor, double alpha, float* A, float* s_f32,
+                            uint16_t* s_bf16, const TaskRunner& runner) {
+  const SymmetryStats stats = symmetry_stats_cpu(G, d, runner);
+  if (!A && !s_f32 && !s_bf16) return stats;
+  const float off = static_cast<float>(factor * alpha);
+  const float on = static_cast<float>(factor);  // diagonal: alpha + (1 - alpha) = 1
+  runner.parallel_for(d, [&](int64_t rb, int64_t re) {
+    std::vector<float> row(static_cast<size_t>(d));
+    for (int64_t i = rb; i < re; ++i) {
+      const float* g = G + i * d;
+      for (int64_t j = 0; j < d; ++j) row[j] = off * g[j];
+      row[i] = on * g[i];
+      if (A) {
+        float* a = A + i * d;
+        for (int64_t j = i; j < d; ++j) a[j] += row[j];
+      }
+      if (s_f32) std::memcpy(s_f32 + i * d, row.data(), static_cast<size_t>(d) * sizeof(float));
+      if (s_bf16) {
+        uint16_t* p = s_bf16 + i * d;
+        for (int64_t j = 0; j < d; ++j) split_bf16x3(row[j], p + j, d * d);
+      }
+    }
+  });
+  return stats;
 }
 
 }  // namespace kernels

@@ -14,7 +14,7 @@ import torch
 
 from ... import ops
 from ...solve import (EXACT_BF16_MIN_DIM, NORMALIZATIONS, add_rhs, gram_scales, model_term, robust_cholesky_,
-                       robust_spd_solve_)
+                       robust_spd_solve_, symmetrize_upper_)
 from ..errors import MergeError
 from .base import MergeMethod, check_unit_interval, weighted_average
 
@@ -93,7 +93,7 @@ class RegMean(MergeMethod):
             del G
             self._add_products(Bt, ws, S)
             del S, ws
-        report = robust_spd_solve_(A, Bt)
+        report = robust_spd_solve_(symmetrize_upper_(A), Bt)
         return self._outputs(g, Bt, widths), report
 
     def _solve_terms_then_multiply(self, g, factors, alpha, widths, buffer):
@@ -109,7 +109,7 @@ class RegMean(MergeMethod):
                 return None
             g.check_gram(i, ops.gram_term(G, factors[i], alpha, A))
             del G
-        report = robust_cholesky_(A)
+        report = robust_cholesky_(symmetrize_upper_(A))
         if report.method == "lstsq":
             return None
         Bt = buffer("Bt", (sum(widths), d), torch.float32, device).zero_()
