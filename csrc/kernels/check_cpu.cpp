@@ -31,8 +31,12 @@ bool range_finite(const Bits* x, int64_t b, int64_t e) {
 }  // namespace
 
 bool all_finite_cpu(const void* x, DType dt, int64_t n, const TaskRunner& runner) {
+  // Whole chunks per task: a small tensor (a norm, a bias) stays on one thread, where waking the pool
+  // would cost more than the scan (and far more when another process holds a core).
+  constexpr int64_t kChunk = int64_t(1) << 16;
   std::atomic<bool> ok{true};
-  runner.parallel_for(n, [&](int64_t b, int64_t e) {
+  runner.parallel_for(ceil_div(n, kChunk), [&](int64_t cb, int64_t ce) {
+    const int64_t b = cb * kChunk, e = std::min(n, ce * kChunk);
     bool r;
     switch (dt) {
       case DType::F32: r = range_finite<uint32_t, 0x7f800000u>(static_cast<const uint32_t*>(x), b, e); break;

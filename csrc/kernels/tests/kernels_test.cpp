@@ -489,6 +489,13 @@ static void test_checks() {
   x[9999] = std::nanf("");
   CHECK(!all_finite_cpu(x.data(), DType::F32, 10001, threads), "nan f32");
   CHECK(all_finite_cpu(x.data(), DType::F32, 9999, threads), "prefix without the nan");
+  std::vector<float> big(3 * 65536 + 5, 0.5f);  // several 64K-element chunks: every one is scanned
+  CHECK(all_finite_cpu(big.data(), DType::F32, static_cast<int64_t>(big.size()), threads), "big finite");
+  big.back() = std::nanf("");
+  CHECK(!all_finite_cpu(big.data(), DType::F32, static_cast<int64_t>(big.size()), threads), "big nan in last chunk");
+  big.back() = 0.5f;
+  big[70000] = -std::numeric_limits<float>::infinity();
+  CHECK(!all_finite_cpu(big.data(), DType::F32, static_cast<int64_t>(big.size()), threads), "big -inf in chunk 2");
   std::vector<uint16_t> h(5000, float_to_bf16_bits(2.0f));
   CHECK(all_finite_cpu(h.data(), DType::BF16, 5000, threads), "bf16 finite");
   h[17] = 0x7f80;  // bf16 +inf
