@@ -126,7 +126,10 @@ def build_extension():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/kernels/*.cpp")) + ["csrc/torch/module.cpp", "csrc/torch/ops_cpu.cpp"]
-    cxx = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # -fopenmp at compile time only: at::parallel_for (the kernels' TaskRunner) is an inline OpenMP loop in
+    # torch's headers and runs serially without it; the GOMP symbols bind at load time to the libgomp
+    # torch already loaded (no libgomp of our own, so one OpenMP runtime and one thread pool).
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if os.environ.get("REGMEAN_FAST_NATIVE", "1") != "0":
         cxx.append("-march=native")  # a source build targets the machine it is built on
     defines = []

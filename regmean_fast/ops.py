@@ -23,6 +23,8 @@ _SCHEMAS = {
     "spd_solve": "spd_solve(Tensor A, Tensor B) -> (Tensor, Tensor)",
     "split_bf16x3": "split_bf16x3(Tensor x) -> Tensor",
     "addmm_bf16x3_": "addmm_bf16x3_(Tensor(a!) C, Tensor A, Tensor Bs, float alpha) -> ()",
+    "gram_term": "gram_term(Tensor G, float factor, float alpha, Tensor(a!)? A=None, Tensor(b!)? S=None) -> Tensor",
+    "spd_solve_": "spd_solve_(Tensor(a!) A, Tensor(b!) Bt, bool factored=False) -> Tensor",
 }
 
 
@@ -170,6 +172,80 @@ def torch_addmm_bf16x3_(C: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor, alph
     C.addmm_(A.float(), Bs[0].float() + Bs[1].float() + Bs[2].float(), alpha=alpha)
 
 
+def check_gram_term_args(G: torch.Tensor, A: torch.Tensor | None, S: torch.Tensor | None) -> None:
+    """The argument contract of gram_term (the C++ op checks the same, with the same words)."""
+    if G.dtype != torch.float32:
+        raise TypeError(f"gram_term: G must be float32, got {G.dtype}")
+    if G.dim() != 2 or G.size(0) != G.size(1):
+        raise ValueError(f"gram_term: G must be a square matrix, got shape {tuple(G.shape)}")
+    if not G.is_contiguous():
+        raise ValueError("gram_term: G must be contiguous")
+    d = G.size(0)
+    if A is not None:
+        if A.dtype != torch.float32:
+            raise TypeError(f"gram_term: A must be float32, got {A.dtype}")
+        if tuple(A.shape) != (d, d) or not A.is_contiguous():
+            raise ValueError(f"gram_term: A must be a contiguous [{d}, {d}] matrix, got shape {tuple(A.shape)}")
+        if A.device != G.device:
+            raise ValueError("gram_term: A must be on G's device")
+    if S is not None:
+        if not ((S.dtype == torch.float32 and tuple(S.shape) == (d, d))
+                or (S.dtype == torch.bfloat16 and tuple(S.shape) == (3, d, d))):
+            raise ValueError(f"gram_term: S must be float32 [{d}, {d}] or bfloat16 [3, {d}, {d}], got {S.dtype} "
+                             f"{tuple(S.shape)}")
+        if not S.is_contiguous():
+            raise ValueError("gram_term: S must be contiguous")
+        if S.device != G.device:
+            raise ValueError("gram_term: S must be on G's device")
+
+
+def torch_gram_term(G, factor, alpha, A=None, S=None) -> torch.Tensor:
+    """gram_term in pure PyTorch (the no-extension and non-CPU path)."""
+    check_gram_term_args(G, A, S)
+    finite, max_abs, max_asym, min_diag = torch_symmetry_stats(G)
+    if A is not None or S is not None:
+        T = G * (factor * alpha)
+        T.diagonal().copy_(torch.diagonal(G) * factor)
+        if A is not None:
+            A.add_(torch.triu(T))
+        if S is not None:
+            S.copy_(T if S.dtype == torch.float32 else torch_split_bf16x3(T))
+    return torch.tensor([float(finite), max_abs, max_asym, min_diag], dtype=torch.float32, device=G.device)
+
+
+def check_spd_solve_inplace_args(A: torch.Tensor, Bt: torch.Tensor) -> None:
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"spd_solve_: A must be float32 or float64, got {A.dtype}")
+    if Bt.dtype != A.dtype:
+        raise TypeError(f"spd_solve_: A and Bt must have one dtype, got {A.dtype} and {Bt.dtype}")
+    if A.dim() != 2 or A.size(0) != A.size(1):
+        raise ValueError(f"spd_solve_: A must be a square matrix, got shape {tuple(A.shape)}")
+    if Bt.dim() != 2 or Bt.size(1) != A.size(0):
+        raise ValueError(f"spd_solve_: Bt must be [k, {A.size(0)}], got shape {tuple(Bt.shape)}")
+    if not (A.is_contiguous() and Bt.is_contiguous()):
+        raise ValueError("spd_solve_: A and Bt must be contiguous")
+    if A.device != Bt.device:
+        raise ValueError(f"spd_solve_: A and Bt must be on one device, got {A.device} and {Bt.device}")
+
+
+def torch_spd_solve_(A: torch.Tensor, Bt: torch.Tensor, factored: bool = False) -> torch.Tensor:
+    """spd_solve_ in pure PyTorch: the contract of the compiled op through torch.linalg."""
+    check_spd_solve_inplace_args(A, Bt)
+    info = torch.zeros(3, dtype=torch.int32, device=A.device)
+    U = torch.triu(A)
+    if not factored:
+        U, status = torch.linalg.cholesky_ex(A, upper=True)
+        info[0] = status
+        if int(status) == 0 and not bool(torch.isfinite(U).all()):
+            info[1] = 1
+        if int(info[0]) != 0 or int(info[1]) != 0:
+            return info
+        A.copy_(torch.triu(U) + torch.tril(A, diagonal=-1))
+    if Bt.size(0):
+        Bt.copy_(torch.cholesky_solve(Bt.T, U, upper=True).T)
+    return info
+
+
 # The compiled spd_solve exists only in builds that report it (an older in-place build lacks it).
 HAS_SPD_SOLVE_OP = _ext.HAS_SPD_SOLVE_OP or not _ext.HAVE_EXTENSION
 
@@ -196,6 +272,8 @@ if not _ext.HAVE_EXTENSION:
     _fallback_lib.impl("spd_solve", torch_spd_solve, "CompositeExplicitAutograd")
     _fallback_lib.impl("split_bf16x3", torch_split_bf16x3, "CompositeExplicitAutograd")
     _fallback_lib.impl("addmm_bf16x3_", torch_addmm_bf16x3_, "CompositeExplicitAutograd")
+    _fallback_lib.impl("gram_term", torch_gram_term, "CompositeExplicitAutograd")
+    _fallback_lib.impl("spd_solve_", torch_spd_solve_, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("regmean_fast::gram_update")
@@ -313,12 +391,66 @@ def symmetry_stats(G: torch.Tensor) -> tuple[bool, float, float, float]:
         check_symmetrize_args(G)
         finite, max_abs, max_asym, min_diag = _ext._C.symmetry_stats(G)
         return bool(finite), float(max_abs), float(max_asym), float(min_diag)
+    return torch_symmetry_stats(G)
+
+
+def torch_symmetry_stats(G: torch.Tensor) -> tuple[bool, float, float, float]:
+    """symmetry_stats in tensor expressions (any device)."""
     check_symmetrize_args(G)
     finite = bool(torch.isfinite(G).all())
-    Gf = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
     if G.numel() == 0:
         return finite, 0.0, 0.0, float("inf")
-    return (finite, float(Gf.abs().max()), float((Gf - Gf.T).abs().max()), float(Gf.diagonal().min()))
+    ok = torch.isfinite(G) & torch.isfinite(G.T)  # a pair with a non-finite member is left out
+    Gf = torch.where(ok, G, 0.0)
+    diag = torch.diagonal(G)
+    diag = diag[torch.isfinite(diag)]
+    return (finite, float(Gf.abs().max()), float((Gf - Gf.T).abs().max()),
+            float(diag.min()) if diag.numel() else float("inf"))
+
+
+def gram_term(G: torch.Tensor, factor: float, alpha: float, A: torch.Tensor | None = None,
+              S: torch.Tensor | None = None) -> tuple[bool, float, float, float]:
+    """One model's RegMean term from a raw Gram G (float32 [d, d], contiguous),
+    ``S = factor * (alpha G + (1 - alpha) diag(G))`` elementwise, and G's symmetry_stats, without a
+    temporary: the stats from one read-only pass over G's tile pairs, the outputs from one pass over its rows.
+
+    In place, each optional: the upper triangle of ``A`` (float32 [d, d], diagonal included) += S's, its strict
+    lower triangle left as it was (``symmetrize_`` it before reading it); S written into ``S`` (float32
+    [d, d]) or, for a bfloat16 [3, d, d] ``S``, its bf16x3 slices (``split_bf16x3``: the operand of
+    ``addmm_bf16x3_``). The outputs mean something only when the stats say G is finite, so callers check the
+    stats (and raise) before using them."""
+    if G.device.type != "cpu" or not _ext.HAVE_EXTENSION:
+        stats = torch_gram_term(G, float(factor), float(alpha), A, S)
+    else:
+        stats = torch.ops.regmean_fast.gram_term(G, float(factor), float(alpha), A, S)
+    finite, max_abs, max_asym, min_diag = stats.tolist()
+    return bool(finite), max_abs, max_asym, min_diag
+
+
+def spd_solve_(A: torch.Tensor, Bt: torch.Tensor, factored: bool = False) -> torch.Tensor:
+    """In place: ``Bt <- Bt A^-1`` (the transposed solution X^T of ``A X = Bt^T``) for a symmetric positive
+    definite A [d, d] (only its upper triangle is read) and Bt [k, d], contiguous, one float dtype.
+
+    Returns int32 ``info = [potrf info, factor non-finite, potrs info]`` (as spd_solve). On success A's upper
+    triangle holds the Cholesky factor U (A = U^T U); on failure A is restored from its strict lower triangle
+    (so a symmetric A is unchanged) and Bt is untouched. factored=True: A already holds U from a successful
+    call; only the solve runs (more right-hand sides, one factorisation). CPU: LAPACK (torch's MKL) on the
+    buffers themselves, no copies; elsewhere torch.linalg."""
+    if A.device.type != "cpu" or not _ext.HAVE_EXTENSION:
+        return torch_spd_solve_(A, Bt, factored)
+    return torch.ops.regmean_fast.spd_solve_(A, Bt, factored)
+
+
+@torch.library.register_fake("regmean_fast::gram_term")
+def _gram_term_fake(G, factor, alpha, A=None, S=None):
+    check_gram_term_args(G, A, S)
+    return G.new_empty((4,))
+
+
+@torch.library.register_fake("regmean_fast::spd_solve_")
+def _spd_solve_inplace_fake(A, Bt, factored=False):
+    check_spd_solve_inplace_args(A, Bt)
+    return A.new_empty((3,), dtype=torch.int32)
 
 
 @torch.library.register_fake("regmean_fast::split_bf16x3")

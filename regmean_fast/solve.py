@@ -83,75 +83,139 @@ def reduce_grams(grams: Sequence[torch.Tensor], factors: Sequence[float], alpha:
     return ops.reduce_expression(grams, factors, alpha, dtype)
 
 
-def add_model_term(A: torch.Tensor | None, Bt: torch.Tensor, G: torch.Tensor, W: torch.Tensor, factor: float,
-                   alpha: float, G_split: torch.Tensor | None = None) -> None:
-    """One model's share of a group, in place, without forming G~ = f (alpha G + (1 - alpha) diag(G)):
-    Bt += W G~ and, when A is given, A += G~.
+def model_term(A: torch.Tensor, G: torch.Tensor, factor: float, alpha: float, *, split: bool = False,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+    """One model's share of a group's matrix: S = factor (alpha G + (1 - alpha) diag(G)), A's upper
+    triangle += S's (call symmetrize_upper_(A) once all models are in), and G's symmetry_stats, without a
+    temporary (ops.gram_term) when G and A are float32; other dtypes through tensor expressions (stats
+    then only for a float32 G, else None).
 
-    Bt is the transposed right-hand side [d_out, d_in] and W the weight [d_out, d_in], so every
-    operand is row-major (G~ is symmetric: (G~ W^T)^T = W G~). G, A, Bt share dtype and device.
-    With G_split = ops.split_bf16x3(G) and a bfloat16 W (the stored weights of a bf16 checkpoint),
-    W G goes through three bf16 GEMMs with fp32 accumulation, exact products, as accurate as fp32."""
-    diag = torch.diagonal(G)
-    if alpha != 0.0:
-        if G_split is not None and W.dtype == torch.bfloat16:
-            ops.addmm_bf16x3_(Bt, W, G_split, factor * alpha)
-        else:
-            Bt.addmm_(W.to(G.dtype), G, alpha=factor * alpha)
-        if A is not None:
-            A.add_(G, alpha=factor * alpha)
-    if alpha != 1.0:
-        Bt.addcmul_(W.to(G.dtype), diag.unsqueeze(0), value=factor * (1.0 - alpha))
-        if A is not None:
-            A.diagonal().add_(diag, alpha=factor * (1.0 - alpha))
+    Returns (S, stats) with S in the form add_rhs takes: the fp32 matrix, its bf16x3 slices (split=True:
+    for bf16 weights, see ops.addmm_bf16x3_), or for alpha == 0 only its diagonal (the term is diagonal).
+    out: a buffer for S of the right shape and dtype ([d, d] fp32, or [3, d, d] bf16 when split)."""
+    d = G.size(0)
+    if A.dtype == torch.float32 and G.dtype == torch.float32 and G.is_contiguous():
+        if alpha == 0.0:
+            stats = ops.gram_term(G, factor, alpha, A)
+            return torch.diagonal(G) * factor, stats
+        if out is None:
+            out = torch.empty((3, d, d) if split else (d, d), dtype=torch.bfloat16 if split else torch.float32,
+                              device=G.device)
+        return out, ops.gram_term(G, factor, alpha, A, out)
+    stats = ops.symmetry_stats(G) if G.dtype == torch.float32 else None
+    Gs = G.to(A.dtype)
+    if alpha == 0.0:
+        S = torch.diagonal(Gs) * factor
+        A.diagonal().add_(S)
+        return S, stats
+    S = Gs * (factor * alpha)
+    S.diagonal().copy_(torch.diagonal(Gs) * factor)
+    A.add_(torch.triu(S))
+    if split:
+        S = ops.split_bf16x3(S)
+    return S, stats
 
 
-def _cholesky_attempt(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
-    """One Cholesky solve of A X = B: X, or None when the factorisation failed (info > 0 or a
-    non-finite factor). CUDA systems go through cuSOLVER (ops.spd_solve: Xpotrf + Xpotrs, one
-    device-to-host copy of the info); others through torch.linalg."""
-    if (A.device.type == "cuda" and ops.HAS_SPD_SOLVE_OP and A.dtype in (torch.float32, torch.float64)
-            and B.dtype == A.dtype and B.dim() == 2):
-        X, info = ops.spd_solve(A, B)
+def symmetrize_upper_(A: torch.Tensor) -> torch.Tensor:
+    """In place: A's strict lower triangle = its upper triangle's transpose (after model_term)."""
+    if A.dtype == torch.float32 and A.is_contiguous() and A.device.type == "cpu":
+        return ops.symmetrize_(A)
+    A.copy_(torch.triu(A) + torch.triu(A, diagonal=1).T)
+    return A
+
+
+def add_rhs(Bt: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> None:
+    """Bt += W S for one module, in place: W [d_out, d_in] (oriented), Bt its rows of the transposed
+    right-hand side, S from model_term (symmetric: (S W^T)^T = W S) or any [d_in, d_in] M. Every operand
+    is row-major.
+    bf16x3 slices need a bfloat16 W (the stored weights of a bf16 checkpoint): three bf16 GEMMs with exact
+    products and fp32 accumulation, as accurate as fp32 and several times faster (AMX)."""
+    if S.dim() == 1:
+        Bt.addcmul_(W.to(Bt.dtype), S.unsqueeze(0))
+    elif S.dim() == 3:
+        ops.addmm_bf16x3_(Bt, W, S, 1.0)
+    else:
+        Bt.addmm_(W.to(S.dtype), S)
+
+
+def _cholesky_attempt(A: torch.Tensor, Bt: torch.Tensor | None) -> bool:
+    """One Cholesky attempt, in place: True with Bt <- Bt A^-1 (and, on the CPU, A's upper triangle
+    holding the factor), or False (info > 0 or a non-finite factor) with A and Bt as they were.
+    Bt=None factors only (CPU). CPU: LAPACK on the buffers (ops.spd_solve_); CUDA: cuSOLVER
+    (ops.spd_solve: Xpotrf + Xpotrs, one device-to-host copy of the info)."""
+    if A.device.type == "cpu":
+        rhs = Bt if Bt is not None else A.new_empty((0, A.size(0)))
+        potrf_info, nonfinite, _ = ops.spd_solve_(A, rhs).tolist()
+        return potrf_info == 0 and nonfinite == 0
+    if ops.HAS_SPD_SOLVE_OP and A.dtype in (torch.float32, torch.float64) and Bt.dtype == A.dtype:
+        X, info = ops.spd_solve(A, Bt.T)
         potrf_info, nonfinite, _ = info.tolist()
-        return X if potrf_info == 0 and nonfinite == 0 else None
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0 and ops.all_finite(L):
-        return torch.cholesky_solve(B, L)
-    return None
+        ok = potrf_info == 0 and nonfinite == 0
+    else:
+        L, info = torch.linalg.cholesky_ex(A)
+        ok = int(info) == 0 and ops.all_finite(L)
+        X = torch.cholesky_solve(Bt.T, L) if ok else None
+    if ok:
+        Bt.copy_(X.T)
+    return ok
 
 
-def robust_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
-    """Solve A X = B for symmetric positive (semi-)definite A.
-
-    Cholesky first; when it fails (info > 0, or a non-finite factor, which CUDA can return with
-    info == 0) add lambda * mean(diag(A)) * I with lambda = 1e-6, 1e-5, ... up to 1e-1; then least
-    squares. A and B are not modified.
-    """
-    if not ops.all_finite(A) or not ops.all_finite(B):
-        raise FloatingPointError("non-finite values in the system to solve")
+def _ridge_escalation(A: torch.Tensor, attempt) -> SolveReport:
+    """attempt() (a Cholesky attempt on A) as is, then with lambda * mean(diag(A)) * I added, lambda = 1e-6,
+    1e-5, ... up to 1e-1. Returns the report; method "lstsq" (A as given) when every attempt failed."""
     report = SolveReport()
-    X = _cholesky_attempt(A, B)
-    if X is not None:
-        return X, report
-    scale = float(torch.diagonal(A).abs().mean())
+    if attempt():
+        return report
+    diag = torch.diagonal(A).clone()  # a failed attempt leaves A as it was
+    scale = float(diag.abs().mean())
     if scale == 0.0 or scale != scale:
         scale = 1.0
     lam = RIDGE_START
     while lam <= RIDGE_MAX * (1 + 1e-9):
         report.attempts += 1
-        Ar = A.clone()
-        Ar.diagonal().add_(lam * scale)
-        X = _cholesky_attempt(Ar, B)
-        if X is not None:
+        torch.diagonal(A).copy_(diag + lam * scale)
+        if attempt():
             report.method, report.ridge = "cholesky+ridge", lam
-            return X, report
+            return report
         lam *= 10.0
+    torch.diagonal(A).copy_(diag)
     report.attempts += 1
     report.method, report.ridge = "lstsq", 0.0
     report.notes.append("Cholesky failed even with a ridge of 1e-1 * mean(diag); used least squares")
-    X = torch.linalg.lstsq(A.double().cpu(), B.double().cpu(), driver="gelsd").solution
-    return X.to(dtype=A.dtype, device=A.device), report
+    return report
+
+
+def robust_cholesky_(A: torch.Tensor) -> SolveReport:
+    """Factor the CPU matrix A in place (its upper triangle becomes U, A = U^T U; see ops.spd_solve_) with
+    robust_spd_solve_'s ridge escalation; then ops.spd_solve_(A, Bt, factored=True) solves. Method "lstsq":
+    no factor (A as given), the caller must solve otherwise."""
+    if not ops.all_finite(A):
+        raise FloatingPointError("non-finite values in the system to solve")
+    return _ridge_escalation(A, lambda: _cholesky_attempt(A, None))
+
+
+def robust_spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> SolveReport:
+    """Solve A X = Bt^T in place (Bt <- X^T = Bt A^-1) for symmetric positive (semi-)definite A [d, d] and
+    Bt [k, d], both contiguous; A is overwritten.
+
+    Cholesky first; when it fails (info > 0, or a non-finite factor, which CUDA can return with info == 0)
+    add lambda * mean(diag(A)) * I with lambda = 1e-6, 1e-5, ... up to 1e-1; then least squares.
+    """
+    if not ops.all_finite(A) or not ops.all_finite(Bt):
+        raise FloatingPointError("non-finite values in the system to solve")
+    report = _ridge_escalation(A, lambda: _cholesky_attempt(A, Bt))
+    if report.method == "lstsq":
+        X = torch.linalg.lstsq(A.double().cpu(), Bt.T.double().cpu(), driver="gelsd").solution
+        Bt.copy_(X.T)
+    return report
+
+
+def robust_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
+    """Solve A X = B for symmetric positive (semi-)definite A, as robust_spd_solve_; A and B are not
+    modified. Returns (X, report)."""
+    Bt = B.T.contiguous()
+    report = robust_spd_solve_(A.clone(memory_format=torch.contiguous_format), Bt)
+    return Bt.T, report
 
 
 def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[torch.Tensor], *,
@@ -180,18 +244,18 @@ def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[tor
             if W.dim() != 2 or W.size(1) != d:
                 raise ValueError(f"module {m}, model {i}: weight shape {tuple(W.shape)} does not take inputs of size {d}")
     factors = [c * s for c, s in zip(normalized_coeffs(coeffs, k), gram_scales(counts, k, normalization))]
-    A = reduce_grams(grams, factors, alpha, solve_dtype)
+    device = grams[0].device
+    A = torch.zeros(d, d, dtype=solve_dtype, device=device)
     widths = [per_model[0].size(0) for per_model in weights]
-    Bt = torch.zeros(sum(widths), d, dtype=solve_dtype, device=A.device)
+    Bt = torch.zeros(sum(widths), d, dtype=solve_dtype, device=device)
     for i, (G, f) in enumerate(zip(grams, factors)):
-        Gs = G.to(solve_dtype)
+        S, _ = model_term(A, G, f, alpha)
         off = 0
-        for per_model, width in zip(weights, widths):  # A came from the fused reduction
-            add_model_term(None, Bt[off:off + width], Gs, per_model[i].to(device=A.device, dtype=solve_dtype), f, alpha)
+        for per_model, width in zip(weights, widths):
+            add_rhs(Bt[off:off + width], per_model[i].to(device=device, dtype=solve_dtype), S)
             off += width
-    X, report = robust_spd_solve(A, Bt.T)
-    merged = [part.contiguous() for part in torch.split(X.T, widths, dim=0)]
-    return merged, report
+    report = robust_spd_solve_(symmetrize_upper_(A), Bt)
+    return list(torch.split(Bt, widths, dim=0)), report
 
 
 def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float = 1.0,

@@ -72,6 +72,31 @@ def test_folder_merge_matches_lstsq_and_loads(arch, tmp_path):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_wide_groups_solve_per_model_terms(tmp_path, monkeypatch, bf16):
+    """Two models: gate/up (2 x 48 rows for d_in 32, and lm_head) are wider than K d_in, so the merge solves
+    each model's d x d term and multiplies (regmean._solve_terms_then_multiply); the result is the same RegMean."""
+    import importlib
+
+    method = importlib.import_module("regmean_fast.merge.methods.regmean")
+    calls = []
+    real = method.RegMean._solve_terms_then_multiply
+    monkeypatch.setattr(method.RegMean, "_solve_terms_then_multiply",
+                        lambda self, g, *a: calls.append(g.members[0]) or real(self, g, *a))
+    if bf16:
+        monkeypatch.setattr(method, "EXACT_BF16_MIN_DIM", 0)  # the exact bf16x3 products at this size too
+    _, models = make_models("llama", k=2, seed=3)
+    if bf16:
+        models = [m.to(torch.bfloat16).float() for m in models]  # bf16 values, checked in fp64 below
+    mods, acts = make_activations(models[0], 2, seed=3)
+    paths = [save_model(m.to(torch.bfloat16) if bf16 else m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
+    merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)], "parameters": {"alpha": 0.9},
+           "out_dtype": "float32"}, out=str(tmp_path / "out"))
+    assert sum("gate_proj" in c for c in calls) == 2 and not any("q_proj" in c for c in calls)
+    _check_regmean(read_folder(tmp_path / "out"), models, mods, acts, 0.9)
+
+
 def test_matches_reference_implementation(tmp_path):
     from regmean_fast import reference
 
@@ -209,3 +234,22 @@ def test_io_reader_and_streaming_writer_roundtrip(tmp_path):
         assert sorted(mf.names()) == sorted(ts)
         for n in ts:
             assert torch.equal(mf.get(n), ts[n])
+            into = torch.full_like(ts[n], 0)
+            assert mf.get(n, out=into) is into and torch.equal(into, ts[n])  # straight into a given buffer
+        with pytest.raises(ValueError, match="cannot read it into"):
+            mf.get("a", out=torch.empty(5, 3))
+
+
+def test_io_reader_maps_nothing(tmp_path):
+    """Tensors are read with pread: no file page of a shard ever counts in the resident set (a memory map
+    kept the pages the kernel's fault-around mapped next to each tensor, growing with depth)."""
+    ts = {f"t{i}": torch.randn(300, 7) for i in range(5)}
+    layout = ShardLayout.build([(n, t.dtype, t.shape) for n, t in ts.items()], shard_size=10**9)
+    out = ShardedOutput(str(tmp_path), layout, "h")
+    for n, t in ts.items():
+        out.write(n, t)
+    with ModelFolder(str(tmp_path)) as mf:
+        for n in ts:
+            assert torch.equal(mf.get(n), ts[n])
+        with open("/proc/self/maps") as f:
+            assert str(tmp_path) not in f.read()

@@ -245,7 +245,7 @@ def test_reduce_ops_pass_opcheck():
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("n", [1, 4097, 20000])
+@pytest.mark.parametrize("n", [1, 4097, 20000, 200001])  # the last one spans several 64K-element chunks
 def test_all_finite_matches_torch(dtype, bad, n):
     t = torch.randn(n).to(dtype)
     if bad is not None:

@@ -22,5 +22,13 @@ struct SymmetryStats {
 };
 SymmetryStats symmetry_stats_cpu(const float* G, int64_t d, const TaskRunner& runner);
 
+// One model's RegMean term from its raw Gram G (d x d fp32, row-major) and G's SymmetryStats
+// (returned): S = factor (alpha G + (1 - alpha) diag(G)), elementwise from G as given. Each output is
+// optional (null = skip): A's upper triangle (diagonal included) += S's, its strict lower triangle
+// untouched (symmetrize it before reading it); s_f32 = S (d x d fp32); s_bf16 = the bf16x3 slices of
+// S (3 x d x d, see split_bf16x3). The outputs are meaningful only when the stats say G is finite.
+SymmetryStats gram_term_cpu(const float* G, int64_t d, double factor, double alpha, float* A, float* s_f32,
+                            uint16_t* s_bf16, const TaskRunner& runner);
+
 }  // namespace kernels
 }  // namespace regmean_fast

@@ -63,16 +63,17 @@ RF_HOST_DEVICE uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// x as three bf16 slices, x == s0 + s1 + s2 exactly for normal numbers: s0 rounds x, s1 rounds
-// what s0 left (the low 16 significant bits, exact in fp32), s2 is the rest (exact, <= 8 bits).
-// One function for the CPU op and the CUDA kernel, so the CPU is the GPU's twin by construction.
-RF_HOST_DEVICE void split_bf16x3_value(float x, uint16_t* s0, uint16_t* s1, uint16_t* s2) {
+// x == bf16(out[0]) + bf16(out[stride]) + bf16(out[2 * stride]) exactly (for normal numbers): the
+// first slice is x rounded to bf16, the second the rounded remainder, the third the rest. One function
+// for the CPU ops and the CUDA kernel, so the CPU is the GPU's twin by construction.
+RF_HOST_DEVICE void split_bf16x3(float x, uint16_t* out, int64_t stride) {
   const uint16_t h0 = float_to_bf16_bits(x);
-  const float r1 = x - bf16_bits_to_float(h0);
+  const float r1 = x - bf16_bits_to_float(h0);  // exact: the low 16 significant bits of x
   const uint16_t h1 = float_to_bf16_bits(r1);
-  *s0 = h0;
-  *s1 = h1;
-  *s2 = float_to_bf16_bits(r1 - bf16_bits_to_float(h1));
+  const float r2 = r1 - bf16_bits_to_float(h1);  // exact, and fits in 8 bits
+  out[0] = h0;
+  out[stride] = h1;
+  out[2 * stride] = float_to_bf16_bits(r2);
 }
 
 // IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, NaN).

@@ -10,17 +10,15 @@
 //    with GCC/Clang vector extensions, so it vectorises on any ISA the compiler targets.
 #include "gram_cpu.h"
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <thread>
 #include <vector>
 
+#include "blas_cpu.h"
 #include "tiling.h"
 
 namespace regmean_fast {
@@ -46,49 +44,9 @@ void ThreadRunner::parallel_for(int64_t n, const std::function<void(int64_t, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Run-time BLAS resolution.
+// BLAS path.
 
 namespace {
-
-constexpr int kCblasRowMajor = 101;
-constexpr int kCblasNoTrans = 111;
-constexpr int kCblasTrans = 112;
-
-using GemmHalfFn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
-                            float* c, int ldc);
-using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, const int* n,
-                         const int* k, const float* alpha, const float* a, const int* lda,
-                         const float* b, const int* ldb, const float* beta, float* c,
-                         const int* ldc);
-
-struct BlasTable {
-  GemmHalfFn gemm_bf16 = nullptr;
-  SgemmFn sgemm = nullptr;
-  const char* source = "none";
-};
-
-// Only libraries already in the process are searched (RTLD_NOLOAD): we never load a BLAS of our
-// own, we use the one torch (or the host program) brought. torch's own MKL comes first so that a
-// different sgemm_ elsewhere in the process (another BLAS, another integer width) is not picked.
-const BlasTable& blas() {
-  static BlasTable table;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    const char* libs[] = {"libtorch_cpu.so", "libmkl_rt.so.2", "libmkl_rt.so"};
-    for (const char* name : libs) {
-      void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
-      if (!h) continue;
-      table.gemm_bf16 = reinterpret_cast<GemmHalfFn>(dlsym(h, "cblas_gemm_bf16bf16f32"));
-      table.sgemm = reinterpret_cast<SgemmFn>(dlsym(h, "sgemm_"));
-      if (table.gemm_bf16 || table.sgemm) {
-        table.source = name;
-        return;
-      }
-    }
-  });
-  return table;
-}
 
 bool forced_portable() {
   const char* v = std::getenv("REGMEAN_FAST_CPU_GEMM");
@@ -344,7 +302,7 @@ void gemm_bf16_accumulate(int64_t m, int64_t n, int64_t k, float alpha, const ui
 
 void split_bf16x3_cpu(const float* x, int64_t n, uint16_t* out, const TaskRunner& runner) {
   runner.parallel_for(n, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) split_bf16x3_value(x[i], &out[i], &out[n + i], &out[2 * n + i]);
+    for (int64_t i = b; i < e; ++i) split_bf16x3(x[i], out + i, n);
   });
 }
 

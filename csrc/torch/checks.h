@@ -182,5 +182,43 @@ inline Bf16x3Operands check_addmm_bf16x3_args(const at::Tensor& C, const at::Ten
   return op;
 }
 
+// gram_term(G, factor, alpha, A, S): G float32 [d, d] contiguous; A (optional) float32 [d, d] contiguous;
+// S (optional) float32 [d, d] or bfloat16 [3, d, d], contiguous; all on G's device.
+inline void check_gram_term_args(const at::Tensor& G, const c10::optional<at::Tensor>& A,
+                                 const c10::optional<at::Tensor>& S) {
+  check_square_f32(G, "gram_term");
+  const int64_t d = G.size(0);
+  if (A.has_value()) {
+    TORCH_CHECK_TYPE(A->scalar_type() == at::kFloat, "gram_term: A must be float32, got ", A->scalar_type());
+    TORCH_CHECK_VALUE(A->dim() == 2 && A->size(0) == d && A->size(1) == d && A->is_contiguous(),
+                      "gram_term: A must be a contiguous [", d, ", ", d, "] matrix, got shape ", A->sizes());
+    TORCH_CHECK_VALUE(A->device() == G.device(), "gram_term: A must be on G's device");
+  }
+  if (S.has_value()) {
+    const bool f32 = S->scalar_type() == at::kFloat && S->dim() == 2 && S->size(0) == d && S->size(1) == d;
+    const bool split = S->scalar_type() == at::kBFloat16 && S->dim() == 3 && S->size(0) == 3 && S->size(1) == d &&
+                       S->size(2) == d;
+    TORCH_CHECK_VALUE(f32 || split, "gram_term: S must be float32 [", d, ", ", d, "] or bfloat16 [3, ", d, ", ", d,
+                      "], got ", S->scalar_type(), " ", S->sizes());
+    TORCH_CHECK_VALUE(S->is_contiguous(), "gram_term: S must be contiguous");
+    TORCH_CHECK_VALUE(S->device() == G.device(), "gram_term: S must be on G's device");
+  }
+}
+
+// spd_solve_(A, Bt): A [d, d] and Bt [n, d], contiguous, one float dtype (float32 or float64), one device.
+inline void check_spd_solve_inplace_args(const at::Tensor& A, const at::Tensor& Bt) {
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+                   "spd_solve_: A must be float32 or float64, got ", A.scalar_type());
+  TORCH_CHECK_TYPE(Bt.scalar_type() == A.scalar_type(), "spd_solve_: A and Bt must have one dtype, got ",
+                   A.scalar_type(), " and ", Bt.scalar_type());
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(0) == A.size(1), "spd_solve_: A must be a square matrix, got shape ",
+                    A.sizes());
+  TORCH_CHECK_VALUE(Bt.dim() == 2 && Bt.size(1) == A.size(0), "spd_solve_: Bt must be [k, ", A.size(0),
+                    "], got shape ", Bt.sizes());
+  TORCH_CHECK_VALUE(A.is_contiguous() && Bt.is_contiguous(), "spd_solve_: A and Bt must be contiguous");
+  TORCH_CHECK_VALUE(A.device() == Bt.device(), "spd_solve_: A and Bt must be on one device, got ", A.device(), " and ",
+                    Bt.device());
+}
+
 }  // namespace binding
 }  // namespace regmean_fast

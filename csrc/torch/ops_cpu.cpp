@@ -3,12 +3,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
 #include <optional>
 #include <vector>
 
+#include "../kernels/check_cpu.h"
 #include "../kernels/gram_cpu.h"
 #include "../kernels/reduce_cpu.h"
+#include "../kernels/solve_cpu.h"
 #include "aten_runner.h"
 #include "checks.h"
 
@@ -97,6 +100,57 @@ void addmm_bf16x3_cpu(at::Tensor C, const at::Tensor& A, const at::Tensor& Bs, d
   }
 }
 
+// One pass over G: its stats [finite, max |G|, max |G - G^T|, min diag] as float32 [4], and the
+// requested outputs (see kernels::gram_term_cpu).
+at::Tensor gram_term_cpu(const at::Tensor& G, double factor, double alpha, const c10::optional<at::Tensor>& A,
+                         const c10::optional<at::Tensor>& S) {
+  check_gram_term_args(G, A, S);
+  float* a = A.has_value() ? A->data_ptr<float>() : nullptr;
+  float* s32 = S.has_value() && S->scalar_type() == at::kFloat ? S->data_ptr<float>() : nullptr;
+  uint16_t* s16 = S.has_value() && S->scalar_type() == at::kBFloat16 ? reinterpret_cast<uint16_t*>(S->data_ptr())
+                                                                     : nullptr;
+  const auto st = kernels::gram_term_cpu(G.const_data_ptr<float>(), G.size(0), factor, alpha, a, s32, s16,
+                                         AtenRunner());
+  at::Tensor out = at::empty({4}, G.options());
+  float* o = out.data_ptr<float>();
+  o[0] = st.finite ? 1.0f : 0.0f;
+  o[1] = st.max_abs;
+  o[2] = st.max_asym;
+  o[3] = st.min_diag;
+  return out;
+}
+
+// In place: Bt <- Bt A^-1 through LAPACK on the caller's buffers (kernels::spd_solve_inplace_cpu);
+// without LAPACK in the process, the same contract through torch.linalg.
+at::Tensor spd_solve_inplace_cpu(at::Tensor A, at::Tensor Bt, bool factored) {
+  check_spd_solve_inplace_args(A, Bt);
+  at::Tensor info = at::zeros({3}, A.options().dtype(at::kInt));
+  int32_t* inf = info.data_ptr<int32_t>();
+  const int64_t d = A.size(0), n = Bt.size(0);
+  const bool lapack = A.scalar_type() == at::kFloat ? kernels::have_spd_solve<float>() : kernels::have_spd_solve<double>();
+  if (lapack && d <= INT_MAX && n <= INT_MAX) {
+    if (A.scalar_type() == at::kFloat) {
+      kernels::spd_solve_inplace_cpu<float>(A.data_ptr<float>(), d, Bt.data_ptr<float>(), n, factored, inf,
+                                            AtenRunner());
+    } else {
+      kernels::spd_solve_inplace_cpu<double>(A.data_ptr<double>(), d, Bt.data_ptr<double>(), n, factored, inf,
+                                             AtenRunner());
+    }
+    return info;
+  }
+  at::Tensor U = at::triu(A);
+  if (!factored) {
+    auto [F, status] = at::linalg_cholesky_ex(A, /*upper=*/true);
+    inf[0] = status.item<int32_t>();
+    inf[1] = inf[0] == 0 && !F.isfinite().all().item<bool>() ? 1 : 0;
+    if (inf[0] != 0 || inf[1] != 0) return info;
+    U = F;
+    A.copy_(at::triu(U) + at::tril(A, -1));
+  }
+  if (n > 0) Bt.copy_(at::cholesky_solve(Bt.t(), U, /*upper=*/true).t());
+  return info;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(regmean_fast, m) {
@@ -108,6 +162,8 @@ TORCH_LIBRARY(regmean_fast, m) {
   m.def("spd_solve(Tensor A, Tensor B) -> (Tensor, Tensor)");
   m.def("split_bf16x3(Tensor x) -> Tensor");
   m.def("addmm_bf16x3_(Tensor(a!) C, Tensor A, Tensor Bs, float alpha) -> ()");
+  m.def("gram_term(Tensor G, float factor, float alpha, Tensor(a!)? A=None, Tensor(b!)? S=None) -> Tensor");
+  m.def("spd_solve_(Tensor(a!) A, Tensor(b!) Bt, bool factored=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(regmean_fast, CPU, m) {
@@ -119,6 +175,8 @@ TORCH_LIBRARY_IMPL(regmean_fast, CPU, m) {
   m.impl("spd_solve", &spd_solve_cpu);
   m.impl("split_bf16x3", &split_bf16x3_cpu);
   m.impl("addmm_bf16x3_", &addmm_bf16x3_cpu);
+  m.impl("gram_term", &gram_term_cpu);
+  m.impl("spd_solve_", &spd_solve_inplace_cpu);
 }
 
 }  // namespace binding

@@ -40,12 +40,18 @@ class GramFileError(GramsError):
 def check_gram_values(G: torch.Tensor, what: str) -> None:
     """A Gram read from anywhere must be finite, symmetric (to SYMMETRY_RTOL of its largest entry)
     and have a non-negative diagonal; one pass over G (regmean_fast.ops.symmetry_stats)."""
-    finite, max_abs, max_asym, min_diag = ops.symmetry_stats(G)
+    check_gram_stats(ops.symmetry_stats(G), G.size(0), what)
+
+
+def check_gram_stats(stats, d: int, what: str) -> None:
+    """check_gram_values on the symmetry_stats of a [d, d] Gram, computed by whichever pass read it
+    (the merge gets them from the same pass that uses the Gram: ops.gram_term)."""
+    finite, max_abs, max_asym, min_diag = stats
     if not finite:
         raise GramFileError(f"{what} has non-finite values")
     if max_asym > SYMMETRY_RTOL * max(max_abs, 1e-30):
         raise GramFileError(f"{what} is not symmetric")
-    if G.numel() and min_diag < 0:
+    if d and min_diag < 0:
         raise GramFileError(f"{what} has a negative diagonal entry (not a Gram)")
 
 
@@ -407,6 +413,13 @@ class GramSet:
 
     def gram(self, name: str) -> torch.Tensor:
         """Full symmetric fp32 [d, d] raw sum for a module or a key; validated on read."""
+        t = self.raw_gram(name)
+        self.check_gram(name, ops.symmetry_stats(t))
+        return t
+
+    def raw_gram(self, name: str) -> torch.Tensor:
+        """gram(name) before the value checks (shape and dtype are checked): for a caller that computes
+        symmetry_stats in a pass of its own and hands them to check_gram (never skipped)."""
         key = self._key(name)
         d = self._dims[key]
         t = self._source[GRAM_PREFIX + key]()
@@ -416,8 +429,13 @@ class GramSet:
             t = ops.unpack_triu(t.contiguous())
         elif tuple(t.shape) != (d, d):
             raise GramFileError(f"{self.path}: Gram {key!r} has shape {tuple(t.shape)}, expected {(d, d)}")
-        check_gram_values(t, f"{self.path}: Gram {key!r}")
         return t
+
+    def check_gram(self, name: str, stats) -> None:
+        """Raises GramFileError, as gram() would, when stats (ops.symmetry_stats of raw_gram(name)) show
+        an invalid Gram."""
+        key = self._key(name)
+        check_gram_stats(stats, self._dims[key], f"{self.path}: Gram {key!r}")
 
     @property
     def has_fisher(self) -> bool:

@@ -1,4 +1,4 @@
-"""I/O: memory-mapped safetensors reading, streamed sharded writing, Hugging Face folder conventions."""
+"""I/O: lazy safetensors reading (pread per tensor), streamed sharded writing, Hugging Face folder conventions."""
 
 from .hf import ModelFolder, ModelFolderError, copy_aux_files, write_config, write_index
 from .safetensors_file import SafetensorsError, SafetensorsReader, StreamingShardWriter, file_sha256

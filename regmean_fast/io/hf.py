@@ -26,7 +26,7 @@ class ModelFolderError(ValueError):
 
 class ModelFolder:
     """A Hugging Face model folder read lazily: tensor names, shapes and dtypes from the headers,
-    tensors copied out of memory-mapped shards on request. One open handle per shard."""
+    tensors read from the shards on request (pread, nothing mapped). One open handle per shard."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(str(path))
@@ -103,8 +103,9 @@ class ModelFolder:
     def dtype(self, name: str) -> torch.dtype:
         return self.info(name).dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._readers[self._where[name]].get(name)
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of tensor `name`, fresh or in `out` (see SafetensorsReader.get)."""
+        return self._readers[self._where[name]].get(name, out)
 
     def files(self) -> list[str]:
         return [os.path.join(self.path, f) for f in sorted(self._readers)]

@@ -1,8 +1,9 @@
 """Reading and writing the safetensors format without holding whole files in memory.
 
 Reading: the header is parsed and validated (sizes, offsets, dtypes) when the file is opened; each
-tensor is copied out of a read-only memory map and the pages it touched are released again
-(madvise DONTNEED), so the resident set does not grow with the number of tensors read.
+tensor is read with pread straight into its destination. Nothing is mapped, so no file pages count
+in the resident set (a memory map released with madvise still kept the pages that the kernel's
+fault-around had mapped next to each tensor: ~60 KB per tensor read, growing with depth).
 
 Writing: the layout of a shard (names, dtypes, shapes, hence every offset) is known before any
 tensor is computed, so the header is written first and each tensor is written at its place as it
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -30,7 +30,6 @@ if hasattr(torch, "float8_e4m3fn"):
     DTYPES["F8_E5M2"] = torch.float8_e5m2
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-_PAGE = mmap.PAGESIZE
 
 
 class SafetensorsError(ValueError):
@@ -57,7 +56,7 @@ class TensorInfo:
 
 
 class SafetensorsReader:
-    """One open safetensors file: validated header, lazy per-tensor reads through a memory map."""
+    """One open safetensors file: validated header, lazy per-tensor reads (pread into the tensor)."""
 
     def __init__(self, path: str):
         self.path = str(path)
@@ -67,9 +66,6 @@ class SafetensorsReader:
             raise SafetensorsError(f"cannot open {self.path}: {e.strerror or e}") from None
         try:
             self.tensors, self.metadata = self._parse_header()
-            self._mm = None
-            if self.size > 0:
-                self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         except BaseException:
             self._file.close()
             raise
@@ -119,25 +115,29 @@ class SafetensorsReader:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor holding a copy of `name` (the mapped pages are released afterwards)."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of `name` in a fresh tensor, or in `out` (a contiguous CPU tensor of its dtype and
+        shape, e.g. a view of a reused buffer)."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            raise ValueError(f"{self.path}: {name} is {info.dtype} {list(info.shape)}; cannot read it into a "
+                             f"{'' if out.is_contiguous() else 'non-contiguous '}{out.device.type} {out.dtype} "
+                             f"{list(out.shape)} tensor")
         nbytes = info.end - info.begin
         if nbytes:
-            dst = out.view(-1).view(torch.uint8).numpy()
-            dst[:] = memoryview(self._mm)[info.begin:info.end]
-            lo = (info.begin // _PAGE) * _PAGE
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED, lo, min(self.size, info.end) - lo)
-            except (AttributeError, OSError, ValueError):
-                pass
+            dst = memoryview(out.view(-1).view(torch.uint8).numpy())
+            fd, pos = self._file.fileno(), 0
+            while pos < nbytes:  # one call reads at most ~2 GiB
+                n = os.preadv(fd, [dst[pos:]], info.begin + pos)
+                if n <= 0:
+                    raise SafetensorsError(f"{self.path}: file ended inside tensor {name!r} (modified while open?)")
+                pos += n
         return out
 
     def close(self):
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
         self._file.close()
 
     def __enter__(self):

@@ -20,6 +20,18 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> None:
         raise MergeError(f"{what} has non-finite values")
 
 
+# Per-tensor items larger than this free the group scratch buffers first (embeddings, heads); the small
+# ones between groups (norms, biases) keep them.
+SCRATCH_KEEP_BYTES = 1 << 20
+
+
+def _item_bytes(src, item) -> int:
+    n = 1
+    for s in src.shape(item.name):
+        n *= int(s)
+    return 4 * n
+
+
 class Engine:
     def __init__(self, plan: Plan, sources, *, base=None, gramsets=None, gram_paths=None,
                  compute_dtype=torch.float32, solve_dtype=torch.float32, device="cpu", allow_missing=False):
@@ -33,13 +45,20 @@ class Engine:
         self.device = torch.device(device)
         self.k = len(sources)
         self.allow_missing = allow_missing
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # -- loading, with the checks that name the tensor -------------------------------------------
     def _src_label(self, i):
         p = getattr(self.sources[i], "path", None)
         return f"model {i} ({p})" if p else f"model {i}"
 
-    def _load(self, i: int, name: str, stored_dtype: bool = False) -> torch.Tensor:
+    def _load(self, i: int, name: str, stored_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Model i's tensor on the device, in the compute dtype or as stored; out: read it (as stored) into
+        this buffer instead."""
+        if out is not None:
+            t = self.sources[i].get(name, out=out) if out.device.type == "cpu" else out.copy_(self.sources[i].get(name))
+            _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
+            return t
         t = self.sources[i].get(name)
         _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
         return t.to(device=self.device, dtype=None if stored_dtype else self.compute_dtype)
@@ -54,14 +73,37 @@ class Engine:
         return f"Gram file {p}" if p else f"Gram set {i}"
 
     def _load_gram(self, i: int, key, module: str) -> torch.Tensor:
+        """Model i's raw fp32 Gram on the device, contiguous. Not yet validated when its GramSet has
+        raw_gram: the method's pass over it computes the stats and hands them to _check_gram."""
+        gs = self.gramsets[i]
         try:
-            G = self.gramsets[i].gram(key)
+            G = gs.raw_gram(key) if hasattr(gs, "raw_gram") else gs.gram(key)  # gram() validates itself
         except MergeError:
             raise
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise MergeError(f"{self._gram_label(i)}: cannot read the Gram for {module}: {e}") from None
-        # Every GramSet validates what it returns (finite, symmetric, diagonal >= 0).
-        return G.to(device=self.device, dtype=torch.float32)
+        return G.to(device=self.device, dtype=torch.float32).contiguous()
+
+    def _check_gram(self, i: int, key, module: str, stats) -> None:
+        gs = self.gramsets[i]
+        if stats is None or not hasattr(gs, "check_gram"):
+            return
+        try:
+            gs.check_gram(key, stats)
+        except (ValueError, KeyError) as e:
+            raise MergeError(f"{self._gram_label(i)}: cannot read the Gram for {module}: {e}") from None
+
+    def _scratch(self, name: str, shape, dtype) -> torch.Tensor:
+        """A buffer reused from group to group (one per name, grown to the largest request), so the
+        large per-group arrays do not cost fresh pages (page faults) every time. Contents undefined."""
+        n = 1
+        for s in shape:
+            n *= int(s)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            self._buffers.pop(name, None)
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
 
     def _load_fisher(self, i: int, name: str):
         try:
@@ -86,8 +128,13 @@ class Engine:
         if isinstance(item, GroupItem):
             g = GroupInputs(
                 members=item.members, conv1d=item.conv1d, k=self.k,
-                load_weight=lambda i, m: self._load(i, item.members[m], stored_dtype=True),
+                load_weight=lambda i, m, out=None: self._load(i, item.members[m], stored_dtype=True, out=out),
+                weight_dtype=lambda i, m: self.sources[i].dtype(item.members[m]),
+                weight_shape=lambda m: tuple(self.sources[0].shape(item.members[m])),
+                d_in=item.d_in, device=self.device,
                 load_gram=lambda i: self._load_gram(i, item.keys[i], item.modules[0]),
+                check_gram=lambda i, stats: self._check_gram(i, item.keys[i], item.modules[0], stats),
+                scratch=self._scratch,
                 count=lambda i: int(self.gramsets[i].count(item.keys[i])),
                 coeffs=plan.coeffs)
             try:
@@ -139,6 +186,9 @@ class Engine:
                 if progress is not None:
                     progress(item)
                 continue
+            group = isinstance(item, GroupItem)
+            if not group and self._buffers and _item_bytes(self.sources[0], item) > SCRATCH_KEEP_BYTES:
+                self._buffers.clear()  # the group buffers would add to this tensor's own working set
             t0 = time.perf_counter()
             outs, info = self.compute(item)
             dt = time.perf_counter() - t0
@@ -148,7 +198,8 @@ class Engine:
                 report[n] = dict(info, time_s=round(dt, 6))
                 if skip is not None and skip(n):
                     continue
-                write(n, t.to(device="cpu", dtype=out_dtypes[n]))
+                # A group's outputs may live in the scratch buffers: always a copy of those.
+                write(n, t.to(device="cpu", dtype=out_dtypes[n], copy=group))
             del outs
             if progress is not None:
                 progress(item)

@@ -258,16 +258,24 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
 
 
 def estimate_working_bytes(plan: Plan, sources, compute_dtype: torch.dtype, solve_dtype: torch.dtype, k: int) -> int:
-    """A bound on the merge's working set (the largest item), excluding the interpreter itself."""
+    """A bound on the merge's working set, excluding the interpreter itself: the group buffers the engine
+    keeps from group to group (each at its largest: A, the term S or its bf16x3 slices, M, the right-hand
+    side, the stacked weights) plus the largest item's own transients (a mapped Gram, output copies; a
+    per-tensor item's copies)."""
     ref = sources[0]
     ce = torch.empty((), dtype=compute_dtype).element_size()
     se = torch.empty((), dtype=solve_dtype).element_size()
+    kept = {"A": 0, "S": 0, "M": 0, "Bt": 0, "W": 0}
     worst = 0
     for it in plan.items:
         if isinstance(it, GroupItem):
             d = it.d_in
             width = sum(ref.shape(n)[1] if not c else ref.shape(n)[0] for n, c in zip(it.members, it.conv1d))
-            b = (3 * d * d + 3 * d * width) * se + d * width * (ce + 4)
+            wsize = max(ref.dtype(n).itemsize for n in it.members)
+            for key, b in (("A", d * d * se), ("S", d * d * max(6, se)), ("M", d * d * 4), ("Bt", width * d * se),
+                           ("W", width * d * max(wsize, ce))):
+                kept[key] = max(kept[key], b)
+            b = d * d * 4 + d * width * (se + 4)
         else:
             shp = ref.shape(it.name)
             n = 1
@@ -276,7 +284,7 @@ def estimate_working_bytes(plan: Plan, sources, compute_dtype: torch.dtype, solv
             copies = {"ties": k + 4, "fisher": k + 4, "copy": 2}.get(it.method, 4)
             b = copies * n * ce
         worst = max(worst, b)
-    return worst
+    return sum(kept.values()) + worst
 
 
 # -- several processes (torchrun): which rank writes which shard --------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..grams.fileformat import check_gram_values
+from .. import ops
+from ..grams.fileformat import check_gram_stats
 
 
 class StateDictSource:
@@ -24,7 +25,9 @@ class StateDictSource:
     def dtype(self, name):
         return self.sd[name].dtype
 
-    def get(self, name):
+    def get(self, name, out=None):
+        if out is not None:
+            return out.copy_(self.sd[name].detach())
         return self.sd[name].detach().to("cpu", copy=True)
 
     def files(self):
@@ -75,10 +78,18 @@ class DictGramSet:
         return out
 
     def gram(self, name):
+        G = self.raw_gram(name)
+        self.check_gram(name, ops.symmetry_stats(G))
+        return G.clone()
+
+    def raw_gram(self, name):
+        """gram(name) before the value checks (see GramSet.raw_gram); may share memory with the dict's
+        tensor (read only)."""
+        return self._grams[self._key(name)].detach().to(torch.float32).contiguous()
+
+    def check_gram(self, name, stats):
         key = self._key(name)
-        G = self._grams[key].detach().to(torch.float32, copy=True)
-        check_gram_values(G.contiguous(), f"Gram {key!r}")
-        return G
+        check_gram_stats(stats, self.dim(name), f"Gram {key!r}")
 
     def count(self, name):
         return self._counts[self._key(name)]

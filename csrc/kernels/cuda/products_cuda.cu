@@ -12,7 +12,7 @@ namespace {
 __global__ void split_bf16x3_kernel(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    split_bf16x3_value(x[i], &out[i], &out[n + i], &out[2 * n + i]);
+    split_bf16x3(x[i], out + i, n);
   }
 }
 

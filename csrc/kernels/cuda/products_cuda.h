@@ -1,6 +1,6 @@
 // Exact bf16x3 products on the GPU, no torch: W G for a bf16 W and an fp32 G as three bf16 tensor-core
 // GEMMs with fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F), as accurate as an fp32 GEMM and
-// far faster. The split is split_bf16x3_value (common.h), shared with the CPU op.
+// far faster. The split is split_bf16x3 (common.h), shared with the CPU ops.
 #pragma once
 
 #include <cublas_v2.h>

@@ -489,6 +489,13 @@ static void test_checks() {
   x[9999] = std::nanf("");
   CHECK(!all_finite_cpu(x.data(), DType::F32, 10001, threads), "nan f32");
   CHECK(all_finite_cpu(x.data(), DType::F32, 9999, threads), "prefix without the nan");
+  std::vector<float> big(3 * 65536 + 5, 0.5f);  // several 64K-element chunks: every one is scanned
+  CHECK(all_finite_cpu(big.data(), DType::F32, static_cast<int64_t>(big.size()), threads), "big finite");
+  big.back() = std::nanf("");
+  CHECK(!all_finite_cpu(big.data(), DType::F32, static_cast<int64_t>(big.size()), threads), "big nan in last chunk");
+  big.back() = 0.5f;
+  big[70000] = -std::numeric_limits<float>::infinity();
+  CHECK(!all_finite_cpu(big.data(), DType::F32, static_cast<int64_t>(big.size()), threads), "big -inf in chunk 2");
   std::vector<uint16_t> h(5000, float_to_bf16_bits(2.0f));
   CHECK(all_finite_cpu(h.data(), DType::BF16, 5000, threads), "bf16 finite");
   h[17] = 0x7f80;  // bf16 +inf
@@ -512,7 +519,7 @@ static void test_checks() {
   CHECK(!symmetry_stats_cpu(G.data(), d, threads).finite, "symmetry stats sees NaN in the lower triangle");
 }
 
-// split_bf16x3_value (the CPU op's and the CUDA kernel's one function): three bf16 slices that sum
+// split_bf16x3 (the CPU ops' and the CUDA kernel's one function): three bf16 slices that sum
 // exactly to x for normal numbers over the whole exponent range, each slice at most 2^-8 of the one
 // before, and the specials passed through the first slice.
 static void test_split_bf16x3() {
@@ -521,9 +528,9 @@ static void test_split_bf16x3() {
   std::uniform_int_distribution<int> expo(-100, 100);
   for (int t = 0; t < 20000; ++t) {
     const float x = static_cast<float>((t % 2 ? -1.0 : 1.0) * std::ldexp(mant(rng), expo(rng)));
-    uint16_t s0, s1, s2;
-    split_bf16x3_value(x, &s0, &s1, &s2);
-    const double a = bf16_bits_to_float(s0), b = bf16_bits_to_float(s1), c = bf16_bits_to_float(s2);
+    uint16_t s[3];
+    split_bf16x3(x, s, 1);
+    const double a = bf16_bits_to_float(s[0]), b = bf16_bits_to_float(s[1]), c = bf16_bits_to_float(s[2]);
     CHECK(a + b + c == static_cast<double>(x), "split %.9g -> %.9g %.9g %.9g", x, a, b, c);
     CHECK(std::fabs(b) <= std::ldexp(std::fabs(a), -8) && std::fabs(c) <= std::ldexp(std::fabs(b), -7),
           "split slices shrink %.9g: %.9g %.9g %.9g", x, a, b, c);
@@ -531,13 +538,59 @@ static void test_split_bf16x3() {
   const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity(), 1.0f, -3.0f};
   for (float x : specials) {
-    uint16_t s0, s1, s2;
-    split_bf16x3_value(x, &s0, &s1, &s2);
-    CHECK(bf16_bits_to_float(s0) == x, "split special %g", x);
+    uint16_t s[3];
+    split_bf16x3(x, s, 1);
+    CHECK(bf16_bits_to_float(s[0]) == x, "split special %g", x);
   }
-  uint16_t s0, s1, s2;
-  split_bf16x3_value(std::nanf(""), &s0, &s1, &s2);
-  CHECK(std::isnan(bf16_bits_to_float(s0)), "split keeps NaN in the first slice");
+  uint16_t s[3];
+  split_bf16x3(std::nanf(""), s, 1);
+  CHECK(std::isnan(bf16_bits_to_float(s[0])), "split keeps NaN in the first slice");
+}
+
+// gram_term_cpu against double loops written from its definition: stats over finite pairs, S elementwise
+// from G, triu(A) += triu(S) (the strict lower triangle untouched), the bf16x3 slices summing to S; a NaN
+// anywhere is seen.
+static void test_gram_term() {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  ThreadRunner threads(3);
+  for (int64_t d : {1, 5, 64, 65, 150}) {
+    for (double alpha : {1.0, 0.75, 0.0}) {
+      const double factor = 0.3;
+      std::vector<float> G(static_cast<size_t>(d * d)), A(G.size()), A0(G.size()), S(G.size());
+      std::vector<uint16_t> H(static_cast<size_t>(3 * d * d));
+      for (auto& v : G) v = u(rng);
+      for (auto& v : A0) v = u(rng);
+      A = A0;
+      const SymmetryStats s = gram_term_cpu(G.data(), d, factor, alpha, A.data(), S.data(), H.data(), threads);
+      double max_abs = 0, max_asym = 0, min_diag = 1e30, err_s = 0, err_a = 0;
+      bool lower = true, exact = true;
+      for (int64_t i = 0; i < d; ++i) {
+        min_diag = std::min(min_diag, static_cast<double>(G[i * d + i]));
+        for (int64_t j = 0; j < d; ++j) {
+          max_abs = std::max(max_abs, std::fabs(static_cast<double>(G[i * d + j])));
+          max_asym = std::max(max_asym, std::fabs(static_cast<double>(G[i * d + j]) - G[j * d + i]));
+          const double t = factor * G[i * d + j] * (i == j ? 1.0 : alpha);
+          err_s = std::max(err_s, std::fabs(S[i * d + j] - t));
+          err_a = std::max(err_a, std::fabs(A[i * d + j] - (A0[i * d + j] + (j >= i ? t : 0.0))));
+          lower = lower && (j >= i || A[i * d + j] == A0[i * d + j]);
+          const int64_t k = i * d + j;
+          exact = exact && bf16_bits_to_float(H[k]) + bf16_bits_to_float(H[d * d + k]) +
+                               bf16_bits_to_float(H[2 * d * d + k]) == S[k];
+        }
+      }
+      CHECK(s.finite && s.max_abs == static_cast<float>(max_abs) && s.min_diag == static_cast<float>(min_diag) &&
+                std::fabs(s.max_asym - max_asym) <= 1e-6 * max_abs,
+            "gram_term stats d=%lld: %g %g %g", (long long)d, s.max_abs, s.max_asym, s.min_diag);
+      CHECK(err_s <= 2e-7 * max_abs && err_a <= 1e-6 * (max_abs + 2), "gram_term d=%lld alpha=%g: S %g A %g",
+            (long long)d, alpha, err_s, err_a);
+      CHECK(lower && exact, "gram_term d=%lld: A's lower triangle untouched %d, slices exact %d", (long long)d, lower,
+            exact);
+      G[(d - 1) * d] = std::nanf("");  // the lower triangle's corner (the diagonal when d == 1)
+      CHECK(!gram_term_cpu(G.data(), d, factor, alpha, nullptr, nullptr, nullptr, threads).finite,
+            "gram_term sees the NaN d=%lld", (long long)d);
+    }
+  }
 }
 
 int main() {
@@ -551,6 +604,7 @@ int main() {
   test_reduce_and_packing();
   test_checks();
   test_split_bf16x3();
+  test_gram_term();
   test_wmma_layout();
   test_wmma_kernel_twin();
   std::printf("kernels_test: %d checks, %d failures\n", g_checks, g_failures);
