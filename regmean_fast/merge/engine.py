@@ -193,13 +193,15 @@ class Engine:
             outs, info = self.compute(item)
             dt = time.perf_counter() - t0
             for n in names:
-                t = outs[n]
-                _finite_or_raise(t, f"merged tensor {n}")
                 report[n] = dict(info, time_s=round(dt, 6))
                 if skip is not None and skip(n):
+                    _finite_or_raise(outs[n], f"merged tensor {n}")
                     continue
-                # A group's outputs may live in the scratch buffers: always a copy of those.
-                write(n, t.to(device="cpu", dtype=out_dtypes[n], copy=group))
+                # A group's outputs may live in the scratch buffers: always a copy of those. Checked as
+                # written (half the bytes for bf16; an fp32 value that overflows the output dtype is caught).
+                t = outs[n].to(device="cpu", dtype=out_dtypes[n], copy=group)
+                _finite_or_raise(t, f"merged tensor {n}")
+                write(n, t)
             del outs
             if progress is not None:
                 progress(item)
