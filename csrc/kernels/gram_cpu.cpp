@@ -147,23 +147,22 @@ float* scratch_tile(int64_t n) {
 // while the FLOPs stay (1/2 + O(kBlasBlock / d)) of the full product. Blocks of at most
 // kBlasBlock go through a scratch tile so the strict lower triangle of G is never written.
 void blas_triangle(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx, CpuGemmPath path,
-                   int64_t i0, int64_t n, const TaskRunner& runner) {
+                   int64_t i0, int64_t n) {
   if (n <= kBlasBlock) {
     float* scratch = scratch_tile(n * n);
     blas_xtx(path, X, dt, rows, ldx, i0, n, i0, n, 0.0f, scratch, n);
-    runner.parallel_for(n, [&](int64_t a0, int64_t a1) {
-      for (int64_t a = a0; a < a1; ++a) {
-        float* __restrict__ g = G + (i0 + a) * d + i0;
-        const float* __restrict__ s = scratch + a * n;
-        for (int64_t c = a; c < n; ++c) g[c] += s[c];
-      }
-    });
+    // Serial: a few microseconds of adds, less than the cost of a parallel region.
+    for (int64_t a = 0; a < n; ++a) {
+      float* __restrict__ g = G + (i0 + a) * d + i0;
+      const float* __restrict__ s = scratch + a * n;
+      for (int64_t c = a; c < n; ++c) g[c] += s[c];
+    }
     return;
   }
   const int64_t h = round_up(ceil_div(n, 2), 64);
-  blas_triangle(G, d, X, dt, rows, ldx, path, i0, h, runner);
+  blas_triangle(G, d, X, dt, rows, ldx, path, i0, h);
   blas_xtx(path, X, dt, rows, ldx, i0, h, i0 + h, n - h, 1.0f, G + i0 * d + i0 + h, d);
-  blas_triangle(G, d, X, dt, rows, ldx, path, i0 + h, n - h, runner);
+  blas_triangle(G, d, X, dt, rows, ldx, path, i0 + h, n - h);
 }
 
 void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
@@ -183,7 +182,7 @@ void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows
     return;
   }
   // BLAS threads internally (MKL uses torch's OpenMP pool), so the calls run in order.
-  blas_triangle(G, d, X, dt, rows, ldx, path, 0, d, runner);
+  blas_triangle(G, d, X, dt, rows, ldx, path, 0, d);
 }
 
 // ---------------------------------------------------------------------------------------------
