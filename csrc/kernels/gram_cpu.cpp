@@ -98,8 +98,10 @@ bool forced_portable() {
 // Rows per BLAS call: MKL's LP64 interface takes 32-bit sizes.
 constexpr int64_t kMaxBlasRows = int64_t(1) << 30;
 // Largest diagonal block of the BLAS path's recursive triangle (computed whole, in a scratch tile).
-// 256 measured best (BERT-base shapes, d = 768 and 3072, ~750 rows; 512 was ~10% slower at 3072).
-constexpr int64_t kBlasBlock = 256;
+// 512: at d = 768 and 3072 (~750 rows) 256 was at most ~10% faster on an idle machine but makes
+// twice the BLAS calls, and each call is a parallel region that stalls when the cores are shared
+// (measured 2x slower than 512 on a busy 2-thread machine).
+constexpr int64_t kBlasBlock = 512;
 
 // One GEMM C[m x n] (+)= sum_r X[r, i0 + a] * X[r, j0 + b] for the selected path.
 void blas_xtx(CpuGemmPath path, const void* X, DType dt, int64_t rows, int64_t ldx, int64_t i0,
