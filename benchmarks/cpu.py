@@ -3,7 +3,8 @@
     python -m benchmarks.cpu [--quick] [--json out.json]
 
 gram_update: `G.addmm_(X.float().T, X.float())` (the published codes' fp32 upcast) is the
-baseline; the reduction: the tensor expression sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)).
+baseline; at the collector's shapes (a few hundred rows, many Grams in turn) the full product
+`torch.mm(X.T, X)` in the input dtype is (the triangle should take about half its time); the reduction: the tensor expression sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)).
 Times are medians; the machine is noisy, so read the ratios.
 """
 
@@ -44,6 +45,32 @@ def bench_gram(d: int, rows: int, dtype: torch.dtype, repeats: int, path: str | 
     }
 
 
+def bench_gram_activations(d: int, rows: int, dtype: torch.dtype, repeats: int, grams: int = 12):
+    """gram_update as the collector calls it: one call per Gram, `grams` different Grams in turn (so G
+    comes from memory, not cache, as in a forward over many layers), a few hundred rows each. The
+    baseline is the full product X^T X in the same dtype (torch.mm), the bound the triangle should beat."""
+    g = torch.Generator().manual_seed(2)
+    Xs = [torch.randn(rows, d, generator=g).to(dtype) for _ in range(grams)]
+    Gs = [torch.zeros(d, d) for _ in range(grams)]
+    XTs = [X.T for X in Xs]
+
+    def fast():
+        for G, X in zip(Gs, Xs):
+            ops.gram_update(G, X)
+
+    def full():
+        for XT, X in zip(XTs, Xs):
+            torch.mm(XT, X)
+
+    t_fast = median_time(fast, repeats) / grams
+    t_full = median_time(full, repeats) / grams
+    label = rf.build_info()["cpu_gemm_path"].get(str(dtype).replace("torch.", ""), "?")
+    return {
+        "op": "gram_update vs mm", "shape": f"d={d} rows={rows} {str(dtype)[6:]}, {grams} Grams", "path": label,
+        "fast_s": t_fast, "torch_s": t_full, "speedup": t_full / t_fast, "baseline": "torch.mm full product",
+    }
+
+
 def bench_reduce(d: int, k: int, repeats: int, packed: bool = False):
     g = torch.Generator().manual_seed(1)
     grams = [torch.randn(d, d, generator=g) for _ in range(k)]
@@ -71,6 +98,9 @@ def main(argv=None) -> int:
         bench_gram(d, rows, torch.bfloat16, max(1, args.repeats // 2), path="portable"),
         bench_gram(d, rows, torch.float16, args.repeats),
         bench_gram(d, rows, torch.float32, args.repeats),
+        # the shapes of statistics collection on BERT-base (benchmarks/bench_grams.py): ~755 real rows
+        *(bench_gram_activations(da, 755, dt, args.repeats) for dt in (torch.bfloat16, torch.float32)
+          for da in ((256,) if args.quick else (768, 3072))),
         bench_reduce(dr, 4, args.repeats),
         bench_reduce(dr, 4, args.repeats, packed=True),
     ]

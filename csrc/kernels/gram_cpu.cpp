@@ -56,6 +56,9 @@ bool forced_portable() {
 // Rows per BLAS call: MKL's LP64 interface takes 32-bit sizes.
 constexpr int64_t kMaxBlasRows = int64_t(1) << 30;
 // Largest diagonal block of the BLAS path's recursive triangle (computed whole, in a scratch tile).
+// 512: at d = 768 and 3072 (~750 rows) 256 was at most ~10% faster on an idle machine but makes
+// twice the BLAS calls, and each call is a parallel region that stalls when the cores are shared
+// (measured 2x slower than 512 on a busy 2-thread machine).
 constexpr int64_t kBlasBlock = 512;
 
 // One GEMM C[m x n] (+)= sum_r X[r, i0 + a] * X[r, j0 + b] for the selected path.
@@ -90,26 +93,36 @@ void blas_xtx(CpuGemmPath path, const void* X, DType dt, int64_t rows, int64_t l
 // CPUs without AMX-FP16: measured 2x slower than widening here).
 constexpr int64_t kWidenRows = 1024;
 
+// The scratch tile of the diagonal blocks, kept per thread: allocating (and zeroing) it on every
+// call cost ~0.1 ms, as much as a d=768 update's GEMMs at a few hundred rows.
+float* scratch_tile(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
 // The upper triangle of the diagonal block [i0, i0 + n)^2, recursively: two half-size triangles
 // and one full GEMM for the square between them, so the GEMMs stay large (n/2 x n/2, better BLAS
-// efficiency than many thin block-row panels) while the FLOPs stay (1/2 + O(kBlasBlock / d)) of
-// the full product. Blocks of at most kBlasBlock go through a scratch tile so the strict lower
-// triangle of G is never written.
+// efficiency than many thin block-row panels; measured: a staircase of block rows was no faster)
+// while the FLOPs stay (1/2 + O(kBlasBlock / d)) of the full product. Blocks of at most
+// kBlasBlock go through a scratch tile so the strict lower triangle of G is never written.
 void blas_triangle(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx, CpuGemmPath path,
-                   int64_t i0, int64_t n, float* scratch) {
+                   int64_t i0, int64_t n) {
   if (n <= kBlasBlock) {
+    float* scratch = scratch_tile(n * n);
     blas_xtx(path, X, dt, rows, ldx, i0, n, i0, n, 0.0f, scratch, n);
+    // Serial: a few microseconds of adds, less than the cost of a parallel region.
     for (int64_t a = 0; a < n; ++a) {
-      float* g = G + (i0 + a) * d + i0;
-      const float* s = scratch + a * n;
-      for (int64_t b = a; b < n; ++b) g[b] += s[b];
+      float* __restrict__ g = G + (i0 + a) * d + i0;
+      const float* __restrict__ s = scratch + a * n;
+      for (int64_t c = a; c < n; ++c) g[c] += s[c];
     }
     return;
   }
   const int64_t h = round_up(ceil_div(n, 2), 64);
-  blas_triangle(G, d, X, dt, rows, ldx, path, i0, h, scratch);
+  blas_triangle(G, d, X, dt, rows, ldx, path, i0, h);
   blas_xtx(path, X, dt, rows, ldx, i0, h, i0 + h, n - h, 1.0f, G + i0 * d + i0 + h, d);
-  blas_triangle(G, d, X, dt, rows, ldx, path, i0 + h, n - h, scratch);
+  blas_triangle(G, d, X, dt, rows, ldx, path, i0 + h, n - h);
 }
 
 void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
@@ -129,8 +142,7 @@ void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows
     return;
   }
   // BLAS threads internally (MKL uses torch's OpenMP pool), so the calls run in order.
-  std::vector<float> diag(static_cast<size_t>(kBlasBlock * kBlasBlock));
-  blas_triangle(G, d, X, dt, rows, ldx, path, 0, d, diag.data());
+  blas_triangle(G, d, X, dt, rows, ldx, path, 0, d);
 }
 
 // ---------------------------------------------------------------------------------------------

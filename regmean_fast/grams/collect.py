@@ -10,6 +10,8 @@ row. include_padding=True keeps every row everywhere (what the published codes d
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from typing import Callable, Iterable, Mapping
 
@@ -286,9 +288,7 @@ class GramCollector:
         mask, n = self._mask_for(x)
         if n == 0:
             return
-        if mask is not None:
-            x = x[mask]  # gather the kept rows once for this input
-        ops.gram_update(G, x)
+        ops.gram_update(G, x, mask)  # the op gathers the kept rows once (faster than x[mask] here)
         self.counts[key] += n
         self._seen_this_batch.add(key)
 
@@ -298,10 +298,14 @@ class GramCollector:
             return
         keys = [k for k in self.order if k in self._seen_this_batch]
         self._seen_this_batch = set()
-        # x_i^2 sums on the diagonal: non-finite iff some kept input entry was (or the sum overflowed)
-        diag_ok = torch.stack([torch.isfinite(self.grams[k].diagonal()).all().cpu() for k in keys])
-        if not bool(diag_ok.all()):
-            bad = keys[int((~diag_ok).nonzero()[0])]
+        # x_i^2 sums on the diagonal: non-finite iff some kept input entry was (or the sum overflowed).
+        # One check over all the diagonals (per-key checks cost ~3 ms a batch at BERT-base size).
+        dev = self.grams[keys[0]].device
+        finite = torch.isfinite(torch.cat([self.grams[k].diagonal().to(dev) for k in keys]))
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            ends = list(itertools.accumulate(self.grams[k].size(0) for k in keys))
+            bad = keys[bisect.bisect_right(ends, first)]
             mods = [m for m in self.order if self.module_map.get(m) == bad]
             raise NonFiniteActivationError(
                 f"non-finite activations (inf or NaN) reach module {mods[0]!r}"
