@@ -2,9 +2,10 @@
 
 For one shared-input group (the modules reading the same input, e.g. q/k/v) and K models:
 
-    A = sum_i c_i (alpha N(G_i) + (1 - alpha) diag(N(G_i)))          (one pass over the K Grams)
-    B = sum_i c_i (alpha N(G_i) + (1 - alpha) diag(N(G_i))) W_i^T    (all modules' W_i concatenated)
-    W* ^T = A^-1 B                                                    (one Cholesky for the group)
+    S_i = c_i (alpha N(G_i) + (1 - alpha) diag(N(G_i)))      (model_term: one read of each Gram)
+    A = sum_i S_i,   B^T = sum_i W_i S_i                      (add_rhs: all modules' W_i stacked)
+    W*^T = B^T A^-1 = sum_i W_i (S_i A^-1)                    (one Cholesky for the group; the second
+                                                                order when the group is wider than K d)
 
 N divides by the token count ("mean", the published codes' choice) or not ("sum"). The reference
 implementation (regmean_fast.reference) is the oracle these are tested against.
@@ -67,20 +68,6 @@ def gram_scales(counts: Sequence[int] | None, k: int, normalization: str) -> lis
     if any(int(n) <= 0 for n in counts):
         raise ValueError(f"token counts must be positive, got {list(counts)}")
     return [1.0 / float(n) for n in counts]
-
-
-def reduce_grams(grams: Sequence[torch.Tensor], factors: Sequence[float], alpha: float,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A = sum_i f_i (alpha G_i + (1 - alpha) diag(G_i)), symmetric, in `dtype`.
-
-    float32 Grams (full or packed) go through the fused one-pass op; other dtypes through the
-    tensor expression.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if all(G.dtype == torch.float32 and G.is_contiguous() for G in grams) and dtype in (torch.float32, torch.float64):
-        return ops.gram_reduce(grams, factors, alpha, dtype)
-    return ops.reduce_expression(grams, factors, alpha, dtype)
 
 
 def model_term(A: torch.Tensor, G: torch.Tensor, factor: float, alpha: float, *, split: bool = False,
