@@ -25,6 +25,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 
@@ -288,7 +289,27 @@ def init_from_env(device=None) -> DistContext:
         raise DistributedError(f"rank {rank}: cannot join the process group ({backend}): {_one_line(e)}") from None
     _CTX = DistContext(world, rank, local, dev, backend, owns_group=True)
     atexit.register(_CTX.close)
+    global _CREATED_GROUP
+    _CREATED_GROUP = True
     return _CTX
+
+
+_CREATED_GROUP = False  # this process joined a process group of its own (init_from_env under torchrun)
+
+
+def exit_process(code: int) -> NoReturn:
+    """The end of a `python -m regmean_fast` process. After a process group of our own, leave with os._exit
+    (after closing the group and flushing): gloo's worker threads can drop the last reference to a finished
+    collective's tensor a moment after the collective returns; that needs the GIL, and a thread that takes the GIL
+    during interpreter finalisation aborts the process ("terminate called without an active exception", exit -6;
+    about one 2-rank run in four here). Every file we write is closed and renamed before this point."""
+    if not _CREATED_GROUP:
+        raise SystemExit(code)
+    if _CTX is not None:
+        _CTX.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def die_after_shards_hook(ctx: DistContext):
