@@ -41,14 +41,12 @@ def test_addmm_bf16x3_is_fp32_accurate(transposed, m, k, n):
     assert err <= max(2 * err_fp32, 1e-5 * float(expect.abs().max()))
 
 
-def test_merge_same_with_and_without_exact_bf16(tmp_path, monkeypatch):
-    from test_merge_common import make_activations, make_models, read_folder, save_model, write_gram_files
-
+@pytest.fixture
+def bf16_llama_merge(tmp_path):
+    """Three tiny bf16 Llama folders with their Gram files -> (merge config, the regmean method module)."""
     import importlib
 
-    from regmean_fast.merge import merge
-
-    method = importlib.import_module("regmean_fast.merge.methods.regmean")  # regmean_fast.merge is also a function
+    from test_merge_common import make_activations, make_models, save_model, write_gram_files
 
     _, models = make_models("llama", k=3, seed=9)
     mods, acts = make_activations(models[0], 3, seed=9)
@@ -56,6 +54,15 @@ def test_merge_same_with_and_without_exact_bf16(tmp_path, monkeypatch):
     gpaths = write_gram_files(models[0], mods, acts, tmp_path)
     cfg = {"models": [{"model": p, "grams": gp} for p, gp in zip(paths, gpaths)], "out_dtype": "float32",
            "parameters": {"alpha": 0.9}}
+    return cfg, importlib.import_module("regmean_fast.merge.methods.regmean")  # regmean_fast.merge is also a function
+
+
+def test_merge_same_with_and_without_exact_bf16(bf16_llama_merge, tmp_path, monkeypatch):
+    from test_merge_common import read_folder
+
+    from regmean_fast.merge import merge
+
+    cfg, method = bf16_llama_merge
     calls = []
     real = ops.addmm_bf16x3_
     monkeypatch.setattr(ops, "addmm_bf16x3_", lambda *a: calls.append(1) or real(*a))
@@ -79,22 +86,14 @@ def test_ops_pass_opcheck():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_merge_on_cuda_takes_the_exact_path_and_agrees_with_cpu(tmp_path, monkeypatch):
-    from test_merge_common import make_activations, make_models, read_folder, save_model, write_gram_files
-
-    import importlib
+def test_merge_on_cuda_takes_the_exact_path_and_agrees_with_cpu(bf16_llama_merge, tmp_path, monkeypatch):
+    from test_merge_common import read_folder
 
     from regmean_fast.merge import merge
 
     if not ops.exact_bf16_products_available("cuda"):
         pytest.skip("the compiled extension has no CUDA bf16x3 kernels")
-    method = importlib.import_module("regmean_fast.merge.methods.regmean")
-    _, models = make_models("llama", k=3, seed=4)
-    mods, acts = make_activations(models[0], 3, seed=4)
-    paths = [save_model(m.to(torch.bfloat16), tmp_path / f"m{i}") for i, m in enumerate(models)]
-    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
-    cfg = {"models": [{"model": p, "grams": gp} for p, gp in zip(paths, gpaths)], "out_dtype": "float32",
-           "parameters": {"alpha": 0.9}}
+    cfg, method = bf16_llama_merge
     monkeypatch.setattr(method, "EXACT_BF16_MIN_DIM", 0)
     merge(cfg, out=str(tmp_path / "cpu"))
     devices = []
