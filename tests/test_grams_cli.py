@@ -192,3 +192,54 @@ def test_resume_identical(zoo, tmp_path, capsys, monkeypatch):
     assert not os.path.exists(checkpoint_path(str(part)))
     rc, err = _run(capsys, models["bert-cls"], *common, "--out", tmp_path / "x.safetensors", "--resume")
     assert rc == 2 and "no checkpoint" in err
+
+
+def test_make_batches_longest_first():
+    from regmean_fast.grams.data import make_batches
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [int(v) for v in torch.randint(1, 40, (23,), generator=g)]
+    ids = [[100 + i] * n for i, n in enumerate(lengths)]  # each example recognisable by its first id
+    labels = list(range(23))
+    for max_tokens in (None, 300):
+        plain = make_batches(ids, 4, 0, max_tokens, labels)
+        longest = make_batches(ids, 4, 0, max_tokens, labels, longest_first=True)
+
+        def rows(batches):
+            return sorted((int(b.input_ids[r, 0]), int(b.attention_mask[r].sum()), int(b.labels[r]))
+                          for b in batches for r in range(b.input_ids.size(0)))
+
+        # the same examples (same cut at max_tokens, in data order), each with its own label
+        assert rows(longest) == rows(plain)
+        assert all(first - 100 == lab for first, _, lab in rows(longest))
+        real = [r[1] for r in rows(longest)]
+        if max_tokens is None:
+            assert sorted(real) == sorted(lengths)
+        else:
+            assert sum(real) == max_tokens
+        widths = [b.input_ids.size(1) for b in longest]
+        assert widths == sorted(widths, reverse=True)
+        pad = sum(b.input_ids.numel() - int(b.attention_mask.sum()) for b in longest)
+        assert pad < sum(b.input_ids.numel() - int(b.attention_mask.sum()) for b in plain)
+
+
+def test_cli_keep_order_and_longest_first_agree(zoo, tmp_path, capsys):
+    """The default (longest first) and --keep-order batch the same examples differently; their Grams agree to
+    fp32 rounding. --include-padding keeps the data order: its token counts (padding rows included) equal
+    those of in-order batches."""
+    root, models, texts, data = zoo
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    assert _run(capsys, models["gpt2"], "--data", data, "--out", a, "--batch-size", 4)[0] == 0
+    assert _run(capsys, models["gpt2"], "--data", data, "--out", b, "--batch-size", 4, "--keep-order")[0] == 0
+    assert _run(capsys, models["gpt2"], "--data", data, "--out", c, "--batch-size", 4, "--include-padding")[0] == 0
+    ga, gb, gc = load_grams(a), load_grams(b), load_grams(c)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(models["gpt2"]).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(models["gpt2"])
+    tok.pad_token = tok.pad_token or tok.eos_token
+    ref_pad = collect_grams(model, hf_tiny.batches_of(tok, texts, 4, max_length=64), include_padding=True)
+    for m in ga.modules():
+        assert ga.count(m) == gb.count(m)
+        torch.testing.assert_close(ga.gram(m), gb.gram(m), rtol=1e-5, atol=1e-5)
+        assert gc.count(m) == ref_pad.count(m)  # in-order batches: the same padding rows

@@ -52,6 +52,9 @@ def register_grams(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, help="stop after this many (non-padding) tokens")
     g.add_argument("--shuffle", action="store_true", help="shuffle the examples with --seed before selecting")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--keep-order", action="store_true",
+                   help="batch the examples in data order (default: longest first, so each batch holds similar "
+                        "lengths and little time goes to padding; --include-padding implies this)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="forward dtype")
@@ -246,8 +249,8 @@ def _signature(args, model_dir: str, st_files: list[str], max_length: int) -> st
         s = os.stat(p)
         h.update(f"{os.path.basename(p)}:{s.st_size}".encode())
     s = os.stat(args.data)
-    keys = ("format", "text_field", "batch_size", "max_examples", "max_tokens", "shuffle", "seed", "dtype",
-            "include", "exclude", "include_padding", "no_share", "sequential", "fisher", "label_field")
+    keys = ("format", "text_field", "batch_size", "max_examples", "max_tokens", "shuffle", "seed", "keep_order",
+            "dtype", "include", "exclude", "include_padding", "no_share", "sequential", "fisher", "label_field")
     h.update(json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True).encode())
     h.update(f"{os.path.abspath(args.data)}:{s.st_size}:{s.st_mtime_ns}:{max_length}".encode())
     return h.hexdigest()
@@ -418,7 +421,10 @@ def _run(args) -> int:
     examples = D.select(examples, args.max_examples, args.shuffle, args.seed)
     ids = D.tokenize(tokenizer, examples, max_length, args.data)
     labels = [ex.label for ex in examples] if args.fisher else None
-    batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels)
+    # Longest first wastes less of the forward on padding; with --include-padding the padding is data
+    # (the published codes' Grams), so the batches keep the order they would have had there.
+    batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels,
+                             longest_first=not (args.keep_order or args.include_padding))
     signature = _signature(args, model_dir, st_files, max_length)
     if ctx.enabled:  # each rank: its own disjoint share of the batches, its own checkpoint
         batches = ctx.shard(batches)

@@ -173,10 +173,23 @@ def pad_id_of(tokenizer) -> int:
 
 
 def make_batches(ids: list[list[int]], batch_size: int, pad_id: int, max_tokens: int | None = None,
-                 labels: list | None = None) -> list[Batch]:
-    """Right-padded batches, in order; stops after max_tokens real tokens (the last example is cut)."""
-    batches: list[Batch] = []
+                 labels: list | None = None, longest_first: bool = False) -> list[Batch]:
+    """Right-padded batches. The examples are taken in data order until max_tokens real tokens (the last
+    one is cut). longest_first then batches them from the longest down: each batch holds similar lengths,
+    so little of the forward is spent on padding, and the largest batch comes first, so running out of
+    memory shows at once. The Grams are sums over examples, equal up to fp32 rounding either way."""
+    kept: list[tuple[list[int], object]] = []
     total = 0
+    for i, x in enumerate(ids):
+        if max_tokens is not None:
+            if total >= max_tokens:
+                break
+            x = x[: max_tokens - total]
+        kept.append((x, labels[i] if labels is not None else None))
+        total += len(x)
+    if longest_first:
+        kept.sort(key=lambda e: -len(e[0]))  # stable: equal lengths keep data order
+    batches: list[Batch] = []
     cur: list[list[int]] = []
     cur_labels: list = []
 
@@ -199,14 +212,9 @@ def make_batches(ids: list[list[int]], batch_size: int, pad_id: int, max_tokens:
         cur.clear()
         cur_labels.clear()
 
-    for i, x in enumerate(ids):
-        if max_tokens is not None:
-            if total >= max_tokens:
-                break
-            x = x[: max_tokens - total]
+    for x, label in kept:
         cur.append(x)
-        cur_labels.append(labels[i] if labels is not None else None)
-        total += len(x)
+        cur_labels.append(label)
         if len(cur) == batch_size:
             flush()
     flush()
