@@ -248,8 +248,12 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
             items.append(g)
         elif not ref.dtype(n).is_floating_point:
             items.append(TensorItem(n, "copy"))
+        elif n in per_tensor:
+            items.append(per_tensor[n])
+        elif cfg.method == "regmean":  # embeddings, norms, biases: averaged, and reported as such
+            items.append(TensorItem(n, "average", "no Gram"))
         else:
-            items.append(per_tensor.get(n) or TensorItem(n, cfg.method))
+            items.append(TensorItem(n, cfg.method))
     for it in items:
         for n in it.outputs():
             dt = out_dtype if (out_dtype is not None and ref.dtype(n).is_floating_point) else ref.dtype(n)
