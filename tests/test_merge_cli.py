@@ -216,3 +216,30 @@ def test_full_disk(fx, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(safetensors_file.StreamingShardWriter, "_write", full)
     _fails(_args(fx, out), capsys, "no space left", out)
+
+
+def test_saved_config_reproduces_the_merge_from_anywhere(fx, tmp_path, monkeypatch, capsys):
+    """regmean_config.yml in the output: given relative paths on the command line, rerunning it from
+    another folder (its paths would be taken relative to the file's folder) gives the same shards."""
+    import yaml
+
+    root = fx["root"]
+    monkeypatch.chdir(root)
+    rel_models = [os.path.basename(p) for p in fx["paths"]]
+    rel_grams = [os.path.basename(g) for g in fx["grams"]]
+    a = tmp_path / "a"
+    assert main(["merge", "--models", *rel_models, "--grams", *rel_grams, "--alpha", "0.7", "--shard-size", "30KB",
+                 "--allow-missing-grams", "--out", str(a)]) == 0
+    saved = yaml.safe_load((a / "regmean_config.yml").read_text())
+    assert saved["parameters"] == {"alpha": 0.7, "normalization": "mean"}  # every parameter, defaults included
+    assert saved["allow_missing_grams"] is True
+    assert [m["model"] for m in saved["models"]] == [str(root / m) for m in rel_models]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    b = tmp_path / "b"
+    assert main(["merge", str(a / "regmean_config.yml"), "--out", str(b)]) == 0, capsys.readouterr().err
+    shards = sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))
+    assert len(shards) > 1 and shards == sorted(f for f in os.listdir(b) if f.endswith(".safetensors"))
+    for f in shards + ["model.safetensors.index.json"]:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f

@@ -128,7 +128,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     cfg = _as_config(config, overrides)
     if out is None:
         raise MergeError("no output folder given")
-    cfg.validate()
+    cfg.validate().absolute_paths()
     out = os.path.abspath(os.path.expanduser(str(out)))
     _check_output_path(cfg, out, force)
     parent = os.path.dirname(out)
@@ -229,7 +229,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                               total_s=time.perf_counter() - t_start, reused=reused, device=cfg.device)
         write_json(os.path.join(tmp, REPORT_NAME), report)
         with open(os.path.join(tmp, "regmean_config.yml"), "w") as f:
-            f.write(config_yaml(cfg))
+            f.write(config_yaml(cfg, plan))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(cfg, plan))
         for man in glob.glob(os.path.join(glob.escape(tmp), MANIFEST_GLOB)):

@@ -88,6 +88,14 @@ class MergeConfig:
     def weights(self) -> list:
         return [float(m.weight) for m in self.models]
 
+    def absolute_paths(self) -> "MergeConfig":
+        """Model, Gram and base paths made absolute (the saved regmean_config.yml works from any folder)."""
+        for m in self.models:
+            m.model = os.path.abspath(m.model)
+            m.grams = os.path.abspath(m.grams) if m.grams else m.grams
+        self.base_model = os.path.abspath(self.base_model) if self.base_model else self.base_model
+        return self
+
     def validate(self, *, require_paths: bool = True) -> "MergeConfig":
         """Check everything that can be checked without reading a model; raises MergeError."""
         if self.method not in METHODS:
