@@ -105,3 +105,37 @@ def test_max_memory_and_device_checked_up_front(fx, tmp_path):
             merge(fx, out=str(tmp_path / "o2"), device="cuda")
     with pytest.raises(MergeError, match="device must be"):
         merge(fx, out=str(tmp_path / "o2"), device="tpu")
+
+
+def test_cli_ctrl_c_says_how_to_resume(fx, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `merge`: exit status 130 and one line naming --resume (no traceback), no output
+    folder, and the same command with --resume finishes it bit-identically."""
+    from regmean_fast.io import shards
+
+    ref = tmp_path / "ref"
+    merge(fx, out=str(ref))
+    out = tmp_path / "out"
+    args = ["merge", "--models", *[m["model"] for m in fx["models"]], "--grams",
+            *[m["grams"] for m in fx["models"]], "--alpha", "0.9", "--shard-size", "12KB", "--out", str(out)]
+    real, calls = shards.ShardedOutput._save_manifest, []
+
+    def ctrl_c_after_two_shards(self):  # saved when created, then after each finished shard
+        calls.append(1)
+        real(self)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards.ShardedOutput, "_save_manifest", ctrl_c_after_two_shards)
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the merge command as a traceback")
+    assert rc == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "--resume" in err, err
+    assert not out.exists() and (tmp_path / ".out.regmean-partial").is_dir()
+    monkeypatch.setattr(shards.ShardedOutput, "_save_manifest", real)
+    assert main(args + ["--resume", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["reused_shards"]) == 2
+    assert _files(out) == _files(ref)

@@ -65,6 +65,12 @@ def load_gramset(path: str):
         raise MergeError(f"Gram file {path}: {msg}") from None
 
 
+def partial_path(out: str) -> str:
+    """The temporary folder next to `out` that the merge is written into (kept for --resume)."""
+    out = os.path.abspath(os.path.expanduser(str(out)))
+    return os.path.join(os.path.dirname(out), "." + os.path.basename(out) + PARTIAL_SUFFIX)
+
+
 def _inside(child: str, parent: str) -> bool:
     child, parent = os.path.realpath(child), os.path.realpath(parent)
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
@@ -134,7 +140,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise MergeError(f"the folder {parent} for the output does not exist")
-    tmp = os.path.join(parent, "." + os.path.basename(out) + PARTIAL_SUFFIX)
+    tmp = partial_path(out)
     sources, base, created_tmp, output = [], None, False, None
     from .. import distributed as DI
 

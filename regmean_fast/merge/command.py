@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import MergeConfig, ModelSpec, load_yaml
@@ -97,10 +98,17 @@ def config_from_args(args) -> MergeConfig:
 
 
 def cmd_merge(args) -> int:
-    from .api import merge
+    from ..grams.command import EXIT_INTERRUPTED
+    from .api import merge, partial_path
 
     cfg = config_from_args(args)
-    report = merge(cfg, out=args.out, force=args.force, resume=args.resume, progress=args.progress)
+    try:
+        report = merge(cfg, out=args.out, force=args.force, resume=args.resume, progress=args.progress)
+    except KeyboardInterrupt:  # the verified shards stay in the temporary folder; the output is untouched
+        tmp = partial_path(args.out)
+        print("\nregmean_fast: interrupted; " + (f"the finished shards are kept in {tmp}: rerun the same command "
+              "with --resume to continue" if os.path.isdir(tmp) else "nothing was written"), file=sys.stderr)
+        return EXIT_INTERRUPTED
     from ..distributed import env_world
 
     if env_world()[1] != 0:  # torchrun: rank 0 prints the report
