@@ -188,6 +188,10 @@ def test_bad_config(fx, tmp_path, capsys):
 
         y.write_text(yaml.safe_dump({**base, **extra}))
         _fails(["merge", str(y), "--out", str(out)], capsys, msg, out)
+    for extra, msg in (({"parameters": {"alpha": True}}, "alpha must be a number, got True"),
+                       ({"models": [dict(m, weight=True) for m in base["models"]]}, "weight must be a number")):
+        y.write_text(yaml.safe_dump({**base, **extra}))  # YAML booleans are not numbers
+        _fails(["merge", str(y), "--out", str(out)], capsys, msg, out)
     y.write_text(yaml.safe_dump({"models": [{"model": fx["paths"][0], "gram": "x"}]}))
     _fails(["merge", str(y), "--out", str(out)], capsys, "unknown key(s) gram", out)
     _fails(_args(fx, out, extra=["--alpha", "-0.1"]), capsys, "alpha must be in [0, 1]", out)

@@ -113,6 +113,8 @@ class MergeConfig:
         ws = []
         for i, m in enumerate(self.models):
             try:
+                if isinstance(m.weight, bool):  # YAML's true/false are not weights
+                    raise TypeError
                 w = float(m.weight)
             except (TypeError, ValueError):
                 raise MergeError(f"model {i} ({m.model}): weight must be a number, got {m.weight!r}") from None
