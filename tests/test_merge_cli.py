@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -208,6 +209,12 @@ def test_full_disk(fx, tmp_path, capsys, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     _fails(_args(fx, out), capsys, "not enough free disk space", out)
+    # room for the weights but not for the rest: the message's numbers say why
+    weights = sum(t.numel() * t.element_size() for t in read_folder(fx["paths"][0]).values())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=weights + 2**19))
+    err = _fails(_args(fx, out), capsys, "not enough free disk space", out)
+    need, free = (float(x) for x in re.search(r"need ([\d.]+) MiB, ([\d.]+) MiB free", err).groups())
+    assert need > free, err
     monkeypatch.setattr(shutil, "disk_usage", real)
     calls = {"n": 0}
     orig = safetensors_file.StreamingShardWriter._write

@@ -195,8 +195,9 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
         needed = sum(sum(int(torch.empty((), dtype=d).element_size()) * int(torch.Size(s).numel()) for _, d, s in ents)
                      for fname, ents in layout.shards
                      if fname not in output.records and (owned is None or fname in owned))
+        needed += 1 << 20  # config, tokenizer, report, manifest
         free = shutil.disk_usage(parent).free
-        if needed + (1 << 20) > free:
+        if needed > free:
             raise MergeError(f"not enough free disk space for the output in {parent}: "
                              f"need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
         bar = None
