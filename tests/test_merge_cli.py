@@ -254,3 +254,20 @@ def test_saved_config_reproduces_the_merge_from_anywhere(fx, tmp_path, monkeypat
     assert len(shards) > 1 and shards == sorted(f for f in os.listdir(b) if f.endswith(".safetensors"))
     for f in shards + ["model.safetensors.index.json"]:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_help_teaches(capsys):
+    """`merge --help` shows the defaults and an example YAML that is a valid configuration."""
+    import yaml
+
+    from regmean_fast.merge.config import config_from_dict
+
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for s in ("(default 1.0)", "(default mean)", "(default 0.2)", "(default regmean)", "--resume", "docs/merge.md"):
+        assert s in text, s
+    block = text.split("example CONFIG.yaml", 1)[1].split("\n\n", 2)[1]
+    cfg = config_from_dict(yaml.safe_load(block)).validate(require_paths=False)
+    assert cfg.method == "regmean" and len(cfg.models) == 2 and cfg.parameters == {"alpha": 0.9}
