@@ -139,3 +139,15 @@ def test_cli_ctrl_c_says_how_to_resume(fx, tmp_path, capsys, monkeypatch):
     assert main(args + ["--resume", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["reused_shards"]) == 2
     assert _files(out) == _files(ref)
+
+
+def test_python_merge_takes_method_parameters_as_keywords(fx, tmp_path):
+    """regmean_fast.merge(config, out, alpha=...) as merge_state_dicts(..., alpha=...): the same as the
+    parameter in the configuration; an unknown keyword is the method's one-line error."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    rep = merge(fx, out=str(a), alpha=0.3)
+    merge(dict(fx, parameters={"alpha": 0.3}), out=str(b))
+    assert rep["parameters"]["alpha"] == 0.3 and _files(a) == _files(b)
+    with pytest.raises(MergeError, match="unknown parameter.*alhpa"):
+        merge(fx, out=str(tmp_path / "c"), alhpa=0.3)
+    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.regmean-partial").exists()

@@ -41,12 +41,12 @@ def _as_config(config, overrides: dict) -> MergeConfig:
     for k, v in overrides.items():
         if v is None:
             continue
-        if not hasattr(cfg, k):
-            raise MergeError(f"unknown option {k}")
         if k == "parameters":
             cfg.parameters = {**cfg.parameters, **v}
-        else:
+        elif hasattr(cfg, k):
             setattr(cfg, k, v)
+        else:  # a method parameter (alpha=..., density=...), as in merge_state_dicts; checked by the method
+            cfg.parameters = {**cfg.parameters, k: v}
     return cfg
 
 
@@ -121,7 +121,8 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     """Merge model folders into the Hugging Face folder `out`; returns the merge report.
 
     config: a MergeConfig, a mapping like the YAML file, or the YAML file's path; keyword overrides
-    (models=..., method=..., parameters=..., out_dtype=...) replace its fields. Writes into a
+    (models=..., method=..., parameters=..., out_dtype=...) replace its fields, and any other keyword is a
+    method parameter (alpha=0.9, density=0.5). Writes into a
     temporary folder next to `out` and renames it at the end; resume=True reuses verified shards.
     Raises MergeError on bad input, leaving no output behind.
 
