@@ -170,11 +170,12 @@ def test_bad_gram_files(fx, tmp_path, capsys):
 
     for fn, msg in ((nan, "non-finite"), (asym, "not symmetric")):
         bad = _rewrite_gram(fx["grams"][1], str(tmp_path / f"{msg[:4]}.safetensors"), fn)
-        _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, msg, out)
+        err = _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, msg, out)
+        assert err.count(os.path.basename(bad)) == 1, err  # the file named once
     # a Gram of the wrong size in a file that claims the right model
     bad = _rewrite_gram(fx["grams"][1], str(tmp_path / "wrong.safetensors"), lambda t: torch.eye(t.shape[0] + 3))
     err = _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, "wrong.safetensors", out)
-    assert "shape" in err or "size" in err
+    assert ("shape" in err or "size" in err) and err.count("wrong.safetensors") == 1, err
 
 
 def test_bad_config(fx, tmp_path, capsys):

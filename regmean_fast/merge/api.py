@@ -17,7 +17,7 @@ from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, write_config,
 from ..io.shards import MANIFEST_GLOB, ShardedOutput, ShardLayout, rank_manifest_name
 from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
 from .engine import Engine
-from .errors import MergeError
+from .errors import MergeError, message_of
 from .plan import build_plan, estimate_working_bytes
 from .report import build_report, config_yaml, model_card, write_json
 from .sources import DictGramSet, StateDictSource
@@ -61,8 +61,7 @@ def load_gramset(path: str):
     except MergeError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the user's input problem
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MergeError(f"Gram file {path}: {msg}") from None
+        raise MergeError(f"Gram file {path}: {message_of(e, path)}") from None
 
 
 def partial_path(out: str) -> str:
