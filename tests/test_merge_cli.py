@@ -185,7 +185,8 @@ def test_bad_config(fx, tmp_path, capsys):
     for extra, msg in (({"bogus": 1}, "unknown key(s) bogus"), ({"method": "slerp"}, "unknown merge method"),
                        ({"parameters": {"alpha": 1.5}}, "alpha must be in [0, 1]"),
                        ({"parameters": {"beta": 1}}, "unknown parameter(s) for method regmean: beta"),
-                       ({"method": "ties"}, "needs base_model")):
+                       ({"method": "ties"}, "needs base_model"),
+                       ({"dtype": "bfloat16"}, "set out_dtype: bfloat16")):  # mergekit's dtype: the output's
         import yaml
 
         y.write_text(yaml.safe_dump({**base, **extra}))

@@ -107,7 +107,8 @@ class MergeConfig:
         for name in ("dtype", "solve_dtype"):
             v = getattr(self, name)
             if v not in FLOAT_DTYPES or FLOAT_DTYPES[v] not in (torch.float32, torch.float64):
-                raise MergeError(f"{name} must be float32 or float64, got {v!r}")
+                hint = f"; for a {v} output (mergekit's dtype) set out_dtype: {v}" if v in FLOAT_DTYPES else ""
+                raise MergeError(f"{name} must be float32 or float64, got {v!r}{hint}")
         if self.out_dtype is not None and self.out_dtype not in FLOAT_DTYPES:
             raise MergeError(f"out_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {self.out_dtype!r}")
         ws = []
