@@ -273,3 +273,26 @@ def test_help_teaches(capsys):
     block = text.split("example CONFIG.yaml", 1)[1].split("\n\n", 2)[1]
     cfg = config_from_dict(yaml.safe_load(block)).validate(require_paths=False)
     assert cfg.method == "regmean" and len(cfg.models) == 2 and cfg.parameters == {"alpha": 0.9}
+
+
+def test_gram_files_given_in_the_wrong_order_are_warned(fx, tmp_path, capsys):
+    """Same architecture, so only the Gram files' provenance (the model folder's name) tells that
+    --grams were given in another order than --models: a warning naming both, in the report too."""
+    from test_merge_common import fingerprint, grams_from_acts
+
+    from regmean_fast.grams.fileformat import save_grams
+
+    named = []
+    for i, a in enumerate(fx["acts"]):
+        grams, counts, module_map, conv = grams_from_acts(fx["mods"], a)
+        named.append(str(tmp_path / f"named{i}.safetensors"))
+        save_grams(named[-1], grams, counts, module_map, fingerprint(fx["models"][0]),
+                   {"tool": "test", "model": os.path.basename(fx["paths"][i])}, conv1d=conv)
+    capsys.readouterr()
+    assert main(_args(fx, tmp_path / "ok", grams=named, extra=["--json"])) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
+    assert main(_args(fx, tmp_path / "swapped", grams=[named[1], named[0], named[2]])) == 0
+    warned = [w for w in capsys.readouterr().err.splitlines() if "check the order" in w]
+    assert len(warned) == 2 and "named1.safetensors" in warned[0] and "paired with model 0 (llama0)" in warned[0]
+    report = json.load(open(tmp_path / "swapped" / "merge_report.json"))
+    assert [w for w in report["warnings"] if "check the order" in w] == [w[len("warning: "):] for w in warned]

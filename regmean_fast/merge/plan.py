@@ -5,6 +5,7 @@ incompatibility is found before any heavy I/O."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -122,6 +123,19 @@ def _fisher_names(gs):
     return None
 
 
+def _pairing_warnings(sources, gramsets, gram_paths) -> list[str]:
+    """Gram files whose provenance names another of the input models (the Grams given in the wrong
+    order: same architecture, so nothing else tells)."""
+    names = [os.path.basename(s.path) if getattr(s, "path", None) else None for s in sources]
+    out = []
+    for i, gs in enumerate(gramsets):
+        made_on = (getattr(gs, "metadata", None) or {}).get("model")
+        if made_on and names[i] and made_on != names[i] and made_on in names:
+            out.append(f"{_gram_where(gs, i, gram_paths[i])} was collected on {made_on}, model "
+                       f"{names.index(made_on)}, but is paired with model {i} ({names[i]}); check the order")
+    return out
+
+
 def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
     """cfg: a validated MergeConfig; sources: per-model tensor sources; gramsets: per-model GramSets."""
     k = len(sources)
@@ -146,6 +160,7 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
         if len(gramsets) > k:
             raise MergeError(f"got {len(gramsets)} Gram files for {k} models")
         shapes = {n: tuple(ref.shape(n)) for n in names}
+        warnings += _pairing_warnings(sources, gramsets, gram_paths)
         for i, gs in enumerate(gramsets):
             lab = _gram_where(gs, i, gram_paths[i])
             fp = getattr(gs, "fingerprint", None) or {}
