@@ -198,6 +198,8 @@ def test_bad_config(fx, tmp_path, capsys):
     y.write_text(yaml.safe_dump({"models": [{"model": fx["paths"][0], "gram": "x"}]}))
     _fails(["merge", str(y), "--out", str(out)], capsys, "unknown key(s) gram", out)
     _fails(_args(fx, out, extra=["--alpha", "-0.1"]), capsys, "alpha must be in [0, 1]", out)
+    _fails(_args(fx, out, extra=["--shard-size", "0"]), capsys, "shard_size: size must be positive", out)
+    _fails(_args(fx, out, extra=["--max-memory", "lots"]), capsys, "max_memory: not a size", out)
     _fails(_args(fx, out, extra=["--weights", "1", "-1", "1"]), capsys, "non-negative", out)
     _fails(_args(fx, out, extra=["--weights", "0", "0", "0"]), capsys, "must not all be zero", out)
 

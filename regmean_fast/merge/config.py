@@ -136,11 +136,11 @@ class MergeConfig:
                 re.compile(rx)
             except re.error as e:
                 raise MergeError(f"regmean_exclude: bad regular expression {rx!r} ({e})") from None
-        try:
-            self.shard_bytes()
-            self.max_memory_bytes()
-        except ValueError as e:
-            raise MergeError(str(e)) from None
+        for name, size in (("shard_size", self.shard_bytes), ("max_memory", self.max_memory_bytes)):
+            try:
+                size()
+            except ValueError as e:
+                raise MergeError(f"{name}: {e}") from None
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
             raise MergeError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if str(self.device).startswith("cuda"):
