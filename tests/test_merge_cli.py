@@ -298,3 +298,42 @@ def test_gram_files_given_in_the_wrong_order_are_warned(fx, tmp_path, capsys):
     assert len(warned) == 2 and "named1.safetensors" in warned[0] and "paired with model 0 (llama0)" in warned[0]
     report = json.load(open(tmp_path / "swapped" / "merge_report.json"))
     assert [w for w in report["warnings"] if "check the order" in w] == [w[len("warning: "):] for w in warned]
+
+
+def test_every_method_flags_equal_yaml(fx, tmp_path):
+    """Each method through flags and through a YAML file (with the same values) writes the same bytes;
+    the formulas themselves are checked in test_merge_methods.py."""
+    import yaml
+
+    base, _ = make_models("llama", k=0, seed=11)
+    bp = save_model(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    fisher = [{n: torch.rand(t.shape, generator=g) for n, t in m.state_dict().items()} for m in fx["models"]]
+    (tmp_path / "fg").mkdir()
+    fgrams = write_gram_files(fx["models"][0], fx["mods"], fx["acts"], tmp_path / "fg", fisher=fisher)
+    cases = (("regmean", ["--alpha", "0.6", "--normalization", "sum"], {"alpha": 0.6, "normalization": "sum"}, None),
+             ("average", [], {}, None),
+             ("task_arithmetic", ["--scaling", "0.4", "--param", "normalize=true"], {"scaling": 0.4, "normalize": True},
+              bp),
+             ("ties", ["--density", "0.5", "--scaling", "0.9"], {"density": 0.5, "scaling": 0.9}, bp),
+             ("fisher", ["--param", "fisher_floor=1e-3"], {"fisher_floor": 1e-3}, None))
+    for method, flags, params, base_model in cases:
+        grams = fgrams if method == "fisher" else fx["grams"]
+        needs = method in ("regmean", "fisher")
+        argv = ["merge", "--models", *fx["paths"], "--weights", "1", "2", "3", "--method", method, *flags,
+                "--out", str(tmp_path / f"{method}_flags")]
+        argv += ["--grams", *grams] if needs else []
+        argv += ["--base-model", base_model] if base_model else []
+        assert main(argv) == 0, method
+        cfg = {"method": method, "parameters": params,
+               "models": [dict({"model": p, "weight": w}, **({"grams": gp} if needs else {}))
+                          for p, w, gp in zip(fx["paths"], [1, 2, 3], grams)]}
+        if base_model:
+            cfg["base_model"] = base_model
+        y = tmp_path / f"{method}.yaml"
+        y.write_text(yaml.safe_dump(cfg))
+        assert main(["merge", str(y), "--out", str(tmp_path / f"{method}_yaml")]) == 0, method
+        a, b = read_folder(tmp_path / f"{method}_flags"), read_folder(tmp_path / f"{method}_yaml")
+        assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a), method
+        rep = json.load(open(tmp_path / f"{method}_flags" / "merge_report.json"))
+        assert rep["method"] == method and all(rep["parameters"][k] == v for k, v in params.items()), method
