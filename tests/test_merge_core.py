@@ -15,6 +15,7 @@ from test_merge_common import (fingerprint, grams_from_acts, lstsq_merge, make_a
 import regmean_fast
 from regmean_fast.io import ModelFolder, ShardLayout, ShardedOutput
 from regmean_fast.merge import DictGramSet, MergeError, merge, merge_modules, merge_state_dicts
+from regmean_fast.merge.api import conv1d_modules
 
 
 def _check_regmean(merged, models, mods, acts, alpha, coeffs=None, normalization="mean", atol=2e-5):
@@ -143,6 +144,7 @@ def test_in_memory_modules_and_sum_normalization_float64():
                            for m, _ in mods})
     merged = merge_modules(models, gram_dicts, alpha=0.5)
     sd = merged.state_dict()
+    mods = [(m, c) for m, c in mods if m != "lm_head"]  # tied to wte: see test_in_memory_tied_head_is_its_embedding
     _check_regmean(sd, models, mods, acts, 0.5)
     # raw Grams with "sum" normalisation, solved in float64
     per_model = [grams_from_acts(mods, a) for a in acts]
@@ -154,6 +156,32 @@ def test_in_memory_modules_and_sum_normalization_float64():
     for m, s in zip(models, sds):
         for n, t in m.state_dict().items():
             assert torch.equal(t, s[n])
+
+
+def test_in_memory_tied_head_is_its_embedding(tmp_path):
+    """GPT-2's lm_head is its wte (one tensor). With a Gram for lm_head (FusionBench's dicts have one), the
+    in-memory merge treats it as the folder merge does (not stored: its Gram unused, with a warning), so
+    the merged module's tied embedding is the average of the embeddings, not a RegMean of the head."""
+    _, models = make_models("gpt2", k=2, seed=8)
+    mods, acts = make_activations(models[0], 2, seed=8)
+    assert ("lm_head", False) in mods
+    gram_dicts = [{m: (a[share_key(m)].T @ a[share_key(m)] / a[share_key(m)].shape[0]).float() for m, _ in mods}
+                  for a in acts]
+    merged = merge_modules(models, gram_dicts)
+    wte = [m.transformer.wte.weight.detach().double() for m in models]
+    torch.testing.assert_close(merged.transformer.wte.weight.double(), (wte[0] + wte[1]) / 2)
+    assert merged.lm_head.weight is merged.transformer.wte.weight
+    sd, rep = merge_state_dicts([m.state_dict() for m in models], gram_dicts, conv1d=conv1d_modules(models[0]),
+                                return_report=True)
+    assert list(sd) == list(models[0].state_dict()) and torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    assert any(w.startswith("lm_head.weight is tied") for w in rep["warnings"])
+    # the folder merge of the same models and Grams: the same tensors
+    paths = [save_model(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
+    merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)]}, out=str(tmp_path / "out"))
+    folder = read_folder(tmp_path / "out")
+    for n, t in folder.items():
+        torch.testing.assert_close(sd[n], t, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
 def test_bf16_models_and_out_dtype(tmp_path):

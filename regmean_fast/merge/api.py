@@ -369,6 +369,8 @@ def merge_state_dicts(state_dicts, grams=None, *, method: str = "regmean", weigh
                     solve_dtype=cfg.torch_solve_dtype(), device=device, allow_missing=allow_missing_grams)
     merged = {}
     rep = engine.run(lambda n, t: merged.__setitem__(n, t))
+    for alias, name in sources[0].tied.items():  # a tied weight is its tensor's merge, as when loaded
+        merged[alias] = merged[name]
     merged = {n: merged[n] for n in state_dicts[0] if n in merged}
     if return_report:
         return merged, {"tensors": rep, "warnings": plan.warnings}

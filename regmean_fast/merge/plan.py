@@ -107,8 +107,11 @@ def check_same_architecture(sources, base=None) -> list[str]:
     return names
 
 
-def _tied(param, shape, shapes, config) -> bool:
-    """A head weight absent from the checkpoint because it is tied to the input embeddings."""
+def _tied(param, shape, shapes, config, src=None) -> bool:
+    """A head weight absent from the checkpoint because it is tied to the input embeddings (or, in
+    memory, known to be another tensor of the model: `src.tied`)."""
+    if param in (getattr(src, "tied", None) or {}):
+        return True
     if config.get("tie_word_embeddings", True) is False or shape is None:
         return False
     return any(tuple(shape) == s and any(t in n for t in ("embed", "wte", "word_embeddings", "shared"))
@@ -170,7 +173,7 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
                     raise MergeError(f"{lab} was made on another model: {key} {fp.get(key)}, the model is {mc.get(key)}")
             for mod, shp in (fp.get("weights") or {}).items():
                 p = f"{mod}.weight"
-                if p not in shapes and _tied(p, shp, shapes, mc):
+                if p not in shapes and _tied(p, shp, shapes, mc, sources[i]):
                     continue
                 if p not in shapes or tuple(shp) != shapes[p]:
                     have = list(shapes[p]) if p in shapes else "absent"
@@ -183,7 +186,7 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
                 fpw = (getattr(gs, "fingerprint", None) or {}).get("weights") or {}
                 for mod in mod_sets[i]:
                     if f"{mod}.weight" not in shapes and _tied(f"{mod}.weight", fpw.get(mod), shapes,
-                                                               sources[i].config or {}):
+                                                               sources[i].config or {}, sources[i]):
                         tied.add(mod)
                         continue
                     if f"{mod}.weight" not in shapes:
