@@ -337,3 +337,19 @@ def test_every_method_flags_equal_yaml(fx, tmp_path):
         assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a), method
         rep = json.load(open(tmp_path / f"{method}_flags" / "merge_report.json"))
         assert rep["method"] == method and all(rep["parameters"][k] == v for k, v in params.items()), method
+
+
+def test_unwritable_output_folder(fx, tmp_path, capsys, monkeypatch):
+    """An output location that cannot be written (read-only file system, no permission): one line, exit 2."""
+    import errno
+
+    real = os.mkdir
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    out = tmp_path / "o"
+    _fails(_args(fx, out), capsys, "cannot write the output in", out)

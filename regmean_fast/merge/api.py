@@ -175,7 +175,10 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                 if not resume:
                     shutil.rmtree(tmp)
             if not os.path.exists(tmp):
-                os.mkdir(tmp)
+                try:
+                    os.mkdir(tmp)
+                except OSError as e:  # read-only, no permission: the user's to fix, before any work
+                    raise MergeError(f"cannot write the output in {parent}: {e.strerror or e}") from None
                 created_tmp = True
         owned = None
         if ctx.enabled:
