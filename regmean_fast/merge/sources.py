@@ -20,7 +20,7 @@ class StateDictSource:
             if not isinstance(v, torch.Tensor):
                 continue
             same = (v.device, v.dtype, tuple(v.shape), tuple(v.stride()), v.storage_offset(),
-                    v.untyped_storage().data_ptr()) if v.numel() else None
+                    v.untyped_storage().data_ptr()) if v.numel() and v.device.type != "meta" else None
             if same is not None and same in first:
                 self.tied[k] = first[same]
                 continue
