@@ -184,6 +184,15 @@ def test_in_memory_tied_head_is_its_embedding(tmp_path):
         torch.testing.assert_close(sd[n], t, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
+def test_state_dict_source_sees_ties_only_in_shared_storage():
+    from regmean_fast.merge.sources import StateDictSource
+
+    w = torch.randn(3, 4)
+    src = StateDictSource({"a": torch.empty(3, 4, device="meta"), "b": torch.empty(3, 4, device="meta"), "w": w,
+                           "t": w, "row": w[1:], "copy": w.clone()})
+    assert src.names() == ["a", "b", "w", "row", "copy"] and src.tied == {"t": "w"}
+
+
 def test_bf16_models_and_out_dtype(tmp_path):
     _, models = make_models("llama", k=2, seed=5)
     mods, acts = make_activations(models[0], 2, seed=5)
