@@ -151,3 +151,29 @@ def test_python_merge_takes_method_parameters_as_keywords(fx, tmp_path):
     with pytest.raises(MergeError, match="unknown parameter.*alhpa"):
         merge(fx, out=str(tmp_path / "c"), alhpa=0.3)
     assert not (tmp_path / "c").exists() and not (tmp_path / ".c.regmean-partial").exists()
+
+
+def test_interrupted_while_replacing_the_output_is_resumable(fx, tmp_path, monkeypatch):
+    """--force replaces OUT with two renames; a kill between them leaves no OUT, so the partial folder
+    must still be resumable (its manifest kept until the rename): --resume then puts the merge in place."""
+    ref = tmp_path / "ref"
+    merge(fx, out=str(ref))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous output")
+    real, calls = os.rename, []
+
+    def killed_between(src, dst):
+        calls.append((src, dst))
+        if str(src).endswith(".regmean-partial"):
+            raise Stop()
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        merge(fx, out=str(out), force=True)
+    monkeypatch.setattr(os, "rename", real)
+    assert not out.exists() and len(calls) == 2
+    rep = merge(fx, out=str(out), resume=True)
+    assert len(rep["reused_shards"]) == len(rep["shards"]) > 1
+    assert _files(out) == _files(ref) and not (out / "regmean-manifest.json").exists()

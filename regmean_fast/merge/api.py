@@ -242,16 +242,17 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             f.write(config_yaml(cfg, plan))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(cfg, plan))
-        for man in glob.glob(os.path.join(glob.escape(tmp), MANIFEST_GLOB)):
-            os.remove(man)
         _fsync_dir(tmp)
         if os.path.exists(out):
             old = out + f".regmean-old-{os.getpid()}"
             os.rename(out, old)
-            os.rename(tmp, out)
+            os.rename(tmp, out)  # a kill before this leaves the partial folder, manifest and all: resumable
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+        for man in glob.glob(os.path.join(glob.escape(out), MANIFEST_GLOB)):
+            os.remove(man)
+        _fsync_dir(out)
         _fsync_dir(parent)
         if ctx.enabled:
             ctx.sync(None, "the final output")
