@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -169,11 +170,12 @@ def test_bad_gram_files(fx, tmp_path, capsys):
 
     for fn, msg in ((nan, "non-finite"), (asym, "not symmetric")):
         bad = _rewrite_gram(fx["grams"][1], str(tmp_path / f"{msg[:4]}.safetensors"), fn)
-        _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, msg, out)
+        err = _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, msg, out)
+        assert err.count(os.path.basename(bad)) == 1, err  # the file named once
     # a Gram of the wrong size in a file that claims the right model
     bad = _rewrite_gram(fx["grams"][1], str(tmp_path / "wrong.safetensors"), lambda t: torch.eye(t.shape[0] + 3))
     err = _fails(_args(fx, out, grams=[fx["grams"][0], bad, fx["grams"][2]]), capsys, "wrong.safetensors", out)
-    assert "shape" in err or "size" in err
+    assert ("shape" in err or "size" in err) and err.count("wrong.safetensors") == 1, err
 
 
 def test_bad_config(fx, tmp_path, capsys):
@@ -183,14 +185,21 @@ def test_bad_config(fx, tmp_path, capsys):
     for extra, msg in (({"bogus": 1}, "unknown key(s) bogus"), ({"method": "slerp"}, "unknown merge method"),
                        ({"parameters": {"alpha": 1.5}}, "alpha must be in [0, 1]"),
                        ({"parameters": {"beta": 1}}, "unknown parameter(s) for method regmean: beta"),
-                       ({"method": "ties"}, "needs base_model")):
+                       ({"method": "ties"}, "needs base_model"),
+                       ({"dtype": "bfloat16"}, "set out_dtype: bfloat16")):  # mergekit's dtype: the output's
         import yaml
 
         y.write_text(yaml.safe_dump({**base, **extra}))
         _fails(["merge", str(y), "--out", str(out)], capsys, msg, out)
+    for extra, msg in (({"parameters": {"alpha": True}}, "alpha must be a number, got True"),
+                       ({"models": [dict(m, weight=True) for m in base["models"]]}, "weight must be a number")):
+        y.write_text(yaml.safe_dump({**base, **extra}))  # YAML booleans are not numbers
+        _fails(["merge", str(y), "--out", str(out)], capsys, msg, out)
     y.write_text(yaml.safe_dump({"models": [{"model": fx["paths"][0], "gram": "x"}]}))
     _fails(["merge", str(y), "--out", str(out)], capsys, "unknown key(s) gram", out)
     _fails(_args(fx, out, extra=["--alpha", "-0.1"]), capsys, "alpha must be in [0, 1]", out)
+    _fails(_args(fx, out, extra=["--shard-size", "0"]), capsys, "shard_size: size must be positive", out)
+    _fails(_args(fx, out, extra=["--max-memory", "lots"]), capsys, "max_memory: not a size", out)
     _fails(_args(fx, out, extra=["--weights", "1", "-1", "1"]), capsys, "non-negative", out)
     _fails(_args(fx, out, extra=["--weights", "0", "0", "0"]), capsys, "must not all be zero", out)
 
@@ -204,6 +213,12 @@ def test_full_disk(fx, tmp_path, capsys, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     _fails(_args(fx, out), capsys, "not enough free disk space", out)
+    # room for the weights but not for the rest: the message's numbers say why
+    weights = sum(t.numel() * t.element_size() for t in read_folder(fx["paths"][0]).values())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=weights + 2**19))
+    err = _fails(_args(fx, out), capsys, "not enough free disk space", out)
+    need, free = (float(x) for x in re.search(r"need ([\d.]+) MiB, ([\d.]+) MiB free", err).groups())
+    assert need > free, err
     monkeypatch.setattr(shutil, "disk_usage", real)
     calls = {"n": 0}
     orig = safetensors_file.StreamingShardWriter._write
@@ -216,3 +231,125 @@ def test_full_disk(fx, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(safetensors_file.StreamingShardWriter, "_write", full)
     _fails(_args(fx, out), capsys, "no space left", out)
+
+
+def test_saved_config_reproduces_the_merge_from_anywhere(fx, tmp_path, monkeypatch, capsys):
+    """regmean_config.yml in the output: given relative paths on the command line, rerunning it from
+    another folder (its paths would be taken relative to the file's folder) gives the same shards."""
+    import yaml
+
+    root = fx["root"]
+    monkeypatch.chdir(root)
+    rel_models = [os.path.basename(p) for p in fx["paths"]]
+    rel_grams = [os.path.basename(g) for g in fx["grams"]]
+    a = tmp_path / "a"
+    assert main(["merge", "--models", *rel_models, "--grams", *rel_grams, "--alpha", "0.7", "--shard-size", "30KB",
+                 "--allow-missing-grams", "--out", str(a)]) == 0
+    saved = yaml.safe_load((a / "regmean_config.yml").read_text())
+    assert saved["parameters"] == {"alpha": 0.7, "normalization": "mean"}  # every parameter, defaults included
+    assert saved["allow_missing_grams"] is True
+    assert [m["model"] for m in saved["models"]] == [str(root / m) for m in rel_models]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    b = tmp_path / "b"
+    assert main(["merge", str(a / "regmean_config.yml"), "--out", str(b)]) == 0, capsys.readouterr().err
+    shards = sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))
+    assert len(shards) > 1 and shards == sorted(f for f in os.listdir(b) if f.endswith(".safetensors"))
+    for f in shards + ["model.safetensors.index.json"]:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_help_teaches(capsys):
+    """`merge --help` shows the defaults and an example YAML that is a valid configuration."""
+    import yaml
+
+    from regmean_fast.merge.config import config_from_dict
+
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for s in ("(default 1.0)", "(default mean)", "(default 0.2)", "(default regmean)", "--resume", "docs/merge.md"):
+        assert s in text, s
+    block = text.split("example CONFIG.yaml", 1)[1].split("\n\n", 2)[1]
+    cfg = config_from_dict(yaml.safe_load(block)).validate(require_paths=False)
+    assert cfg.method == "regmean" and len(cfg.models) == 2 and cfg.parameters == {"alpha": 0.9}
+
+
+def test_gram_files_given_in_the_wrong_order_are_warned(fx, tmp_path, capsys):
+    """Same architecture, so only the Gram files' provenance (the model folder's name) tells that
+    --grams were given in another order than --models: a warning naming both, in the report too."""
+    from test_merge_common import fingerprint, grams_from_acts
+
+    from regmean_fast.grams.fileformat import save_grams
+
+    named = []
+    for i, a in enumerate(fx["acts"]):
+        grams, counts, module_map, conv = grams_from_acts(fx["mods"], a)
+        named.append(str(tmp_path / f"named{i}.safetensors"))
+        save_grams(named[-1], grams, counts, module_map, fingerprint(fx["models"][0]),
+                   {"tool": "test", "model": os.path.basename(fx["paths"][i])}, conv1d=conv)
+    capsys.readouterr()
+    assert main(_args(fx, tmp_path / "ok", grams=named, extra=["--json"])) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
+    assert main(_args(fx, tmp_path / "swapped", grams=[named[1], named[0], named[2]])) == 0
+    warned = [w for w in capsys.readouterr().err.splitlines() if "check the order" in w]
+    assert len(warned) == 2 and "named1.safetensors" in warned[0] and "paired with model 0 (llama0)" in warned[0]
+    report = json.load(open(tmp_path / "swapped" / "merge_report.json"))
+    assert [w for w in report["warnings"] if "check the order" in w] == [w[len("warning: "):] for w in warned]
+
+
+def test_every_method_flags_equal_yaml(fx, tmp_path):
+    """Each method through flags and through a YAML file (with the same values) writes the same bytes;
+    the formulas themselves are checked in test_merge_methods.py."""
+    import yaml
+
+    base, _ = make_models("llama", k=0, seed=11)
+    bp = save_model(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    fisher = [{n: torch.rand(t.shape, generator=g) for n, t in m.state_dict().items()} for m in fx["models"]]
+    (tmp_path / "fg").mkdir()
+    fgrams = write_gram_files(fx["models"][0], fx["mods"], fx["acts"], tmp_path / "fg", fisher=fisher)
+    cases = (("regmean", ["--alpha", "0.6", "--normalization", "sum"], {"alpha": 0.6, "normalization": "sum"}, None),
+             ("average", [], {}, None),
+             ("task_arithmetic", ["--scaling", "0.4", "--param", "normalize=true"], {"scaling": 0.4, "normalize": True},
+              bp),
+             ("ties", ["--density", "0.5", "--scaling", "0.9"], {"density": 0.5, "scaling": 0.9}, bp),
+             ("fisher", ["--param", "fisher_floor=1e-3"], {"fisher_floor": 1e-3}, None))
+    for method, flags, params, base_model in cases:
+        grams = fgrams if method == "fisher" else fx["grams"]
+        needs = method in ("regmean", "fisher")
+        argv = ["merge", "--models", *fx["paths"], "--weights", "1", "2", "3", "--method", method, *flags,
+                "--out", str(tmp_path / f"{method}_flags")]
+        argv += ["--grams", *grams] if needs else []
+        argv += ["--base-model", base_model] if base_model else []
+        assert main(argv) == 0, method
+        cfg = {"method": method, "parameters": params,
+               "models": [dict({"model": p, "weight": w}, **({"grams": gp} if needs else {}))
+                          for p, w, gp in zip(fx["paths"], [1, 2, 3], grams)]}
+        if base_model:
+            cfg["base_model"] = base_model
+        y = tmp_path / f"{method}.yaml"
+        y.write_text(yaml.safe_dump(cfg))
+        assert main(["merge", str(y), "--out", str(tmp_path / f"{method}_yaml")]) == 0, method
+        a, b = read_folder(tmp_path / f"{method}_flags"), read_folder(tmp_path / f"{method}_yaml")
+        assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a), method
+        rep = json.load(open(tmp_path / f"{method}_flags" / "merge_report.json"))
+        assert rep["method"] == method and all(rep["parameters"][k] == v for k, v in params.items()), method
+
+
+def test_unwritable_output_folder(fx, tmp_path, capsys, monkeypatch):
+    """An output location that cannot be written (read-only file system, no permission): one line, exit 2."""
+    import errno
+
+    real = os.mkdir
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    out = tmp_path / "o"
+    _fails(_args(fx, out), capsys, "cannot write the output in", out)

@@ -15,6 +15,7 @@ from test_merge_common import (fingerprint, grams_from_acts, lstsq_merge, make_a
 import regmean_fast
 from regmean_fast.io import ModelFolder, ShardLayout, ShardedOutput
 from regmean_fast.merge import DictGramSet, MergeError, merge, merge_modules, merge_state_dicts
+from regmean_fast.merge.api import conv1d_modules
 
 
 def _check_regmean(merged, models, mods, acts, alpha, coeffs=None, normalization="mean", atol=2e-5):
@@ -66,8 +67,10 @@ def test_folder_merge_matches_lstsq_and_loads(arch, tmp_path):
     first = y[0] if isinstance(y, tuple) else (y.logits if hasattr(y, "logits") else y.last_hidden_state)
     assert torch.isfinite(first).all()
     report = json.load(open(out / "merge_report.json"))
-    assert report["tensors"][f"{mods[0][0]}.weight"]["method"] == "regmean"
-    assert "ridge" in report["tensors"][f"{mods[0][0]}.weight"]
+    linear = {f"{m}.weight" for m, _ in mods}
+    for n, entry in report["tensors"].items():  # per tensor: the method actually used, ridge, time
+        assert entry["method"] == ("regmean" if n in linear else "average"), (n, entry)
+        assert "time_s" in entry and (n not in linear or "ridge" in entry), (n, entry)
     assert (out / "README.md").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
@@ -141,6 +144,7 @@ def test_in_memory_modules_and_sum_normalization_float64():
                            for m, _ in mods})
     merged = merge_modules(models, gram_dicts, alpha=0.5)
     sd = merged.state_dict()
+    mods = [(m, c) for m, c in mods if m != "lm_head"]  # tied to wte: see test_in_memory_tied_head_is_its_embedding
     _check_regmean(sd, models, mods, acts, 0.5)
     # raw Grams with "sum" normalisation, solved in float64
     per_model = [grams_from_acts(mods, a) for a in acts]
@@ -152,6 +156,41 @@ def test_in_memory_modules_and_sum_normalization_float64():
     for m, s in zip(models, sds):
         for n, t in m.state_dict().items():
             assert torch.equal(t, s[n])
+
+
+def test_in_memory_tied_head_is_its_embedding(tmp_path):
+    """GPT-2's lm_head is its wte (one tensor). With a Gram for lm_head (FusionBench's dicts have one), the
+    in-memory merge treats it as the folder merge does (not stored: its Gram unused, with a warning), so
+    the merged module's tied embedding is the average of the embeddings, not a RegMean of the head."""
+    _, models = make_models("gpt2", k=2, seed=8)
+    mods, acts = make_activations(models[0], 2, seed=8)
+    assert ("lm_head", False) in mods
+    gram_dicts = [{m: (a[share_key(m)].T @ a[share_key(m)] / a[share_key(m)].shape[0]).float() for m, _ in mods}
+                  for a in acts]
+    merged = merge_modules(models, gram_dicts)
+    wte = [m.transformer.wte.weight.detach().double() for m in models]
+    torch.testing.assert_close(merged.transformer.wte.weight.double(), (wte[0] + wte[1]) / 2)
+    assert merged.lm_head.weight is merged.transformer.wte.weight
+    sd, rep = merge_state_dicts([m.state_dict() for m in models], gram_dicts, conv1d=conv1d_modules(models[0]),
+                                return_report=True)
+    assert list(sd) == list(models[0].state_dict()) and torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    assert any(w.startswith("lm_head.weight is tied") for w in rep["warnings"])
+    # the folder merge of the same models and Grams: the same tensors
+    paths = [save_model(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
+    merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)]}, out=str(tmp_path / "out"))
+    folder = read_folder(tmp_path / "out")
+    for n, t in folder.items():
+        torch.testing.assert_close(sd[n], t, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_state_dict_source_sees_ties_only_in_shared_storage():
+    from regmean_fast.merge.sources import StateDictSource
+
+    w = torch.randn(3, 4)
+    src = StateDictSource({"a": torch.empty(3, 4, device="meta"), "b": torch.empty(3, 4, device="meta"), "w": w,
+                           "t": w, "row": w[1:], "copy": w.clone()})
+    assert src.names() == ["a", "b", "w", "row", "copy"] and src.tied == {"t": "w"}
 
 
 def test_bf16_models_and_out_dtype(tmp_path):

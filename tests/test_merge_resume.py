@@ -105,3 +105,75 @@ def test_max_memory_and_device_checked_up_front(fx, tmp_path):
             merge(fx, out=str(tmp_path / "o2"), device="cuda")
     with pytest.raises(MergeError, match="device must be"):
         merge(fx, out=str(tmp_path / "o2"), device="tpu")
+
+
+def test_cli_ctrl_c_says_how_to_resume(fx, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `merge`: exit status 130 and one line naming --resume (no traceback), no output
+    folder, and the same command with --resume finishes it bit-identically."""
+    from regmean_fast.io import shards
+
+    ref = tmp_path / "ref"
+    merge(fx, out=str(ref))
+    out = tmp_path / "out"
+    args = ["merge", "--models", *[m["model"] for m in fx["models"]], "--grams",
+            *[m["grams"] for m in fx["models"]], "--alpha", "0.9", "--shard-size", "12KB", "--out", str(out)]
+    real, calls = shards.ShardedOutput._save_manifest, []
+
+    def ctrl_c_after_two_shards(self):  # saved when created, then after each finished shard
+        calls.append(1)
+        real(self)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards.ShardedOutput, "_save_manifest", ctrl_c_after_two_shards)
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the merge command as a traceback")
+    assert rc == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "--resume" in err, err
+    assert not out.exists() and (tmp_path / ".out.regmean-partial").is_dir()
+    monkeypatch.setattr(shards.ShardedOutput, "_save_manifest", real)
+    assert main(args + ["--resume", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["reused_shards"]) == 2
+    assert _files(out) == _files(ref)
+
+
+def test_python_merge_takes_method_parameters_as_keywords(fx, tmp_path):
+    """regmean_fast.merge(config, out, alpha=...) as merge_state_dicts(..., alpha=...): the same as the
+    parameter in the configuration; an unknown keyword is the method's one-line error."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    rep = merge(fx, out=str(a), alpha=0.3)
+    merge(dict(fx, parameters={"alpha": 0.3}), out=str(b))
+    assert rep["parameters"]["alpha"] == 0.3 and _files(a) == _files(b)
+    with pytest.raises(MergeError, match="unknown parameter.*alhpa"):
+        merge(fx, out=str(tmp_path / "c"), alhpa=0.3)
+    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.regmean-partial").exists()
+
+
+def test_interrupted_while_replacing_the_output_is_resumable(fx, tmp_path, monkeypatch):
+    """--force replaces OUT with two renames; a kill between them leaves no OUT, so the partial folder
+    must still be resumable (its manifest kept until the rename): --resume then puts the merge in place."""
+    ref = tmp_path / "ref"
+    merge(fx, out=str(ref))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous output")
+    real, calls = os.rename, []
+
+    def killed_between(src, dst):
+        calls.append((src, dst))
+        if str(src).endswith(".regmean-partial"):
+            raise Stop()
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        merge(fx, out=str(out), force=True)
+    monkeypatch.setattr(os, "rename", real)
+    assert not out.exists() and len(calls) == 2
+    rep = merge(fx, out=str(out), resume=True)
+    assert len(rep["reused_shards"]) == len(rep["shards"]) > 1
+    assert _files(out) == _files(ref) and not (out / "regmean-manifest.json").exists()

@@ -17,7 +17,7 @@ from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, write_config,
 from ..io.shards import MANIFEST_GLOB, ShardedOutput, ShardLayout, rank_manifest_name
 from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
 from .engine import Engine
-from .errors import MergeError
+from .errors import MergeError, message_of
 from .plan import build_plan, estimate_working_bytes
 from .report import build_report, config_yaml, model_card, write_json
 from .sources import DictGramSet, StateDictSource
@@ -41,12 +41,12 @@ def _as_config(config, overrides: dict) -> MergeConfig:
     for k, v in overrides.items():
         if v is None:
             continue
-        if not hasattr(cfg, k):
-            raise MergeError(f"unknown option {k}")
         if k == "parameters":
             cfg.parameters = {**cfg.parameters, **v}
-        else:
+        elif hasattr(cfg, k):
             setattr(cfg, k, v)
+        else:  # a method parameter (alpha=..., density=...), as in merge_state_dicts; checked by the method
+            cfg.parameters = {**cfg.parameters, k: v}
     return cfg
 
 
@@ -61,8 +61,13 @@ def load_gramset(path: str):
     except MergeError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the user's input problem
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MergeError(f"Gram file {path}: {msg}") from None
+        raise MergeError(f"Gram file {path}: {message_of(e, path)}") from None
+
+
+def partial_path(out: str) -> str:
+    """The temporary folder next to `out` that the merge is written into (kept for --resume)."""
+    out = os.path.abspath(os.path.expanduser(str(out)))
+    return os.path.join(os.path.dirname(out), "." + os.path.basename(out) + PARTIAL_SUFFIX)
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -115,8 +120,9 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     """Merge model folders into the Hugging Face folder `out`; returns the merge report.
 
     config: a MergeConfig, a mapping like the YAML file, or the YAML file's path; keyword overrides
-    (models=..., method=..., parameters=..., out_dtype=...) replace its fields. Writes into a
-    temporary folder next to `out` and renames it at the end; resume=True reuses verified shards.
+    (models=..., method=..., parameters=..., out_dtype=...) replace its fields, and any other keyword is a
+    method parameter (alpha=0.9, density=0.5). Writes into a temporary folder next to `out` and renames
+    it at the end; resume=True reuses verified shards.
     Raises MergeError on bad input, leaving no output behind.
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this with the same arguments: the shards are spread
@@ -128,13 +134,13 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     cfg = _as_config(config, overrides)
     if out is None:
         raise MergeError("no output folder given")
-    cfg.validate()
+    cfg.validate().absolute_paths()
     out = os.path.abspath(os.path.expanduser(str(out)))
     _check_output_path(cfg, out, force)
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise MergeError(f"the folder {parent} for the output does not exist")
-    tmp = os.path.join(parent, "." + os.path.basename(out) + PARTIAL_SUFFIX)
+    tmp = partial_path(out)
     sources, base, created_tmp, output = [], None, False, None
     from .. import distributed as DI
 
@@ -169,7 +175,10 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                 if not resume:
                     shutil.rmtree(tmp)
             if not os.path.exists(tmp):
-                os.mkdir(tmp)
+                try:
+                    os.mkdir(tmp)
+                except OSError as e:  # read-only, no permission: the user's to fix, before any work
+                    raise MergeError(f"cannot write the output in {parent}: {e.strerror or e}") from None
                 created_tmp = True
         owned = None
         if ctx.enabled:
@@ -189,8 +198,9 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
         needed = sum(sum(int(torch.empty((), dtype=d).element_size()) * int(torch.Size(s).numel()) for _, d, s in ents)
                      for fname, ents in layout.shards
                      if fname not in output.records and (owned is None or fname in owned))
+        needed += 1 << 20  # config, tokenizer, report, manifest
         free = shutil.disk_usage(parent).free
-        if needed + (1 << 20) > free:
+        if needed > free:
             raise MergeError(f"not enough free disk space for the output in {parent}: "
                              f"need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
         bar = None
@@ -229,19 +239,20 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                               total_s=time.perf_counter() - t_start, reused=reused, device=cfg.device)
         write_json(os.path.join(tmp, REPORT_NAME), report)
         with open(os.path.join(tmp, "regmean_config.yml"), "w") as f:
-            f.write(config_yaml(cfg))
+            f.write(config_yaml(cfg, plan))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(cfg, plan))
-        for man in glob.glob(os.path.join(glob.escape(tmp), MANIFEST_GLOB)):
-            os.remove(man)
         _fsync_dir(tmp)
         if os.path.exists(out):
             old = out + f".regmean-old-{os.getpid()}"
             os.rename(out, old)
-            os.rename(tmp, out)
+            os.rename(tmp, out)  # a kill before this leaves the partial folder, manifest and all: resumable
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+        for man in glob.glob(os.path.join(glob.escape(out), MANIFEST_GLOB)):
+            os.remove(man)
+        _fsync_dir(out)
         _fsync_dir(parent)
         if ctx.enabled:
             ctx.sync(None, "the final output")
@@ -362,6 +373,8 @@ def merge_state_dicts(state_dicts, grams=None, *, method: str = "regmean", weigh
                     solve_dtype=cfg.torch_solve_dtype(), device=device, allow_missing=allow_missing_grams)
     merged = {}
     rep = engine.run(lambda n, t: merged.__setitem__(n, t))
+    for alias, name in sources[0].tied.items():  # a tied weight is its tensor's merge, as when loaded
+        merged[alias] = merged[name]
     merged = {n: merged[n] for n in state_dicts[0] if n in merged}
     if return_report:
         return merged, {"tensors": rep, "warnings": plan.warnings}

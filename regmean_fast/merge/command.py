@@ -9,15 +9,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import MergeConfig, ModelSpec, load_yaml
 from .errors import MergeError
+from .methods import METHODS
+
+EPILOG = """example CONFIG.yaml (mergekit-like; paths relative to the file; unknown keys are errors):
+
+  method: regmean                 # regmean | average | task_arithmetic | ties | fisher
+  models:
+    - model: ft/task_a
+      grams: grams/task_a.safetensors   # python -m regmean_fast grams ft/task_a --data a.jsonl --out ...
+      weight: 1.0                 # scaled so the weights sum to 1
+    - model: ft/task_b
+      grams: grams/task_b.safetensors
+  parameters: {alpha: 0.9}
+  out_dtype: bfloat16             # default: the models' dtype
+  regmean_exclude: [".*classifier.*"]   # averaged instead
+
+methods: regmean (one Gram file per model), average, task_arithmetic and ties (--base-model), fisher
+(Gram files collected with --fisher). OUT gets model*.safetensors (+ index), config.json, the tokenizer
+and generation files, merge_report.json (per tensor: method, ridge, time), regmean_config.yml (rerun it
+to reproduce the merge) and README.md. Interrupted: rerun the same command with --resume.
+Everything else: docs/merge.md."""
 
 
 def register_merge(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge fine-tuned model folders (RegMean by default) into one HF folder",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="mergekit-like YAML (see docs/merge.md)")
     p.add_argument("--out", required=True, help="output folder (created; refused if non-empty without --force)")
     g = p.add_argument_group("models")
@@ -26,13 +47,19 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)")
     g.add_argument("--base-model", metavar="DIR", help="base model (task_arithmetic, ties)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", help="regmean (default), average, task_arithmetic, ties, fisher")
-    g.add_argument("--alpha", type=float, help="RegMean: scale of the off-diagonal Gram entries, in [0, 1]")
-    g.add_argument("--normalization", choices=("mean", "sum"), help="RegMean: Grams divided by token count or not")
-    g.add_argument("--scaling", type=float, help="task_arithmetic, ties: lambda on the merged task vector")
-    g.add_argument("--density", type=float, help="ties: fraction of entries kept per task vector")
+    g.add_argument("--method", help=f"{', '.join(METHODS)} (default regmean)")
+    rm, ties = METHODS["regmean"].params, METHODS["ties"].params
+    g.add_argument("--alpha", type=float,
+                   help=f"RegMean: scale of the off-diagonal Gram entries, in [0, 1] (default {rm['alpha']})")
+    g.add_argument("--normalization", choices=("mean", "sum"),
+                   help=f"RegMean: Grams divided by their token count (mean) or not (default {rm['normalization']})")
+    g.add_argument("--scaling", type=float, help="task_arithmetic, ties: lambda on the merged task vector "
+                   f"(default {ties['scaling']})")
+    g.add_argument("--density", type=float,
+                   help=f"ties: fraction of entries kept per task vector (default {ties['density']})")
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other method parameter (JSON value)")
+                   help="any other method parameter, as JSON: normalize=true (task_arithmetic), "
+                   f"fisher_floor=1e-5 (fisher, default {METHODS['fisher'].params['fisher_floor']})")
     g.add_argument("--regmean-exclude", nargs="+", metavar="REGEX", help="tensors averaged instead of RegMean")
     g.add_argument("--allow-missing-grams", action="store_true", default=None,
                    help="average (with a warning) a weight whose Gram is missing in some file, instead of failing")
@@ -41,7 +68,8 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g.add_argument("--solve-dtype", help="RegMean solve dtype: float32 (default) or float64")
     g.add_argument("--out-dtype", help="output dtype (default: the models' dtype)")
     g.add_argument("--shard-size", help="output shard size, e.g. 5GB (default), 500MB")
-    g.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", default=None)
+    g.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", default=None,
+                   help="do not copy the tokenizer and generation files of the base (or first) model")
     g = p.add_argument_group("resources and safety")
     g.add_argument("--device", help="cpu (default), cuda or cuda:N")
     g.add_argument("--max-memory", help="host memory budget for the working set, e.g. 16GB (checked up front)")
@@ -97,10 +125,17 @@ def config_from_args(args) -> MergeConfig:
 
 
 def cmd_merge(args) -> int:
-    from .api import merge
+    from ..grams.command import EXIT_INTERRUPTED
+    from .api import merge, partial_path
 
     cfg = config_from_args(args)
-    report = merge(cfg, out=args.out, force=args.force, resume=args.resume, progress=args.progress)
+    try:
+        report = merge(cfg, out=args.out, force=args.force, resume=args.resume, progress=args.progress)
+    except KeyboardInterrupt:  # the verified shards stay in the temporary folder; the output is untouched
+        tmp = partial_path(args.out)
+        print("\nregmean_fast: interrupted; " + (f"the finished shards are kept in {tmp}: rerun the same command "
+              "with --resume to continue" if os.path.isdir(tmp) else "nothing was written"), file=sys.stderr)
+        return EXIT_INTERRUPTED
     from ..distributed import env_world
 
     if env_world()[1] != 0:  # torchrun: rank 0 prints the report

@@ -88,6 +88,14 @@ class MergeConfig:
     def weights(self) -> list:
         return [float(m.weight) for m in self.models]
 
+    def absolute_paths(self) -> "MergeConfig":
+        """Model, Gram and base paths made absolute (the saved regmean_config.yml works from any folder)."""
+        for m in self.models:
+            m.model = os.path.abspath(m.model)
+            m.grams = os.path.abspath(m.grams) if m.grams else m.grams
+        self.base_model = os.path.abspath(self.base_model) if self.base_model else self.base_model
+        return self
+
     def validate(self, *, require_paths: bool = True) -> "MergeConfig":
         """Check everything that can be checked without reading a model; raises MergeError."""
         if self.method not in METHODS:
@@ -99,12 +107,15 @@ class MergeConfig:
         for name in ("dtype", "solve_dtype"):
             v = getattr(self, name)
             if v not in FLOAT_DTYPES or FLOAT_DTYPES[v] not in (torch.float32, torch.float64):
-                raise MergeError(f"{name} must be float32 or float64, got {v!r}")
+                hint = f"; for a {v} output (mergekit's dtype) set out_dtype: {v}" if v in FLOAT_DTYPES else ""
+                raise MergeError(f"{name} must be float32 or float64, got {v!r}{hint}")
         if self.out_dtype is not None and self.out_dtype not in FLOAT_DTYPES:
             raise MergeError(f"out_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {self.out_dtype!r}")
         ws = []
         for i, m in enumerate(self.models):
             try:
+                if isinstance(m.weight, bool):  # YAML's true/false are not weights
+                    raise TypeError
                 w = float(m.weight)
             except (TypeError, ValueError):
                 raise MergeError(f"model {i} ({m.model}): weight must be a number, got {m.weight!r}") from None
@@ -125,11 +136,11 @@ class MergeConfig:
                 re.compile(rx)
             except re.error as e:
                 raise MergeError(f"regmean_exclude: bad regular expression {rx!r} ({e})") from None
-        try:
-            self.shard_bytes()
-            self.max_memory_bytes()
-        except ValueError as e:
-            raise MergeError(str(e)) from None
+        for name, size in (("shard_size", self.shard_bytes), ("max_memory", self.max_memory_bytes)):
+            try:
+                size()
+            except ValueError as e:
+                raise MergeError(f"{name}: {e}") from None
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
             raise MergeError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if str(self.device).startswith("cuda"):

@@ -10,7 +10,7 @@ import time
 import torch
 
 from .. import ops
-from .errors import MergeError
+from .errors import MergeError, message_of
 from .methods import METHODS, GroupInputs, TensorInputs
 from .plan import GroupItem, Plan
 
@@ -81,7 +81,8 @@ class Engine:
         except MergeError:
             raise
         except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise MergeError(f"{self._gram_label(i)}: cannot read the Gram for {module}: {e}") from None
+            raise MergeError(f"{self._gram_label(i)}: cannot read the Gram for {module}: "
+                             f"{message_of(e, self.gram_paths[i])}") from None
         return G.to(device=self.device, dtype=torch.float32).contiguous()
 
     def _check_gram(self, i: int, key, module: str, stats) -> None:
@@ -91,7 +92,8 @@ class Engine:
         try:
             gs.check_gram(key, stats)
         except (ValueError, KeyError) as e:
-            raise MergeError(f"{self._gram_label(i)}: cannot read the Gram for {module}: {e}") from None
+            raise MergeError(f"{self._gram_label(i)}: cannot read the Gram for {module}: "
+                             f"{message_of(e, self.gram_paths[i])}") from None
 
     def _scratch(self, name: str, shape, dtype) -> torch.Tensor:
         """A buffer reused from group to group (one per name, grown to the largest request), so the
@@ -109,7 +111,8 @@ class Engine:
         try:
             f = self.gramsets[i].fisher(name)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise MergeError(f"{self._gram_label(i)}: cannot read the Fisher of {name}: {e}") from None
+            raise MergeError(f"{self._gram_label(i)}: cannot read the Fisher of {name}: "
+                             f"{message_of(e, self.gram_paths[i])}") from None
         if f is None:
             return None
         if tuple(f.shape) != tuple(self.sources[i].shape(name)):

@@ -5,6 +5,7 @@ incompatibility is found before any heavy I/O."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -106,8 +107,11 @@ def check_same_architecture(sources, base=None) -> list[str]:
     return names
 
 
-def _tied(param, shape, shapes, config) -> bool:
-    """A head weight absent from the checkpoint because it is tied to the input embeddings."""
+def _tied(param, shape, shapes, config, src=None) -> bool:
+    """A head weight absent from the checkpoint because it is tied to the input embeddings (or, in
+    memory, known to be another tensor of the model: `src.tied`)."""
+    if param in (getattr(src, "tied", None) or {}):
+        return True
     if config.get("tie_word_embeddings", True) is False or shape is None:
         return False
     return any(tuple(shape) == s and any(t in n for t in ("embed", "wte", "word_embeddings", "shared"))
@@ -120,6 +124,19 @@ def _fisher_names(gs):
         if callable(f):
             return set(f())
     return None
+
+
+def _pairing_warnings(sources, gramsets, gram_paths) -> list[str]:
+    """Gram files whose provenance names another of the input models (the Grams given in the wrong
+    order: same architecture, so nothing else tells)."""
+    names = [os.path.basename(s.path) if getattr(s, "path", None) else None for s in sources]
+    out = []
+    for i, gs in enumerate(gramsets):
+        made_on = (getattr(gs, "metadata", None) or {}).get("model")
+        if made_on and names[i] and made_on != names[i] and made_on in names:
+            out.append(f"{_gram_where(gs, i, gram_paths[i])} was collected on {made_on}, model "
+                       f"{names.index(made_on)}, but is paired with model {i} ({names[i]}); check the order")
+    return out
 
 
 def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
@@ -146,6 +163,7 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
         if len(gramsets) > k:
             raise MergeError(f"got {len(gramsets)} Gram files for {k} models")
         shapes = {n: tuple(ref.shape(n)) for n in names}
+        warnings += _pairing_warnings(sources, gramsets, gram_paths)
         for i, gs in enumerate(gramsets):
             lab = _gram_where(gs, i, gram_paths[i])
             fp = getattr(gs, "fingerprint", None) or {}
@@ -155,7 +173,7 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
                     raise MergeError(f"{lab} was made on another model: {key} {fp.get(key)}, the model is {mc.get(key)}")
             for mod, shp in (fp.get("weights") or {}).items():
                 p = f"{mod}.weight"
-                if p not in shapes and _tied(p, shp, shapes, mc):
+                if p not in shapes and _tied(p, shp, shapes, mc, sources[i]):
                     continue
                 if p not in shapes or tuple(shp) != shapes[p]:
                     have = list(shapes[p]) if p in shapes else "absent"
@@ -168,7 +186,7 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
                 fpw = (getattr(gs, "fingerprint", None) or {}).get("weights") or {}
                 for mod in mod_sets[i]:
                     if f"{mod}.weight" not in shapes and _tied(f"{mod}.weight", fpw.get(mod), shapes,
-                                                               sources[i].config or {}):
+                                                               sources[i].config or {}, sources[i]):
                         tied.add(mod)
                         continue
                     if f"{mod}.weight" not in shapes:
@@ -248,8 +266,12 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
             items.append(g)
         elif not ref.dtype(n).is_floating_point:
             items.append(TensorItem(n, "copy"))
+        elif n in per_tensor:
+            items.append(per_tensor[n])
+        elif cfg.method == "regmean":  # embeddings, norms, biases: averaged, and reported as such
+            items.append(TensorItem(n, "average", "no Gram"))
         else:
-            items.append(per_tensor.get(n) or TensorItem(n, cfg.method))
+            items.append(TensorItem(n, cfg.method))
     for it in items:
         for n in it.outputs():
             dt = out_dtype if (out_dtype is not None and ref.dtype(n).is_floating_point) else ref.dtype(n)

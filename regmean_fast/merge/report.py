@@ -26,19 +26,23 @@ def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float
     }
 
 
-def config_yaml(cfg) -> str:
+def config_yaml(cfg, plan) -> str:
+    """The merge as a YAML file that reproduces it: every parameter resolved, paths as in cfg (absolute)."""
     d = {"method": cfg.method}
     if cfg.base_model:
         d["base_model"] = cfg.base_model
     d["models"] = [{k: v for k, v in (("model", m.model), ("grams", m.grams), ("weight", m.weight)) if v is not None}
                    for m in cfg.models]
-    if cfg.parameters:
-        d["parameters"] = dict(cfg.parameters)
+    if plan.params:
+        d["parameters"] = dict(plan.params)
     for key in ("dtype", "solve_dtype", "out_dtype"):
         if getattr(cfg, key):
             d[key] = getattr(cfg, key)
     if cfg.regmean_exclude:
         d["regmean_exclude"] = list(cfg.regmean_exclude)
+    if cfg.allow_missing_grams:
+        d["allow_missing_grams"] = True
+    d["shard_size"] = cfg.shard_size
     return yaml.safe_dump(d, sort_keys=False)
 
 
@@ -53,7 +57,7 @@ def model_card(cfg, plan) -> str:
         lines.append(f"- `{m.model}` (coefficient {c:.4g})")
     if plan.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
-    lines += ["", "## Configuration", "", "```yaml", config_yaml(cfg).rstrip(), "```", "",
+    lines += ["", "## Configuration", "", "```yaml", config_yaml(cfg, plan).rstrip(), "```", "",
               "Per-tensor details (method, ridge, time) are in `merge_report.json`.", ""]
     return "\n".join(lines)
 

@@ -9,10 +9,23 @@ from ..grams.fileformat import check_gram_stats
 
 
 class StateDictSource:
-    """A state dict seen through the same protocol as io.ModelFolder (names/shape/dtype/get)."""
+    """A state dict seen through the same protocol as io.ModelFolder (names/shape/dtype/get).
+
+    Tensors that are one tensor under two names (tied weights: GPT-2's lm_head is its wte) are seen
+    once, under the first name, as a checkpoint stores them; `tied` maps each other name to that one."""
 
     def __init__(self, state_dict: dict, config: dict | None = None):
-        self.sd = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        self.sd, self.tied, first = {}, {}, {}
+        for k, v in state_dict.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            same = (v.device, v.dtype, tuple(v.shape), tuple(v.stride()), v.storage_offset(),
+                    v.untyped_storage().data_ptr()) if v.numel() and v.device.type != "meta" else None
+            if same is not None and same in first:
+                self.tied[k] = first[same]
+                continue
+            first.setdefault(same, k)
+            self.sd[k] = v
         self.config = config
         self.path = None
 

@@ -66,6 +66,8 @@ def weighted_average(inputs: TensorInputs) -> torch.Tensor:
 
 def check_unit_interval(name: str, value, *, open_left: bool = False) -> float:
     try:
+        if isinstance(value, bool):  # YAML's true/false are not numbers
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise MergeError(f"{name} must be a number, got {value!r}") from None
@@ -76,6 +78,8 @@ def check_unit_interval(name: str, value, *, open_left: bool = False) -> float:
 
 def check_number(name: str, value) -> float:
     try:
+        if isinstance(value, bool):  # YAML's true/false are not numbers
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise MergeError(f"{name} must be a number, got {value!r}") from None
