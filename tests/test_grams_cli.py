@@ -171,6 +171,17 @@ def test_cli_unwritable(zoo, tmp_path, capsys):
     assert rc == 2 and "not writable" in err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_cli_unwritable_even_for_root(zoo, capsys):
+    """Permission bits do not tell (root, read-only mounts): /proc refuses new files to everyone. Refused up
+    front with one line, not with a traceback after the whole run."""
+    root, models, texts, data = zoo
+    for out in ("/proc/regmean_fast_test.safetensors", "/proc/regmean_fast_test"):
+        rc, err = _run(capsys, models["llama"], "--data", data, "--out", out)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "regmean_fast: error: output folder is not writable: /proc" in err, err
+
+
 def test_resume_identical(zoo, tmp_path, capsys, monkeypatch):
     root, models, texts, data = zoo
     common = ["--data", data, "--batch-size", 2, "--shuffle", "--seed", 3]

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from .fileformat import GramsError, parse_size
+from .fileformat import GramsError, check_writable_folder, parse_size
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
@@ -119,11 +119,7 @@ def check_output(out: str, force: bool, resume: bool, rank: int = 0, world: int 
         target = out + ".index.json"
     if os.path.lexists(target) and not force:
         raise GramsError(f"output already exists: {target} (use --force to overwrite)")
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    if not os.path.isdir(parent):
-        raise GramsError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GramsError(f"output folder is not writable: {parent}")
+    check_writable_folder(os.path.dirname(os.path.abspath(out)) or ".")
     if resume and not os.path.exists(checkpoint_path(out, rank, world)):
         raise GramsError(f"--resume: no checkpoint at {checkpoint_path(out, rank, world)}")
 
