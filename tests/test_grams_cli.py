@@ -203,3 +203,27 @@ def test_resume_identical(zoo, tmp_path, capsys, monkeypatch):
     assert not os.path.exists(checkpoint_path(str(part)))
     rc, err = _run(capsys, models["bert-cls"], *common, "--out", tmp_path / "x.safetensors", "--resume")
     assert rc == 2 and "no checkpoint" in err
+
+
+def test_help_teaches():
+    """`grams --help`: every option explained, defaults stated, and examples that parse."""
+    import argparse
+    import shlex
+
+    from regmean_fast.cli import build_parser
+    from regmean_fast.grams.command import EXAMPLES
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["grams"]
+    text = sub.format_help()
+    for action in sub._actions:
+        assert action.help, f"{action.option_strings or action.dest} has no help"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in action.help, action.option_strings
+    assert "examples:" in text and "--resume" in text.split("examples:")[1]
+    lines = EXAMPLES.replace("\\\n", " ").splitlines()  # continuation lines joined
+    commands = [ln.split("python -m regmean_fast ")[1] for ln in lines if "python -m regmean_fast grams" in ln]
+    assert len(commands) >= 3
+    for c in commands:
+        args = parser.parse_args(shlex.split(c))
+        assert args.command == "grams" and args.model_dir and args.data and args.out

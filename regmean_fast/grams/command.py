@@ -28,51 +28,84 @@ CHECKPOINT_FORMAT = "regmean_fast grams checkpoint"
 CHECKPOINT_VERSION = "1"  # bump when the state or the tensors a checkpoint holds change meaning
 
 
+EXAMPLES = """\
+examples:
+  # a fine-tuned classifier on its training data (JSON Lines with a "text" field)
+  python -m regmean_fast grams ./my-bert --data train.jsonl --out my-bert.grams.safetensors
+
+  # a causal LM on chat data ({"messages": [...]} lines, rendered with the tokenizer's chat template),
+  # 10,000 examples of at most 1024 tokens, bf16 forward on a GPU, a checkpoint every 100 batches
+  python -m regmean_fast grams ./my-llama --data chat.jsonl --out grams/ --max-length 1024 \\
+      --max-examples 10000 --device cuda --dtype bf16 --checkpoint-every 100
+  # ... interrupted (Ctrl-C)? the same command plus --resume continues where it stopped
+
+  # a decoder bigger than the GPU: one block at a time; a CSV column; 2 GB shards
+  python -m regmean_fast grams ./llama-70b --data calib.csv --text-field body --out grams/ \\
+      --sequential --device cuda --dtype bf16 --shard-size 2GB
+
+The output: docs/gram-format.md; read it with regmean_fast.load_grams(path).
+"""
+
+
 def register_grams(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "grams",
         help="collect the Gram statistics (x x^T of every linear layer's inputs) of a model on your data",
         description=__doc__,
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (safetensors)")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="local Hugging Face model folder: config.json, safetensors weights (sharded or not), "
+                        "tokenizer files")
     p.add_argument("--data", required=True, metavar="FILE",
-                   help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet")
+                   help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet, by extension "
+                        "(or --format)")
     p.add_argument("--out", required=True, metavar="GRAMS",
                    help="output: X.safetensors (a file) or a folder (created whole)")
     g = p.add_argument_group("data")
-    g.add_argument("--format", choices=("jsonl", "text", "csv", "tsv", "parquet"), help="default: by extension")
+    g.add_argument("--format", choices=("jsonl", "text", "csv", "tsv", "parquet"),
+                   help="the data file's format (default: by extension: .jsonl/.json, .csv, .tsv, .parquet; "
+                        "anything else is plain text)")
     g.add_argument("--text-field", default="text",
                    help="JSONL field / CSV column with the text (default: text); JSONL lines without it may "
                         "carry a chat 'messages' list, rendered with the tokenizer's chat template")
     g.add_argument("--label-field", default="label", help="labels for --fisher on classifiers (default: label)")
-    g.add_argument("--max-length", type=int, help="tokens per example (default: min(512, the model's limit))")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-examples", type=int)
-    g.add_argument("--max-tokens", type=int, help="stop after this many (non-padding) tokens")
+    g.add_argument("--max-length", type=int, metavar="N",
+                   help="tokens per example, longer ones are truncated (default: min(512, the model's limit))")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="examples per forward (default: 8)")
+    g.add_argument("--max-examples", type=int, metavar="N", help="use the first N examples (default: all)")
+    g.add_argument("--max-tokens", type=int, metavar="N",
+                   help="stop after N (non-padding) tokens, cutting the last example (default: no limit)")
     g.add_argument("--shuffle", action="store_true", help="shuffle the examples with --seed before selecting")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="for --shuffle (default: 0)")
     g = p.add_argument_group("model")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="forward dtype")
-    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="forward dtype; the Grams are always summed in fp32 (default: fp32)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model or tokenizer with custom code from its folder (default: off)")
     g.add_argument("--sequential", action="store_true",
-                   help="one decoder block at a time from the memory-mapped weights (Llama/Mistral/Qwen2 family)")
+                   help="one decoder block at a time from the memory-mapped weights (Llama/Mistral/Qwen2 family; "
+                        "other models run whole, with a note)")
     g = p.add_argument_group("statistics")
-    g.add_argument("--include", action="append", metavar="REGEX", help="only modules whose name matches")
-    g.add_argument("--exclude", action="append", metavar="REGEX", help="skip modules whose name matches")
+    g.add_argument("--include", action="append", metavar="REGEX",
+                   help="only modules whose name matches (repeatable; default: every nn.Linear / Conv1D)")
+    g.add_argument("--exclude", action="append", metavar="REGEX", help="skip modules whose name matches (repeatable)")
     g.add_argument("--include-padding", action="store_true",
-                   help="keep padding rows (what the published codes do)")
+                   help="keep padding rows (what the published codes do; default: dropped by the attention mask)")
     g.add_argument("--no-share", action="store_true", help="one Gram per module even when inputs are shared")
     g.add_argument("--fisher", action="store_true", help="also collect the diagonal empirical Fisher")
     g = p.add_argument_group("output")
-    g.add_argument("--packed", action="store_true", help="store the upper triangle only")
-    g.add_argument("--shard-size", help="split into shards of about this size, e.g. 2GB")
+    g.add_argument("--packed", action="store_true", help="store the upper triangle only (about half the size)")
+    g.add_argument("--shard-size", metavar="SIZE",
+                   help="split into shards of about this size, e.g. 2GB (default: one file)")
     g.add_argument("--force", action="store_true", help="overwrite an existing output")
     g.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="write a checkpoint every N batches (--sequential: every N decoder blocks)")
+                   help="write a checkpoint every N batches (--sequential: every N decoder blocks; default: "
+                        "only on Ctrl-C)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_grams)
     return p
 
