@@ -227,3 +227,36 @@ def test_help_teaches():
     for c in commands:
         args = parser.parse_args(shlex.split(c))
         assert args.command == "grams" and args.model_dir and args.data and args.out
+
+
+def test_ctrl_c_outside_the_loop_is_one_line(zoo, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the model loads (nothing to save yet), or a second Ctrl-C that aborts the loop: status
+    130, one line, no traceback, no Gram file; a checkpoint already written is kept and named."""
+    from regmean_fast.grams import collect as C
+    from regmean_fast.grams import command as G
+
+    root, models, texts, data = zoo
+    out = tmp_path / "g.safetensors"
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "load_model", ctrl_c)
+    rc, err = _run(capsys, models["llama"], "--data", data, "--out", out)
+    assert rc == 130 and err.strip() == "regmean_fast: interrupted; no Gram file written", err
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    real, calls = C.GramCollector.finish, []
+
+    def abort_third(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(C.GramCollector, "finish", abort_third)
+    rc, err = _run(capsys, models["llama"], "--data", data, "--out", out, "--batch-size", 2, "--checkpoint-every", 1)
+    ckpt = checkpoint_path(str(out))
+    assert rc == 130 and err.strip().splitlines() == [
+        f"regmean_fast: interrupted; no Gram file written; the last checkpoint {ckpt} is kept: rerun with --resume"]
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(ckpt)]

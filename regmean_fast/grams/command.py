@@ -123,6 +123,13 @@ def cmd_grams(args) -> int:
     except GramsError as e:
         _report_failure(DI, e)
         return _error(str(e).replace("\n", " "))
+    except KeyboardInterrupt as e:  # before the loop, or a second Ctrl-C in it: no traceback
+        _report_failure(DI, e)
+        world, rank, _ = DI.env_world()
+        ckpt = checkpoint_path(args.out, rank, world)
+        kept = f"; the last checkpoint {ckpt} is kept: rerun with --resume" if os.path.exists(ckpt) else ""
+        print(f"\nregmean_fast: interrupted; no Gram file written{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BaseException as e:
         _report_failure(DI, e)  # torchrun: the other ranks stop with a clear error at their next sync point
         raise
