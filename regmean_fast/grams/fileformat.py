@@ -264,6 +264,9 @@ def save_grams(
             _atomic_replace(os.path.join(work_dir, last), os.path.join(final_dir, last), overwrite)
             shutil.rmtree(work_dir, ignore_errors=True)
             return os.path.join(final_dir, last) if n > 1 else path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp made it private; the folder gets the modes mkdir gives
         _atomic_replace(work_dir, path, overwrite)
         return path
     except BaseException as e:
