@@ -133,6 +133,29 @@ def _bad_inputs(root, models, data, tmp):
     ]
 
 
+def test_cli_example_of_special_tokens_only(zoo, tmp_path, capsys):
+    """Text the tokenizer's normaliser removes entirely (an accent alone, accents stripped) leaves only the
+    [CLS] [SEP] it adds: that example tokenizes to nothing. A --max-length with no room for text is refused."""
+    from tokenizers import normalizers
+
+    root, models, texts, data = zoo
+    m = tmp_path / "bert"
+    hf_tiny.save_tiny(m, "bert-cls")
+    tok = hf_tiny.make_tokenizer("bert")
+    tok._tokenizer.normalizer = normalizers.BertNormalizer(strip_accents=True, lowercase=False)
+    tok.save_pretrained(m)
+    capsys.readouterr()  # the saving's progress bars
+    assert tok("\u0301")["input_ids"] == [tok.cls_token_id, tok.sep_token_id]  # what the data below gives
+    bad = tmp_path / "accent.jsonl"
+    bad.write_text(json.dumps({"text": "w1 w2"}) + "\n" + json.dumps({"text": "\u0301"}) + "\n")
+    out = tmp_path / "g.safetensors"
+    rc, err = _run(capsys, m, "--data", bad, "--out", out)
+    assert rc == 2 and err.strip() == f"regmean_fast: error: {bad}: line 2: the example tokenizes to nothing", err
+    rc, err = _run(capsys, m, "--data", data, "--out", out, "--max-length", 2)
+    assert rc == 2 and "--max-length 2 leaves no room for text next to the tokenizer's 2 special tokens" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(out)
+
+
 def test_cli_bad_inputs(zoo, tmp_path, capsys):
     root, models, texts, data = zoo
     for argv, want in _bad_inputs(root, models, data, tmp_path):

@@ -145,7 +145,16 @@ def select(examples: list[Example], max_examples: int | None, shuffle: bool, see
 
 
 def tokenize(tokenizer, examples: list[Example], max_length: int, path: str = "data") -> list[list[int]]:
-    """-> token ids per example (truncated to max_length). Chat examples use the tokenizer's template."""
+    """-> token ids per example (truncated to max_length). Chat examples use the tokenizer's template.
+    An example tokenizes to nothing when no id is left besides the special tokens the tokenizer adds
+    (e.g. [CLS] [SEP] around text its normaliser removes entirely)."""
+    try:
+        n_special = int(tokenizer.num_special_tokens_to_add())
+    except Exception:  # a tokenizer without the method adds none we can tell
+        n_special = 0
+    if max_length <= n_special:
+        raise GramsError(f"--max-length {max_length} leaves no room for text next to the tokenizer's "
+                         f"{n_special} special tokens")
     out = []
     for ex in examples:
         if ex.messages is not None:
@@ -158,7 +167,7 @@ def tokenize(tokenizer, examples: list[Example], max_length: int, path: str = "d
             ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
         else:
             ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) == 0 or (ex.text is not None and not ex.text.strip()):
+        if len(ids) <= (n_special if ex.messages is None else 0) or (ex.text is not None and not ex.text.strip()):
             raise GramsError(f"{path}: {ex.where}: the example tokenizes to nothing")
         out.append(list(ids))
     return out
