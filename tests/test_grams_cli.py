@@ -55,6 +55,61 @@ def test_cli_matches_api_bert(zoo, tmp_path, capsys):
             assert list(f.get_slice(m + ".weight").get_shape()) == shape
 
 
+def _oracle(model_dir, texts, pad_batch=None):
+    """fp64 sums of every Linear / Conv1D input (tied lm_head aside), independent of regmean_fast: one unpadded
+    example at a time (padding excluded), or right-padded batches of pad_batch keeping every row."""
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    model = getattr(transformers, cfg.architectures[0]).from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    params = {n for n, _ in model.named_parameters()}
+    sums, counts = {}, {}
+
+    def hook(name):
+        def f(mod, args):
+            x = args[0].detach().double().reshape(-1, args[0].size(-1))
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.size(0)
+        return f
+
+    hs = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+          if isinstance(m, (torch.nn.Linear, Conv1D)) and f"{n}.weight" in params]
+    groups = [[t] for t in texts] if pad_batch is None else [texts[i:i + pad_batch]
+                                                             for i in range(0, len(texts), pad_batch)]
+    with torch.no_grad():
+        for g in groups:
+            model(**tok(g, padding=True, return_tensors="pt"))
+    for h in hs:
+        h.remove()
+    return sums, counts
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("kind", ["bert-cls", "gpt2", "llama"])
+def test_cli_grams_equal_fp64_oracle(zoo, tmp_path, capsys, kind, padding):
+    """Through the command: every Gram and count equals fp64 sums of the module's inputs without the padding
+    rows (each example run alone, unpadded) or with them (--include-padding: the same padded batches)."""
+    root, models, texts, data = zoo
+    out = tmp_path / "g.safetensors"
+    rc, err = _run(capsys, models[kind], "--data", data, "--out", out, "--batch-size", 4,
+                   *(["--include-padding"] if padding else []))
+    assert rc == 0, err
+    gs = load_grams(out, verify=True)
+    ref, cnt = _oracle(models[kind], texts, 4 if padding else None)
+    assert set(gs.modules()) == set(ref)
+    for m in gs.modules():
+        assert gs.count(m) == cnt[m], m
+        err = (gs.gram(m).double() - ref[m]).abs().max() / ref[m].abs().max()
+        assert err < 1e-5, (m, float(err))
+    import transformers
+
+    lengths = [len(t) for t in transformers.AutoTokenizer.from_pretrained(models[kind])(texts)["input_ids"]]
+    pads = sum(max(lengths[i:i + 4]) * len(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+    assert gs.metadata["tokens"] == (pads if padding else sum(lengths))
+
+
 def test_cli_formats_and_sharding(zoo, tmp_path, capsys):
     root, models, texts, data = zoo
     txt = tmp_path / "d.txt"
