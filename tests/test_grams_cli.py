@@ -338,3 +338,25 @@ def test_ctrl_c_outside_the_loop_is_one_line(zoo, tmp_path, capsys, monkeypatch)
     assert rc == 130 and err.strip().splitlines() == [
         f"regmean_fast: interrupted; no Gram file written; the last checkpoint {ckpt} is kept: rerun with --resume"]
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(ckpt)]
+
+
+def test_out_inside_the_model_folder(zoo, tmp_path, capsys, monkeypatch):
+    """--out inside the model folder: the checkpoint written there is no weight file, so --resume continues
+    (the run's signature took every *.safetensors of the folder and refused its own checkpoint)."""
+    import shutil
+
+    root, models, texts, data = zoo
+    m = tmp_path / "llama"
+    shutil.copytree(models["llama"], m)
+    full = tmp_path / "full.safetensors"
+    assert _run(capsys, m, "--data", data, "--out", full, "--batch-size", 2)[0] == 0
+    out = m / "grams.safetensors"
+    monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", "2")
+    assert _run(capsys, m, "--data", data, "--out", out, "--batch-size", 2)[0] == 130
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+    rc, err = _run(capsys, m, "--data", data, "--out", out, "--batch-size", 2, "--resume")
+    assert rc == 0, err
+    a, b = load_grams(full), load_grams(out)
+    for k in a.keys():
+        assert torch.equal(a.gram(k), b.gram(k)) and a.count(k) == b.count(k)
+
