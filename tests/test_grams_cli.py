@@ -360,3 +360,19 @@ def test_out_inside_the_model_folder(zoo, tmp_path, capsys, monkeypatch):
     for k in a.keys():
         assert torch.equal(a.gram(k), b.gram(k)) and a.count(k) == b.count(k)
 
+
+def test_force_never_replaces_the_inputs(zoo, tmp_path, capsys):
+    import shutil
+
+    root, models, texts, data = zoo
+    m = tmp_path / "llama"
+    shutil.copytree(models["llama"], m)
+    d = tmp_path / "d.jsonl"
+    shutil.copy(data, d)
+    before = {p: p.read_bytes() for p in [*m.iterdir(), d]}
+    for out, what in ((m, "would replace the model folder"), (tmp_path, "would replace the model folder"),
+                      (m / "model.safetensors", "would replace an input"), (d, "would replace an input")):
+        rc, err = _run(capsys, m, "--data", d, "--out", out, "--force")
+        assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert {p: p.read_bytes() for p in [*m.iterdir(), d]} == before
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "llama"]

@@ -204,6 +204,20 @@ def check_model_dir(model_dir: str) -> list[str]:
     return st
 
 
+def check_out_spares_inputs(out: str, model_dir: str, st_files: list[str], data: str) -> None:
+    """--out (with --force) must not replace the model folder, one of its weight / index files or the data."""
+    from ..io.hf import INDEX_NAME
+    from .fileformat import INDEX_SUFFIX
+
+    o = os.path.realpath(out)
+    m = os.path.realpath(model_dir)
+    if o == m or m.startswith(o.rstrip(os.sep) + os.sep):
+        raise GramsError(f"--out {out} would replace the model folder {model_dir}")
+    inputs = {os.path.realpath(p) for p in st_files + [os.path.join(model_dir, INDEX_NAME), data]}
+    if {o, o + INDEX_SUFFIX} & inputs:
+        raise GramsError(f"--out {out} would replace an input (the model's weights or the data file)")
+
+
 def resolve_device(spec: str):
     import torch
 
@@ -432,9 +446,10 @@ def _run(args) -> int:
     from .. import distributed as DI
 
     world, rank, _ = DI.env_world()
-    check_output(out, args.force, args.resume, rank, world)
     model_dir = args.model_dir
     st_files = check_model_dir(model_dir)
+    check_out_spares_inputs(out, model_dir, st_files, args.data)
+    check_output(out, args.force, args.resume, rank, world)
 
     from . import data as D
 
