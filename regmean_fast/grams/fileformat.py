@@ -207,7 +207,7 @@ def save_grams(
                 raise GramFileError(
                     f"module {mod!r} has input size {d_in} but its Gram {v['key']!r} is {dims[v['key']]}"
                 )
-    for pname, F in (fisher or {}).items():
+    for pname, F in sorted((fisher or {}).items()):  # by name: the same Fisher gives the same bytes
         tensors[FISHER_PREFIX + pname] = F.detach().to("cpu", torch.float32).contiguous()
 
     header = {
