@@ -466,9 +466,8 @@ def _run(args) -> int:
 
     skeleton = meta_model(config, args.trust_remote_code)
     if not find_linear_modules(skeleton, args.include, args.exclude)[0]:
-        raise GramsError("no nn.Linear / Conv1D modules matched"
-                         + (f" (--include {args.include}, --exclude {args.exclude})" if args.include or args.exclude
-                            else ""))
+        flags = [f"--{f} {p!r}" for f in ("include", "exclude") for p in getattr(args, f) or []]
+        raise GramsError("no nn.Linear / Conv1D modules matched" + (f" ({' '.join(flags)})" if flags else ""))
     del skeleton
     limit = model_limit(config)
     if args.max_length is not None and limit is not None and args.max_length > limit:
