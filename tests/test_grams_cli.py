@@ -183,6 +183,8 @@ def _bad_inputs(root, models, data, tmp):
         ([L, "--data", data, "--out", out, "--max-length", 65], "beyond the model's limit of 64"),
         ([L, "--data", data, "--out", out, "--include", "zzz"],
          "no nn.Linear / Conv1D modules matched (--include 'zzz')"),
+        ([L, "--data", data, "--out", out, "--exclude", "("],
+         "exclude pattern '(' is not a regular expression (missing ), unterminated subpattern at position 0)"),
         ([L, "--data", data, "--out", out, "--include", "q_", "--exclude", "proj"],
          "no nn.Linear / Conv1D modules matched (--include 'q_' --exclude 'proj')"),
         ([L, "--data", data, "--out", exists], "output already exists"),

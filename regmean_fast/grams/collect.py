@@ -48,8 +48,7 @@ def find_linear_modules(model: nn.Module, include=None, exclude=None, skip_tied:
     modules whose weight is tied to an earlier parameter (e.g. an lm_head tied to the embeddings,
     absent from the checkpoint) are skipped.
     """
-    inc = [re.compile(p) for p in _as_list(include)]
-    exc = [re.compile(p) for p in _as_list(exclude)]
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
     params = {n for n, _ in model.named_parameters()}  # deduplicated: tied copies are absent
     found, tied = [], []
     for name, mod in model.named_modules():
@@ -64,6 +63,16 @@ def find_linear_modules(model: nn.Module, include=None, exclude=None, skip_tied:
             continue
         found.append((name, mod))
     return found, tied
+
+
+def _compile(patterns, what: str) -> list:
+    out = []
+    for p in _as_list(patterns):
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise GramsError(f"{what} pattern {p!r} is not a regular expression ({e})") from None
+    return out
 
 
 def _as_list(x):
