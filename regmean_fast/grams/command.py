@@ -70,7 +70,9 @@ def register_grams(sub) -> argparse.ArgumentParser:
     g.add_argument("--text-field", default="text",
                    help="JSONL field / CSV column with the text (default: text); JSONL lines without it may "
                         "carry a chat 'messages' list, rendered with the tokenizer's chat template")
-    g.add_argument("--label-field", default="label", help="labels for --fisher on classifiers (default: label)")
+    g.add_argument("--label-field", default="label",
+                   help="labels for --fisher on classifiers: class indices or the config's label names; examples "
+                        "without one use the model's prediction (default: label)")
     g.add_argument("--max-length", type=int, metavar="N",
                    help="tokens per example, longer ones are truncated (default: min(512, the model's limit))")
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="examples per forward (default: 8)")
@@ -483,7 +485,10 @@ def _run(args) -> int:
             from None
     examples = D.select(examples, args.max_examples, args.shuffle, args.seed)
     ids = D.tokenize(tokenizer, examples, max_length, args.data)
-    labels = [ex.label for ex in examples] if args.fisher else None
+    labels = None
+    if args.fisher and model_class(config, args.trust_remote_code).__name__.endswith("ForSequenceClassification"):
+        labels = D.class_labels(examples, getattr(config, "num_labels", None), getattr(config, "label2id", None),
+                                args.data)
     batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels)
     signature = _signature(args, model_dir, st_files, max_length)
     if ctx.enabled:  # each rank: its own disjoint share of the batches, its own checkpoint

@@ -173,6 +173,32 @@ def tokenize(tokenizer, examples: list[Example], max_length: int, path: str = "d
     return out
 
 
+def class_labels(examples: list[Example], n_classes: int | None, label2id: dict | None = None,
+                 path: str = "data") -> list[int | None]:
+    """The examples' labels as class indices (None where an example has none: the Fisher then uses the
+    model's prediction). A label is an integer in [0, n_classes) (or its string) or a name of label2id
+    (the config's); anything else is refused with its line."""
+    out = []
+    for ex in examples:
+        v = ex.label
+        if v is None or (isinstance(v, str) and not v.strip()):
+            out.append(None)
+            continue
+        c = None
+        if isinstance(v, int) and not isinstance(v, bool):
+            c = v
+        elif isinstance(v, float) and v.is_integer():
+            c = int(v)
+        elif isinstance(v, str):
+            t = v.strip()
+            c = (label2id or {}).get(t, int(t) if t.isdigit() else None)
+        if c is None or (n_classes is not None and not 0 <= c < n_classes):
+            rng = f" in 0..{n_classes - 1}" if n_classes else ""
+            raise GramsError(f"{path}: {ex.where}: label {v!r} is not a class index{rng} or name")
+        out.append(int(c))
+    return out
+
+
 def pad_id_of(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         v = getattr(tokenizer, attr, None)
@@ -198,12 +224,9 @@ def make_batches(ids: list[list[int]], batch_size: int, pad_id: int, max_tokens:
         for r, x in enumerate(cur):
             inp[r, : len(x)] = torch.tensor(x, dtype=torch.long)
             att[r, : len(x)] = 1
-        lab = None
-        if labels is not None and all(v is not None for v in cur_labels):
-            try:
-                lab = torch.tensor([int(v) for v in cur_labels], dtype=torch.long)
-            except (TypeError, ValueError):
-                lab = None
+        lab = None  # class indices, -1 where an example has no label
+        if labels is not None:
+            lab = torch.tensor([-1 if v is None else int(v) for v in cur_labels], dtype=torch.long)
         batches.append(Batch(inp, att, lab, len(cur), int(att.sum())))
         cur.clear()
         cur_labels.clear()
