@@ -381,3 +381,25 @@ def test_force_never_replaces_the_inputs(zoo, tmp_path, capsys):
         assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, (out, err)
     assert {p: p.read_bytes() for p in [*m.iterdir(), d]} == before
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "llama"]
+
+
+def test_csv_long_fields_and_line_numbers(zoo, tmp_path, capsys):
+    """A CSV document longer than the csv module's 128 KiB field limit is read (it was a _csv.Error
+    traceback); errors name the file line of a row even after a quoted field spanning lines."""
+    root, models, texts, data = zoo
+    long_text = " ".join(["w1", "w2", "w3"] * 30000)  # 270 KB
+    csvf = tmp_path / "long.csv"
+    csvf.write_text(f'text\n"{long_text}"\n"{texts[0]}"\n')
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": texts[0]}) + "\n")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert _run(capsys, models["llama"], "--data", csvf, "--out", a)[0] == 0
+    assert _run(capsys, models["llama"], "--data", jsonl, "--out", b)[0] == 0
+    ga, gb = load_grams(a), load_grams(b)
+    assert ga.metadata["tokens"] == gb.metadata["tokens"] == 64 + len(texts[0].split()) + 1
+    for k in gb.keys():
+        assert torch.equal(ga.gram(k), gb.gram(k))
+    bad = tmp_path / "multiline.csv"
+    bad.write_text('text,label\n"w1 w2",1\n"w3\nw4",0\n,1\n')
+    rc, err = _run(capsys, models["llama"], "--data", bad, "--out", tmp_path / "c.safetensors")
+    assert rc == 2 and err.strip() == f"regmean_fast: error: {bad}: line 5: the example tokenizes to nothing", err

@@ -94,17 +94,24 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
                     if line.strip():
                         out.append(Example(where=f"line {i}", text=line))
         elif fmt in ("csv", "tsv"):
-            with open(path, encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-                cols = reader.fieldnames or []
-                if text_field not in cols:
-                    raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
-                for i, row in enumerate(reader, 2):
-                    txt = row.get(text_field)
-                    if txt is None:
-                        raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
-                    out.append(Example(where=f"line {i}", text=txt,
-                                       label=row.get(label_field) if label_field else None))
+            old_limit = csv.field_size_limit(2**31 - 1)  # a long document is one field (the default: 128 KiB)
+            try:
+                with open(path, encoding="utf-8", newline="") as f:
+                    reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+                    cols = reader.fieldnames or []
+                    if text_field not in cols:
+                        raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
+                    for row in reader:
+                        i = reader.line_num  # the row's last line
+                        txt = row.get(text_field)
+                        if txt is None:
+                            raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
+                        out.append(Example(where=f"line {i}", text=txt,
+                                           label=row.get(label_field) if label_field else None))
+            except csv.Error as e:
+                raise GramsError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({e})") from None
+            finally:
+                csv.field_size_limit(old_limit)
         elif fmt == "parquet":
             try:
                 import pyarrow as pa
