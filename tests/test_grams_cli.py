@@ -403,3 +403,25 @@ def test_csv_long_fields_and_line_numbers(zoo, tmp_path, capsys):
     bad.write_text('text,label\n"w1 w2",1\n"w3\nw4",0\n,1\n')
     rc, err = _run(capsys, models["llama"], "--data", bad, "--out", tmp_path / "c.safetensors")
     assert rc == 2 and err.strip() == f"regmean_fast: error: {bad}: line 5: the example tokenizes to nothing", err
+
+
+def test_byte_order_mark_is_not_data(zoo, tmp_path, capsys):
+    """Files saved with a UTF-8 byte-order mark (Windows editors) read as without it: the CSV header's first
+    column, the first JSON line and the first text line are not changed by it."""
+    root, models, texts, data = zoo
+    bodies = {"csv": "text\n" + "\n".join(texts[:3]) + "\n",
+              "jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts[:3]),
+              "txt": "\n".join(texts[:3]) + "\n"}
+    ref = None
+    for ext, body in bodies.items():
+        for bom in ("", "\ufeff"):
+            f = tmp_path / f"d{len(bom)}.{ext}"
+            f.write_text(bom + body, encoding="utf-8")
+            out = tmp_path / f"g-{ext}{len(bom)}.safetensors"
+            rc, err = _run(capsys, models["llama"], "--data", f, "--out", out)
+            assert rc == 0, (ext, bom, err)
+            gs = load_grams(out)
+            ref = ref or gs
+            assert gs.metadata["tokens"] == ref.metadata["tokens"], (ext, bom)
+            for k in ref.keys():
+                assert torch.equal(gs.gram(k), ref.gram(k)), (ext, bom, k)

@@ -59,9 +59,10 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
         raise GramsError(f"data file is not readable: {path}")
     fmt = detect_format(path, fmt)
     out: list[Example] = []
+    # text formats are read as "utf-8-sig": a byte-order mark (Windows editors) is not part of the first line
     try:
         if fmt == "jsonl":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for i, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -88,7 +89,7 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
                         )
                     out.append(ex)
         elif fmt == "text":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for i, line in enumerate(f, 1):
                     line = line.rstrip("\n").rstrip("\r")
                     if line.strip():
@@ -96,7 +97,7 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
         elif fmt in ("csv", "tsv"):
             old_limit = csv.field_size_limit(2**31 - 1)  # a long document is one field (the default: 128 KiB)
             try:
-                with open(path, encoding="utf-8", newline="") as f:
+                with open(path, encoding="utf-8-sig", newline="") as f:
                     reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
                     cols = reader.fieldnames or []
                     if text_field not in cols:
