@@ -486,7 +486,8 @@ def _run(args) -> int:
     examples = D.select(examples, args.max_examples, args.shuffle, args.seed)
     ids = D.tokenize(tokenizer, examples, max_length, args.data)
     labels = None
-    if args.fisher and model_class(config, args.trust_remote_code).__name__.endswith("ForSequenceClassification"):
+    archs = getattr(config, "architectures", None) or []
+    if args.fisher and any(a.endswith("ForSequenceClassification") for a in archs):  # custom code's too
         labels = D.class_labels(examples, getattr(config, "num_labels", None), getattr(config, "label2id", None),
                                 args.data)
     batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels)
