@@ -204,3 +204,4 @@ def test_from_memory_and_parse_size():
     gs = GramSet.from_memory(grams, counts, mm, fp)
     assert torch.equal(gs.gram("l0.v"), grams["l0.q"]) and gs.count("l0.v") == 18
     assert parse_size("2GB") == 2 << 30 and parse_size("500mb") == 500 << 20 and parse_size("1000") == 1000
+    assert parse_size("1e6") == 1_000_000 and parse_size("1.5e3 KB") == 1500 << 10  # as the docstring says

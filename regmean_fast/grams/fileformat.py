@@ -593,7 +593,7 @@ def load_grams(path, verify: bool = False) -> GramSet:
     return gs
 
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 
 
 def parse_size(text: str) -> int:
