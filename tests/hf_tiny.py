@@ -5,7 +5,8 @@
     save_tiny(folder, kind, seed=0, max_shard_size=None, **overrides) -> folder (config, safetensors, tokenizer)
     random_texts(n, seed=0, min_words=2, max_words=12) -> list[str]
 
-Everything is built from configs (hidden 32, 2 layers, vocab ~100); nothing is downloaded.
+Everything is built from configs (hidden 32, 2 layers, vocab ~100; qwen2: a byte-level BPE of 400); nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def make_tokenizer(kind: str = "bert"):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    if kind == "qwen2":
+        return _byte_level_bpe()
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + ["user", "assistant", "system"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -47,6 +50,29 @@ def make_tokenizer(kind: str = "bert"):
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         bos_token="[BOS]", eos_token="[EOS]", model_max_length=64,
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+QWEN2_VOCAB_SIZE = 400  # >= the byte-level BPE's vocabulary
+
+
+def _byte_level_bpe():
+    """transformers loads every qwen2 folder's tokenizer as Qwen2Tokenizer (a byte-level BPE built from the
+    file's vocab and merges), which turns the word-level one into nothing but [BOS]: qwen2 gets a byte-level
+    BPE trained in memory (deterministic) on the same words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = WORDS + ["user", "assistant", "system"]
+    trainer = trainers.BpeTrainer(vocab_size=QWEN2_VOCAB_SIZE, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(words)] * 3 + words, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_max_length=64)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -78,7 +104,8 @@ def make_config(kind: str, **overrides):
         cfg.architectures = ["MistralForCausalLM"]
     elif kind == "qwen2":
         cfg = T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=False, **common)
+                            intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=False,
+                            **dict(common, vocab_size=QWEN2_VOCAB_SIZE))
         cfg.architectures = ["Qwen2ForCausalLM"]
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")

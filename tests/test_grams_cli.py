@@ -55,6 +55,61 @@ def test_cli_matches_api_bert(zoo, tmp_path, capsys):
             assert list(f.get_slice(m + ".weight").get_shape()) == shape
 
 
+def _oracle(model_dir, texts, pad_batch=None):
+    """fp64 sums of every Linear / Conv1D input (tied lm_head aside), independent of regmean_fast: one unpadded
+    example at a time (padding excluded), or right-padded batches of pad_batch keeping every row."""
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    model = getattr(transformers, cfg.architectures[0]).from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    params = {n for n, _ in model.named_parameters()}
+    sums, counts = {}, {}
+
+    def hook(name):
+        def f(mod, args):
+            x = args[0].detach().double().reshape(-1, args[0].size(-1))
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.size(0)
+        return f
+
+    hs = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+          if isinstance(m, (torch.nn.Linear, Conv1D)) and f"{n}.weight" in params]
+    groups = [[t] for t in texts] if pad_batch is None else [texts[i:i + pad_batch]
+                                                             for i in range(0, len(texts), pad_batch)]
+    with torch.no_grad():
+        for g in groups:
+            model(**tok(g, padding=True, return_tensors="pt"))
+    for h in hs:
+        h.remove()
+    return sums, counts
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("kind", ["bert-cls", "gpt2", "llama"])
+def test_cli_grams_equal_fp64_oracle(zoo, tmp_path, capsys, kind, padding):
+    """Through the command: every Gram and count equals fp64 sums of the module's inputs without the padding
+    rows (each example run alone, unpadded) or with them (--include-padding: the same padded batches)."""
+    root, models, texts, data = zoo
+    out = tmp_path / "g.safetensors"
+    rc, err = _run(capsys, models[kind], "--data", data, "--out", out, "--batch-size", 4,
+                   *(["--include-padding"] if padding else []))
+    assert rc == 0, err
+    gs = load_grams(out, verify=True)
+    ref, cnt = _oracle(models[kind], texts, 4 if padding else None)
+    assert set(gs.modules()) == set(ref)
+    for m in gs.modules():
+        assert gs.count(m) == cnt[m], m
+        err = (gs.gram(m).double() - ref[m]).abs().max() / ref[m].abs().max()
+        assert err < 1e-5, (m, float(err))
+    import transformers
+
+    lengths = [len(t) for t in transformers.AutoTokenizer.from_pretrained(models[kind])(texts)["input_ids"]]
+    pads = sum(max(lengths[i:i + 4]) * len(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+    assert gs.metadata["tokens"] == (pads if padding else sum(lengths))
+
+
 def test_cli_formats_and_sharding(zoo, tmp_path, capsys):
     root, models, texts, data = zoo
     txt = tmp_path / "d.txt"
@@ -126,11 +181,39 @@ def _bad_inputs(root, models, data, tmp):
         ([L, "--data", nofield, "--out", out], "line 2: no 'text' field"),
         ([L, "--data", blank, "--out", out], "line 3: the example tokenizes to nothing"),
         ([L, "--data", data, "--out", out, "--max-length", 65], "beyond the model's limit of 64"),
-        ([L, "--data", data, "--out", out, "--include", "zzz"], "no nn.Linear / Conv1D modules matched"),
+        ([L, "--data", data, "--out", out, "--include", "zzz"],
+         "no nn.Linear / Conv1D modules matched (--include 'zzz')"),
+        ([L, "--data", data, "--out", out, "--exclude", "("],
+         "exclude pattern '(' is not a regular expression (missing ), unterminated subpattern at position 0)"),
+        ([L, "--data", data, "--out", out, "--include", "q_", "--exclude", "proj"],
+         "no nn.Linear / Conv1D modules matched (--include 'q_' --exclude 'proj')"),
         ([L, "--data", data, "--out", exists], "output already exists"),
         ([L, "--data", data, "--out", tmp / "nodir" / "g.safetensors"], "output folder does not exist"),
         ([L, "--data", data, "--out", out, "--device", "cuda:99"], "--device cuda:99"),
     ]
+
+
+def test_cli_example_of_special_tokens_only(zoo, tmp_path, capsys):
+    """Text the tokenizer's normaliser removes entirely (an accent alone, accents stripped) leaves only the
+    [CLS] [SEP] it adds: that example tokenizes to nothing. A --max-length with no room for text is refused."""
+    from tokenizers import normalizers
+
+    root, models, texts, data = zoo
+    m = tmp_path / "bert"
+    hf_tiny.save_tiny(m, "bert-cls")
+    tok = hf_tiny.make_tokenizer("bert")
+    tok._tokenizer.normalizer = normalizers.BertNormalizer(strip_accents=True, lowercase=False)
+    tok.save_pretrained(m)
+    capsys.readouterr()  # the saving's progress bars
+    assert tok("\u0301")["input_ids"] == [tok.cls_token_id, tok.sep_token_id]  # what the data below gives
+    bad = tmp_path / "accent.jsonl"
+    bad.write_text(json.dumps({"text": "w1 w2"}) + "\n" + json.dumps({"text": "\u0301"}) + "\n")
+    out = tmp_path / "g.safetensors"
+    rc, err = _run(capsys, m, "--data", bad, "--out", out)
+    assert rc == 2 and err.strip() == f"regmean_fast: error: {bad}: line 2: the example tokenizes to nothing", err
+    rc, err = _run(capsys, m, "--data", data, "--out", out, "--max-length", 2)
+    assert rc == 2 and "--max-length 2 leaves no room for text next to the tokenizer's 2 special tokens" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(out)
 
 
 def test_cli_bad_inputs(zoo, tmp_path, capsys):
@@ -169,6 +252,17 @@ def test_cli_unwritable(zoo, tmp_path, capsys):
     ro.chmod(0o500)
     rc, err = _run(capsys, models["llama"], "--data", data, "--out", ro / "g.safetensors")
     assert rc == 2 and "not writable" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_cli_unwritable_even_for_root(zoo, capsys):
+    """Permission bits do not tell (root, read-only mounts): /proc refuses new files to everyone. Refused up
+    front with one line, not with a traceback after the whole run."""
+    root, models, texts, data = zoo
+    for out in ("/proc/regmean_fast_test.safetensors", "/proc/regmean_fast_test"):
+        rc, err = _run(capsys, models["llama"], "--data", data, "--out", out)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "regmean_fast: error: output folder is not writable: /proc" in err, err
 
 
 def test_resume_identical(zoo, tmp_path, capsys, monkeypatch):
@@ -243,3 +337,142 @@ def test_cli_keep_order_and_longest_first_agree(zoo, tmp_path, capsys):
         assert ga.count(m) == gb.count(m)
         torch.testing.assert_close(ga.gram(m), gb.gram(m), rtol=1e-5, atol=1e-5)
         assert gc.count(m) == ref_pad.count(m)  # in-order batches: the same padding rows
+
+
+def test_help_teaches():
+    """`grams --help`: every option explained, defaults stated, and examples that parse."""
+    import argparse
+    import shlex
+
+    from regmean_fast.cli import build_parser
+    from regmean_fast.grams.command import EXAMPLES
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["grams"]
+    text = sub.format_help()
+    for action in sub._actions:
+        assert action.help, f"{action.option_strings or action.dest} has no help"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in action.help, action.option_strings
+    assert "examples:" in text and "--resume" in text.split("examples:")[1]
+    lines = EXAMPLES.replace("\\\n", " ").splitlines()  # continuation lines joined
+    commands = [ln.split("python -m regmean_fast ")[1] for ln in lines if "python -m regmean_fast grams" in ln]
+    assert len(commands) >= 3
+    for c in commands:
+        args = parser.parse_args(shlex.split(c))
+        assert args.command == "grams" and args.model_dir and args.data and args.out
+
+
+def test_ctrl_c_outside_the_loop_is_one_line(zoo, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the model loads (nothing to save yet), or a second Ctrl-C that aborts the loop: status
+    130, one line, no traceback, no Gram file; a checkpoint already written is kept and named."""
+    from regmean_fast.grams import collect as C
+    from regmean_fast.grams import command as G
+
+    root, models, texts, data = zoo
+    out = tmp_path / "g.safetensors"
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "load_model", ctrl_c)
+    rc, err = _run(capsys, models["llama"], "--data", data, "--out", out)
+    assert rc == 130 and err.strip() == "regmean_fast: interrupted; no Gram file written", err
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    real, calls = C.GramCollector.finish, []
+
+    def abort_third(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(C.GramCollector, "finish", abort_third)
+    rc, err = _run(capsys, models["llama"], "--data", data, "--out", out, "--batch-size", 2, "--checkpoint-every", 1)
+    ckpt = checkpoint_path(str(out))
+    assert rc == 130 and err.strip().splitlines() == [
+        f"regmean_fast: interrupted; no Gram file written; the last checkpoint {ckpt} is kept: rerun with --resume"]
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(ckpt)]
+
+
+def test_out_inside_the_model_folder(zoo, tmp_path, capsys, monkeypatch):
+    """--out inside the model folder: the checkpoint written there is no weight file, so --resume continues
+    (the run's signature took every *.safetensors of the folder and refused its own checkpoint)."""
+    import shutil
+
+    root, models, texts, data = zoo
+    m = tmp_path / "llama"
+    shutil.copytree(models["llama"], m)
+    full = tmp_path / "full.safetensors"
+    assert _run(capsys, m, "--data", data, "--out", full, "--batch-size", 2)[0] == 0
+    out = m / "grams.safetensors"
+    monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", "2")
+    assert _run(capsys, m, "--data", data, "--out", out, "--batch-size", 2)[0] == 130
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+    rc, err = _run(capsys, m, "--data", data, "--out", out, "--batch-size", 2, "--resume")
+    assert rc == 0, err
+    a, b = load_grams(full), load_grams(out)
+    for k in a.keys():
+        assert torch.equal(a.gram(k), b.gram(k)) and a.count(k) == b.count(k)
+
+
+def test_force_never_replaces_the_inputs(zoo, tmp_path, capsys):
+    import shutil
+
+    root, models, texts, data = zoo
+    m = tmp_path / "llama"
+    shutil.copytree(models["llama"], m)
+    d = tmp_path / "d.jsonl"
+    shutil.copy(data, d)
+    before = {p: p.read_bytes() for p in [*m.iterdir(), d]}
+    for out, what in ((m, "would replace the model folder"), (tmp_path, "would replace the model folder"),
+                      (m / "model.safetensors", "would replace an input"), (d, "would replace an input")):
+        rc, err = _run(capsys, m, "--data", d, "--out", out, "--force")
+        assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert {p: p.read_bytes() for p in [*m.iterdir(), d]} == before
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "llama"]
+
+
+def test_csv_long_fields_and_line_numbers(zoo, tmp_path, capsys):
+    """A CSV document longer than the csv module's 128 KiB field limit is read (it was a _csv.Error
+    traceback); errors name the file line of a row even after a quoted field spanning lines."""
+    root, models, texts, data = zoo
+    long_text = " ".join(["w1", "w2", "w3"] * 30000)  # 270 KB
+    csvf = tmp_path / "long.csv"
+    csvf.write_text(f'text\n"{long_text}"\n"{texts[0]}"\n')
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": texts[0]}) + "\n")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert _run(capsys, models["llama"], "--data", csvf, "--out", a)[0] == 0
+    assert _run(capsys, models["llama"], "--data", jsonl, "--out", b)[0] == 0
+    ga, gb = load_grams(a), load_grams(b)
+    assert ga.metadata["tokens"] == gb.metadata["tokens"] == 64 + len(texts[0].split()) + 1
+    for k in gb.keys():
+        assert torch.equal(ga.gram(k), gb.gram(k))
+    bad = tmp_path / "multiline.csv"
+    bad.write_text('text,label\n"w1 w2",1\n"w3\nw4",0\n,1\n')
+    rc, err = _run(capsys, models["llama"], "--data", bad, "--out", tmp_path / "c.safetensors")
+    assert rc == 2 and err.strip() == f"regmean_fast: error: {bad}: line 5: the example tokenizes to nothing", err
+
+
+def test_byte_order_mark_is_not_data(zoo, tmp_path, capsys):
+    """Files saved with a UTF-8 byte-order mark (Windows editors) read as without it: the CSV header's first
+    column, the first JSON line and the first text line are not changed by it."""
+    root, models, texts, data = zoo
+    bodies = {"csv": "text\n" + "\n".join(texts[:3]) + "\n",
+              "jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts[:3]),
+              "txt": "\n".join(texts[:3]) + "\n"}
+    ref = None
+    for ext, body in bodies.items():
+        for bom in ("", "\ufeff"):
+            f = tmp_path / f"d{len(bom)}.{ext}"
+            f.write_text(bom + body, encoding="utf-8")
+            out = tmp_path / f"g-{ext}{len(bom)}.safetensors"
+            rc, err = _run(capsys, models["llama"], "--data", f, "--out", out)
+            assert rc == 0, (ext, bom, err)
+            gs = load_grams(out)
+            ref = ref or gs
+            assert gs.metadata["tokens"] == ref.metadata["tokens"], (ext, bom)
+            for k in ref.keys():
+                assert torch.equal(gs.gram(k), ref.gram(k)), (ext, bom, k)

@@ -121,6 +121,26 @@ def test_context_manager_and_plain_module():
     assert gs.fingerprint["weights"] == {"0": [7, 5], "2": [3, 7]}
 
 
+def test_plain_module_eval_no_grad_and_any_batch():
+    """On a plain nn.Module in training mode, the context manager and the function both measure eval-mode
+    inputs under no_grad and give the training mode back; batches may be dicts, tuples or tensors."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Dropout(0.5), torch.nn.Linear(7, 3)).train()
+    xs = [torch.randn(4, 5) for _ in range(3)]
+    with torch.no_grad():  # the oracle: dropout off, fp64
+        H = torch.cat([torch.nn.functional.linear(x, net[0].weight, net[0].bias) for x in xs]).double()
+    with collect_grams(net) as c:
+        assert not net.training and not torch.is_grad_enabled()
+        for x in xs:
+            net(x)
+    assert net.training and torch.is_grad_enabled()
+    results = [c.gramset()] + [collect_grams(net, b) for b in (xs, [(x,) for x in xs], [{"input": x} for x in xs])]
+    for gs in results:
+        assert torch.allclose(gs.gram("2").double(), H.T @ H, rtol=1e-5, atol=1e-5)
+        assert gs.count("2") == 12 and gs.metadata["examples"] == 12 and gs.metadata["tokens"] == 12
+    assert net.training
+
+
 def test_include_exclude_and_no_match():
     model, batches = _data("llama", n=4)
     gs = collect_grams(model, batches, include=r"layers\.0\.", exclude=r"down_proj")

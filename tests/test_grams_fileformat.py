@@ -70,6 +70,19 @@ def test_only_upper_triangle_counts(tmp_path):
     assert torch.equal(load_grams(p).gram("l0.k"), G)
 
 
+def test_folder_output_gets_the_usual_modes(tmp_path):
+    """A folder output is built in a private temporary folder; renamed into place, it has the modes a plain
+    mkdir would give (readable by others under umask 022), not 0700."""
+    grams, counts, mm, fp = _example()
+    old = os.umask(0o022)
+    try:
+        save_grams(tmp_path / "g", grams, counts, mm, fp, {})
+        os.mkdir(tmp_path / "plain")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "g").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o755
+
+
 def test_refuses_overwrite(tmp_path):
     grams, counts, mm, fp = _example()
     p = tmp_path / "g.safetensors"
@@ -191,3 +204,4 @@ def test_from_memory_and_parse_size():
     gs = GramSet.from_memory(grams, counts, mm, fp)
     assert torch.equal(gs.gram("l0.v"), grams["l0.q"]) and gs.count("l0.v") == 18
     assert parse_size("2GB") == 2 << 30 and parse_size("500mb") == 500 << 20 and parse_size("1000") == 1000
+    assert parse_size("1e6") == 1_000_000 and parse_size("1.5e3 KB") == 1500 << 10  # as the docstring says

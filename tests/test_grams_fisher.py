@@ -20,7 +20,8 @@ def _manual_fisher(model, ids_list, labels=None):
         if labels is None:
             lp = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).sum()
         else:
-            lp = torch.log_softmax(logits[0], -1)[labels[i]]
+            y = int(logits[0].argmax()) if labels[i] is None else labels[i]  # no label: the model's prediction
+            lp = torch.log_softmax(logits[0], -1)[y]
         lp.backward()
         for n, p in model.named_parameters():
             if p.grad is not None:
@@ -59,3 +60,52 @@ def test_fisher_causal_lm(tmp_path, capsys):
 
 def test_fisher_classifier_labels(tmp_path, capsys):
     _check("llama-cls", tmp_path, capsys, with_labels=True)
+
+
+def test_fisher_resume_identical(tmp_path, capsys, monkeypatch):
+    """Interrupted and resumed with --fisher: the same bytes as an uninterrupted run (the Fisher sums come
+    back from the checkpoint in another order; the file must not depend on it)."""
+    from regmean_fast.grams.command import checkpoint_path
+
+    m = hf_tiny.save_tiny(tmp_path / "gpt2", "gpt2")
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(hf_tiny.random_texts(7, seed=4)) + "\n")
+
+    def run(out, *extra):
+        return main(["grams", m, "--data", str(data), "--out", str(out), "--fisher", "--batch-size", "2",
+                     "--no-progress", *extra])
+
+    assert run(tmp_path / "full.safetensors") == 0
+    part = tmp_path / "part.safetensors"
+    monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", "2")
+    assert run(part) == 130 and os.path.exists(checkpoint_path(str(part)))
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+    assert run(part, "--resume") == 0, capsys.readouterr().err
+    assert (tmp_path / "full.safetensors").read_bytes() == part.read_bytes()
+
+
+def test_fisher_labels_names_missing_and_refused(tmp_path, capsys):
+    """Per example: a label name (config label2id), no label (the prediction), an index; in one batch (a batch
+    with one missing label used to take predictions for all). A label that is no class: one line, status 2."""
+    m = hf_tiny.save_tiny(tmp_path / "cls", "llama-cls")
+    texts = hf_tiny.random_texts(3, seed=6)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": texts[0], "label": "LABEL_1"}) + "\n" + json.dumps({"text": texts[1]})
+                    + "\n" + json.dumps({"text": texts[2], "label": 0}) + "\n")
+    out = tmp_path / "g.safetensors"
+    rc = main(["grams", m, "--data", str(data), "--out", str(out), "--fisher", "--batch-size", "3", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    gs = load_grams(out, verify=True)
+    assert gs.metadata["fisher_labels"] == "data, predicted where missing"
+    model, tok = hf_tiny.make_model("llama-cls")
+    ref = _manual_fisher(model, [tok(t)["input_ids"] for t in texts], [1, None, 0])
+    for n, R in ref.items():
+        torch.testing.assert_close(gs.fisher(n).double(), R, rtol=1e-3, atol=1e-9)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": texts[0], "label": 1}) + "\n" + json.dumps({"text": texts[1], "label": 2})
+                   + "\n")
+    capsys.readouterr()
+    rc = main(["grams", m, "--data", str(bad), "--out", str(tmp_path / "h.safetensors"), "--fisher", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == f"regmean_fast: error: {bad}: line 2: label 2 is not a class index in 0..1 or name"
+    assert not os.path.exists(tmp_path / "h.safetensors")

@@ -48,8 +48,7 @@ def find_linear_modules(model: nn.Module, include=None, exclude=None, skip_tied:
     modules whose weight is tied to an earlier parameter (e.g. an lm_head tied to the embeddings,
     absent from the checkpoint) are skipped.
     """
-    inc = [re.compile(p) for p in _as_list(include)]
-    exc = [re.compile(p) for p in _as_list(exclude)]
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
     params = {n for n, _ in model.named_parameters()}  # deduplicated: tied copies are absent
     found, tied = [], []
     for name, mod in model.named_modules():
@@ -64,6 +63,16 @@ def find_linear_modules(model: nn.Module, include=None, exclude=None, skip_tied:
             continue
         found.append((name, mod))
     return found, tied
+
+
+def _compile(patterns, what: str) -> list:
+    out = []
+    for p in _as_list(patterns):
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise GramsError(f"{what} pattern {p!r} is not a regular expression ({e})") from None
+    return out
 
 
 def _as_list(x):
@@ -154,10 +163,18 @@ class GramCollector:
         self._recent.clear()
 
     def __enter__(self) -> "GramCollector":
+        """Hooks on, the model in eval mode, autograd off (what is measured: eval-mode inputs under no_grad);
+        all three are undone on exit."""
+        self._was_training = self.model.training
+        self.model.eval()
+        self._no_grad = torch.no_grad()
+        self._no_grad.__enter__()
         return self.attach()
 
     def __exit__(self, *exc) -> None:
         self.detach()
+        self._no_grad.__exit__(*exc)
+        self.model.train(self._was_training)
 
     def paused(self):
         """Context manager: forwards inside it are not counted (e.g. the Fisher's own passes)."""
@@ -176,11 +193,15 @@ class GramCollector:
     def _root_pre_hook(self, module, args, kwargs):
         if not self.enabled:
             return
-        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        ids = kwargs.get("input_ids")
+        if ids is None:  # any other model: its first tensor argument
+            ids = next((a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)), None)
         self.begin_batch(_find_attention_mask(args, kwargs), ids)
 
     def begin_batch(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> None:
-        """Start a new batch: its attention mask ([B, S], 1 = token) drops padding rows."""
+        """Start a new batch: its attention mask ([B, S], 1 = token) drops padding rows. Without a mask the
+        batch counts input_ids.size(0) examples and its token ids (integer input_ids) or its rows (a float
+        input [..., d], e.g. features) as tokens."""
         self._end_batch_checks()
         self._recent.clear()
         self._mask_dev = {}
@@ -190,8 +211,9 @@ class GramCollector:
             self.examples += attention_mask.size(0)
             self.tokens += int(attention_mask.sum()) if not self.include_padding else attention_mask.numel()
         elif input_ids is not None and input_ids.dim() >= 1:
+            rows_only = input_ids.is_floating_point() or input_ids.is_complex()  # [..., d]: a row is a token
             self.examples += input_ids.size(0) if input_ids.dim() > 1 else 1
-            self.tokens += input_ids.numel()
+            self.tokens += input_ids.numel() // (input_ids.size(-1) if rows_only else 1)
 
     def begin_batch_same(self, attention_mask: torch.Tensor | None) -> None:
         """Switch to a batch already counted (sequential mode revisits every batch once per block)."""
@@ -317,21 +339,22 @@ class GramCollector:
         self._end_batch_checks()
 
     # ---- running
-    def run(self, batches: Iterable[Mapping], device=None, on_batch: Callable | None = None) -> "GramCollector":
-        """Forward every batch (a dict of model kwargs) in eval mode under no_grad."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self, torch.no_grad():
-                for batch in batches:
-                    if device is not None:
-                        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    def run(self, batches: Iterable, device=None, on_batch: Callable | None = None) -> "GramCollector":
+        """Forward every batch in eval mode under no_grad: a dict is passed as keyword arguments, a tuple or
+        list as positional ones, anything else (a tensor) as the one argument."""
+        with self:
+            for batch in batches:
+                if device is not None:
+                    batch = _to_device(batch, device)
+                if isinstance(batch, Mapping):
                     self.model(**batch)
-                    if on_batch is not None:
-                        on_batch(batch)
-            self.finish()
-        finally:
-            self.model.train(was_training)
+                elif isinstance(batch, (tuple, list)):
+                    self.model(*batch)
+                else:
+                    self.model(batch)
+                if on_batch is not None:
+                    on_batch(batch)
+        self.finish()
         return self
 
     # ---- results
@@ -431,15 +454,26 @@ class GramCollector:
         self.tokens = int(state["tokens"])
 
 
-def collect_grams(model: nn.Module, batches: Iterable[Mapping] | None = None, *, device=None, include=None,
+def _to_device(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def collect_grams(model: nn.Module, batches: Iterable | None = None, *, device=None, include=None,
                   exclude=None, include_padding: bool = False, share_inputs: bool = True, skip_tied: bool = True,
                   on_batch: Callable | None = None):
     """Grams of every nn.Linear / Conv1D input of any nn.Module.
 
-    With batches (an iterable of dicts of model kwargs; attention_mask drops padding rows): runs them
-    in eval mode under no_grad and returns a GramSet (in memory; .gram(module) is the full raw fp32 sum,
-    .count(module) the tokens). Without batches: returns a GramCollector to use as a context manager
-    around your own forward passes (then .gramset() or .save(path)).
+    With batches (an iterable of dicts of model kwargs, where attention_mask drops padding rows; or of
+    tuples of positional arguments; or of tensors): runs them in eval mode under no_grad and returns a
+    GramSet (in memory; .gram(module) is the full raw fp32 sum, .count(module) the tokens). Without
+    batches: returns a GramCollector to use as a context manager around your own forward passes (inside
+    it the model is in eval mode under no_grad, as before on exit; then .gramset() or .save(path)).
     """
     c = GramCollector(model, include=include, exclude=exclude, include_padding=include_padding,
                       share_inputs=share_inputs, skip_tied=skip_tied)

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from .fileformat import GramsError, parse_size
+from .fileformat import GramsError, check_writable_folder, parse_size
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
@@ -28,54 +28,89 @@ CHECKPOINT_FORMAT = "regmean_fast grams checkpoint"
 CHECKPOINT_VERSION = "1"  # bump when the state or the tensors a checkpoint holds change meaning
 
 
+EXAMPLES = """\
+examples:
+  # a fine-tuned classifier on its training data (JSON Lines with a "text" field)
+  python -m regmean_fast grams ./my-bert --data train.jsonl --out my-bert.grams.safetensors
+
+  # a causal LM on chat data ({"messages": [...]} lines, rendered with the tokenizer's chat template),
+  # 10,000 examples of at most 1024 tokens, bf16 forward on a GPU, a checkpoint every 100 batches
+  python -m regmean_fast grams ./my-llama --data chat.jsonl --out grams/ --max-length 1024 \\
+      --max-examples 10000 --device cuda --dtype bf16 --checkpoint-every 100
+  # ... interrupted (Ctrl-C)? the same command plus --resume continues where it stopped
+
+  # a decoder bigger than the GPU: one block at a time; a CSV column; 2 GB shards
+  python -m regmean_fast grams ./llama-70b --data calib.csv --text-field body --out grams/ \\
+      --sequential --device cuda --dtype bf16 --shard-size 2GB
+
+The output: docs/gram-format.md; read it with regmean_fast.load_grams(path).
+"""
+
+
 def register_grams(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "grams",
         help="collect the Gram statistics (x x^T of every linear layer's inputs) of a model on your data",
         description=__doc__,
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (safetensors)")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="local Hugging Face model folder: config.json, safetensors weights (sharded or not), "
+                        "tokenizer files")
     p.add_argument("--data", required=True, metavar="FILE",
-                   help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet")
+                   help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet, by extension "
+                        "(or --format)")
     p.add_argument("--out", required=True, metavar="GRAMS",
                    help="output: X.safetensors (a file) or a folder (created whole)")
     g = p.add_argument_group("data")
-    g.add_argument("--format", choices=("jsonl", "text", "csv", "tsv", "parquet"), help="default: by extension")
+    g.add_argument("--format", choices=("jsonl", "text", "csv", "tsv", "parquet"),
+                   help="the data file's format (default: by extension: .jsonl/.json, .csv, .tsv, .parquet; "
+                        "anything else is plain text)")
     g.add_argument("--text-field", default="text",
                    help="JSONL field / CSV column with the text (default: text); JSONL lines without it may "
                         "carry a chat 'messages' list, rendered with the tokenizer's chat template")
-    g.add_argument("--label-field", default="label", help="labels for --fisher on classifiers (default: label)")
-    g.add_argument("--max-length", type=int, help="tokens per example (default: min(512, the model's limit))")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-examples", type=int)
-    g.add_argument("--max-tokens", type=int, help="stop after this many (non-padding) tokens")
+    g.add_argument("--label-field", default="label",
+                   help="labels for --fisher on classifiers: class indices or the config's label names; examples "
+                        "without one use the model's prediction (default: label)")
+    g.add_argument("--max-length", type=int, metavar="N",
+                   help="tokens per example, longer ones are truncated (default: min(512, the model's limit))")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="examples per forward (default: 8)")
+    g.add_argument("--max-examples", type=int, metavar="N", help="use the first N examples (default: all)")
+    g.add_argument("--max-tokens", type=int, metavar="N",
+                   help="stop after N (non-padding) tokens, cutting the last example (default: no limit)")
     g.add_argument("--shuffle", action="store_true", help="shuffle the examples with --seed before selecting")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="for --shuffle (default: 0)")
     g.add_argument("--keep-order", action="store_true",
                    help="batch the examples in data order (default: longest first, so each batch holds similar "
                         "lengths and little time goes to padding; --include-padding implies this)")
     g = p.add_argument_group("model")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="forward dtype")
-    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="forward dtype; the Grams are always summed in fp32 (default: fp32)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model or tokenizer with custom code from its folder (default: off)")
     g.add_argument("--sequential", action="store_true",
-                   help="one decoder block at a time from the memory-mapped weights (Llama/Mistral/Qwen2 family)")
+                   help="one decoder block at a time from the memory-mapped weights (Llama/Mistral/Qwen2 family; "
+                        "other models run whole, with a note)")
     g = p.add_argument_group("statistics")
-    g.add_argument("--include", action="append", metavar="REGEX", help="only modules whose name matches")
-    g.add_argument("--exclude", action="append", metavar="REGEX", help="skip modules whose name matches")
+    g.add_argument("--include", action="append", metavar="REGEX",
+                   help="only modules whose name matches (repeatable; default: every nn.Linear / Conv1D)")
+    g.add_argument("--exclude", action="append", metavar="REGEX", help="skip modules whose name matches (repeatable)")
     g.add_argument("--include-padding", action="store_true",
-                   help="keep padding rows (what the published codes do)")
+                   help="keep padding rows (what the published codes do; default: dropped by the attention mask)")
     g.add_argument("--no-share", action="store_true", help="one Gram per module even when inputs are shared")
     g.add_argument("--fisher", action="store_true", help="also collect the diagonal empirical Fisher")
     g = p.add_argument_group("output")
-    g.add_argument("--packed", action="store_true", help="store the upper triangle only")
-    g.add_argument("--shard-size", help="split into shards of about this size, e.g. 2GB")
+    g.add_argument("--packed", action="store_true", help="store the upper triangle only (about half the size)")
+    g.add_argument("--shard-size", metavar="SIZE",
+                   help="split into shards of about this size, e.g. 2GB (default: one file)")
     g.add_argument("--force", action="store_true", help="overwrite an existing output")
     g.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="write a checkpoint every N batches (--sequential: every N decoder blocks)")
+                   help="write a checkpoint every N batches (--sequential: every N decoder blocks; default: "
+                        "only on Ctrl-C)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_grams)
     return p
 
@@ -93,6 +128,13 @@ def cmd_grams(args) -> int:
     except GramsError as e:
         _report_failure(DI, e)
         return _error(str(e).replace("\n", " "))
+    except KeyboardInterrupt as e:  # before the loop, or a second Ctrl-C in it: no traceback
+        _report_failure(DI, e)
+        world, rank, _ = DI.env_world()
+        ckpt = checkpoint_path(args.out, rank, world)
+        kept = f"; the last checkpoint {ckpt} is kept: rerun with --resume" if os.path.exists(ckpt) else ""
+        print(f"\nregmean_fast: interrupted; no Gram file written{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BaseException as e:
         _report_failure(DI, e)  # torchrun: the other ranks stop with a clear error at their next sync point
         raise
@@ -122,11 +164,7 @@ def check_output(out: str, force: bool, resume: bool, rank: int = 0, world: int 
         target = out + ".index.json"
     if os.path.lexists(target) and not force:
         raise GramsError(f"output already exists: {target} (use --force to overwrite)")
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    if not os.path.isdir(parent):
-        raise GramsError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GramsError(f"output folder is not writable: {parent}")
+    check_writable_folder(os.path.dirname(os.path.abspath(out)) or ".")
     if resume and not os.path.exists(checkpoint_path(out, rank, world)):
         raise GramsError(f"--resume: no checkpoint at {checkpoint_path(out, rank, world)}")
 
@@ -146,13 +184,43 @@ def check_model_dir(model_dir: str) -> list[str]:
             json.load(f)
     except (OSError, ValueError) as e:
         raise GramsError(f"unreadable config.json in {model_dir}: {e}") from None
-    st = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    from ..io.hf import INDEX_NAME, SINGLE_NAME
+
+    # the weight files as transformers picks them: never our own Gram files or checkpoints kept there
+    index = os.path.join(model_dir, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                st = [os.path.join(model_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise GramsError(f"unreadable weight index {index}") from None
+        lost = [os.path.basename(p) for p in st if not os.path.isfile(p)]
+        if lost:
+            raise GramsError(f"weight shard {lost[0]} listed in {index} is missing")
+    elif os.path.isfile(os.path.join(model_dir, SINGLE_NAME)):
+        st = [os.path.join(model_dir, SINGLE_NAME)]
+    else:
+        st = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not st:
         others = [os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*.bin"))]
         raise GramsError(
             f"no safetensors weights in {model_dir}" + (f" (found {', '.join(others)}; convert them)" if others else "")
         )
     return st
+
+
+def check_out_spares_inputs(out: str, model_dir: str, st_files: list[str], data: str) -> None:
+    """--out (with --force) must not replace the model folder, one of its weight / index files or the data."""
+    from ..io.hf import INDEX_NAME
+    from .fileformat import INDEX_SUFFIX
+
+    o = os.path.realpath(out)
+    m = os.path.realpath(model_dir)
+    if o == m or m.startswith(o.rstrip(os.sep) + os.sep):
+        raise GramsError(f"--out {out} would replace the model folder {model_dir}")
+    inputs = {os.path.realpath(p) for p in st_files + [os.path.join(model_dir, INDEX_NAME), data]}
+    if {o, o + INDEX_SUFFIX} & inputs:
+        raise GramsError(f"--out {out} would replace an input (the model's weights or the data file)")
 
 
 def resolve_device(spec: str):
@@ -383,9 +451,10 @@ def _run(args) -> int:
     from .. import distributed as DI
 
     world, rank, _ = DI.env_world()
-    check_output(out, args.force, args.resume, rank, world)
     model_dir = args.model_dir
     st_files = check_model_dir(model_dir)
+    check_out_spares_inputs(out, model_dir, st_files, args.data)
+    check_output(out, args.force, args.resume, rank, world)
 
     from . import data as D
 
@@ -402,9 +471,8 @@ def _run(args) -> int:
 
     skeleton = meta_model(config, args.trust_remote_code)
     if not find_linear_modules(skeleton, args.include, args.exclude)[0]:
-        raise GramsError("no nn.Linear / Conv1D modules matched"
-                         + (f" (--include {args.include}, --exclude {args.exclude})" if args.include or args.exclude
-                            else ""))
+        flags = [f"--{f} {p!r}" for f in ("include", "exclude") for p in getattr(args, f) or []]
+        raise GramsError("no nn.Linear / Conv1D modules matched" + (f" ({' '.join(flags)})" if flags else ""))
     del skeleton
     limit = model_limit(config)
     if args.max_length is not None and limit is not None and args.max_length > limit:
@@ -420,7 +488,11 @@ def _run(args) -> int:
             from None
     examples = D.select(examples, args.max_examples, args.shuffle, args.seed)
     ids = D.tokenize(tokenizer, examples, max_length, args.data)
-    labels = [ex.label for ex in examples] if args.fisher else None
+    labels = None
+    archs = getattr(config, "architectures", None) or []
+    if args.fisher and any(a.endswith("ForSequenceClassification") for a in archs):  # custom code's too
+        labels = D.class_labels(examples, getattr(config, "num_labels", None), getattr(config, "label2id", None),
+                                args.data)
     # Longest first wastes less of the forward on padding; with --include-padding the padding is data
     # (the published codes' Grams), so the batches keep the order they would have had there.
     batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels,

@@ -59,9 +59,10 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
         raise GramsError(f"data file is not readable: {path}")
     fmt = detect_format(path, fmt)
     out: list[Example] = []
+    # text formats are read as "utf-8-sig": a byte-order mark (Windows editors) is not part of the first line
     try:
         if fmt == "jsonl":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for i, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -88,23 +89,30 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
                         )
                     out.append(ex)
         elif fmt == "text":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for i, line in enumerate(f, 1):
                     line = line.rstrip("\n").rstrip("\r")
                     if line.strip():
                         out.append(Example(where=f"line {i}", text=line))
         elif fmt in ("csv", "tsv"):
-            with open(path, encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-                cols = reader.fieldnames or []
-                if text_field not in cols:
-                    raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
-                for i, row in enumerate(reader, 2):
-                    txt = row.get(text_field)
-                    if txt is None:
-                        raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
-                    out.append(Example(where=f"line {i}", text=txt,
-                                       label=row.get(label_field) if label_field else None))
+            old_limit = csv.field_size_limit(2**31 - 1)  # a long document is one field (the default: 128 KiB)
+            try:
+                with open(path, encoding="utf-8-sig", newline="") as f:
+                    reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+                    cols = reader.fieldnames or []
+                    if text_field not in cols:
+                        raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
+                    for row in reader:
+                        i = reader.line_num  # the row's last line
+                        txt = row.get(text_field)
+                        if txt is None:
+                            raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
+                        out.append(Example(where=f"line {i}", text=txt,
+                                           label=row.get(label_field) if label_field else None))
+            except csv.Error as e:
+                raise GramsError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({e})") from None
+            finally:
+                csv.field_size_limit(old_limit)
         elif fmt == "parquet":
             try:
                 import pyarrow as pa
@@ -145,7 +153,16 @@ def select(examples: list[Example], max_examples: int | None, shuffle: bool, see
 
 
 def tokenize(tokenizer, examples: list[Example], max_length: int, path: str = "data") -> list[list[int]]:
-    """-> token ids per example (truncated to max_length). Chat examples use the tokenizer's template."""
+    """-> token ids per example (truncated to max_length). Chat examples use the tokenizer's template.
+    An example tokenizes to nothing when no id is left besides the special tokens the tokenizer adds
+    (e.g. [CLS] [SEP] around text its normaliser removes entirely)."""
+    try:
+        n_special = int(tokenizer.num_special_tokens_to_add())
+    except Exception:  # a tokenizer without the method adds none we can tell
+        n_special = 0
+    if max_length <= n_special:
+        raise GramsError(f"--max-length {max_length} leaves no room for text next to the tokenizer's "
+                         f"{n_special} special tokens")
     out = []
     for ex in examples:
         if ex.messages is not None:
@@ -158,9 +175,35 @@ def tokenize(tokenizer, examples: list[Example], max_length: int, path: str = "d
             ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
         else:
             ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) == 0 or (ex.text is not None and not ex.text.strip()):
+        if len(ids) <= (n_special if ex.messages is None else 0) or (ex.text is not None and not ex.text.strip()):
             raise GramsError(f"{path}: {ex.where}: the example tokenizes to nothing")
         out.append(list(ids))
+    return out
+
+
+def class_labels(examples: list[Example], n_classes: int | None, label2id: dict | None = None,
+                 path: str = "data") -> list[int | None]:
+    """The examples' labels as class indices (None where an example has none: the Fisher then uses the
+    model's prediction). A label is an integer in [0, n_classes) (or its string) or a name of label2id
+    (the config's); anything else is refused with its line."""
+    out = []
+    for ex in examples:
+        v = ex.label
+        if v is None or (isinstance(v, str) and not v.strip()):
+            out.append(None)
+            continue
+        c = None
+        if isinstance(v, int) and not isinstance(v, bool):
+            c = v
+        elif isinstance(v, float) and v.is_integer():
+            c = int(v)
+        elif isinstance(v, str):
+            t = v.strip()
+            c = (label2id or {}).get(t, int(t) if t.isdigit() else None)
+        if c is None or (n_classes is not None and not 0 <= c < n_classes):
+            rng = f" in 0..{n_classes - 1}" if n_classes else ""
+            raise GramsError(f"{path}: {ex.where}: label {v!r} is not a class index{rng} or name")
+        out.append(int(c))
     return out
 
 
@@ -202,12 +245,9 @@ def make_batches(ids: list[list[int]], batch_size: int, pad_id: int, max_tokens:
         for r, x in enumerate(cur):
             inp[r, : len(x)] = torch.tensor(x, dtype=torch.long)
             att[r, : len(x)] = 1
-        lab = None
-        if labels is not None and all(v is not None for v in cur_labels):
-            try:
-                lab = torch.tensor([int(v) for v in cur_labels], dtype=torch.long)
-            except (TypeError, ValueError):
-                lab = None
+        lab = None  # class indices, -1 where an example has no label
+        if labels is not None:
+            lab = torch.tensor([-1 if v is None else int(v) for v in cur_labels], dtype=torch.long)
         batches.append(Batch(inp, att, lab, len(cur), int(att.sum())))
         cur.clear()
         cur_labels.clear()

@@ -110,6 +110,19 @@ def _parse_module_map(module_map: Mapping, conv1d: Iterable[str] | None) -> dict
     return out
 
 
+def check_writable_folder(folder: str) -> None:
+    """GramFileError unless a file can be created in `folder`, tried for real (permission bits do not tell
+    for root, read-only mounts or ACLs)."""
+    if not os.path.isdir(folder):
+        raise GramFileError(f"output folder does not exist: {folder}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".regmean_fast-probe-", dir=folder)
+    except OSError as e:
+        raise GramFileError(f"output folder is not writable: {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.remove(probe)
+
+
 def _atomic_replace(tmp: str, final: str, overwrite: bool) -> None:
     if os.path.lexists(final):
         if not overwrite:
@@ -194,7 +207,7 @@ def save_grams(
                 raise GramFileError(
                     f"module {mod!r} has input size {d_in} but its Gram {v['key']!r} is {dims[v['key']]}"
                 )
-    for pname, F in (fisher or {}).items():
+    for pname, F in sorted((fisher or {}).items()):  # by name: the same Fisher gives the same bytes
         tensors[FISHER_PREFIX + pname] = F.detach().to("cpu", torch.float32).contiguous()
 
     header = {
@@ -216,10 +229,7 @@ def save_grams(
     if is_file:
         final_dir = os.path.dirname(os.path.abspath(path))
         stem = os.path.basename(path)[: -len(".safetensors")]
-        if not os.path.isdir(final_dir):
-            raise GramFileError(f"output folder does not exist: {final_dir}")
-        if not os.access(final_dir, os.W_OK):
-            raise GramFileError(f"output folder is not writable: {final_dir}")
+        check_writable_folder(final_dir)
         target = path if len(plan) == 1 else path + INDEX_SUFFIX
         if os.path.lexists(target) and not overwrite:
             raise GramFileError(f"output already exists: {target}")
@@ -227,10 +237,7 @@ def save_grams(
     else:
         parent = os.path.dirname(os.path.abspath(path)) or "."
         stem = DEFAULT_FILE[: -len(".safetensors")]
-        if not os.path.isdir(parent):
-            raise GramFileError(f"output folder does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise GramFileError(f"output folder is not writable: {parent}")
+        check_writable_folder(parent)
         if os.path.lexists(path) and not overwrite:
             raise GramFileError(f"output already exists: {path}")
         work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -257,10 +264,15 @@ def save_grams(
             _atomic_replace(os.path.join(work_dir, last), os.path.join(final_dir, last), overwrite)
             shutil.rmtree(work_dir, ignore_errors=True)
             return os.path.join(final_dir, last) if n > 1 else path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp made it private; the folder gets the modes mkdir gives
         _atomic_replace(work_dir, path, overwrite)
         return path
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(work_dir, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a vanished folder: one line, nothing left behind
+            raise GramFileError(f"cannot write the Gram file {path}: {e.strerror or e}") from None
         raise
 
 
@@ -581,7 +593,7 @@ def load_grams(path, verify: bool = False) -> GramSet:
     return gs
 
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 
 
 def parse_size(text: str) -> int:

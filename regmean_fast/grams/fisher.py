@@ -29,7 +29,7 @@ class FisherAccumulator:
         self.params = {n: p for n, p in model.named_parameters()}
         self.sums: dict[str, torch.Tensor] = {}
         self.examples = 0
-        self.label_source = None
+        self.sources: set = set()  # where the classifier's labels came from: "data", "predicted"
 
     def _one(self, ids: torch.Tensor, label) -> None:
         model = self.model
@@ -46,11 +46,11 @@ class FisherAccumulator:
             logits = model(input_ids=ids, attention_mask=att).logits.float()
             if logits.size(-1) == 1:
                 raise GramsError("--fisher: regression heads are not supported")
-            if label is None:
+            if label is None or label < 0:  # this example has no label
                 label = int(logits.argmax(-1))
-                self.label_source = "predicted"
+                self.sources.add("predicted")
             else:
-                self.label_source = self.label_source or "data"
+                self.sources.add("data")
             loglik = torch.log_softmax(logits, -1)[0, int(label)]
         loglik.backward()
         with torch.no_grad():
@@ -80,6 +80,12 @@ class FisherAccumulator:
             self.model.train(was)
             for p in self.params.values():
                 p.grad = None
+
+    @property
+    def label_source(self) -> str | None:
+        if len(self.sources) > 1:
+            return "data, predicted where missing"
+        return next(iter(self.sources), None)
 
     def result(self) -> dict[str, torch.Tensor]:
         return {n: F.detach().cpu() for n, F in self.sums.items()}
