@@ -476,3 +476,17 @@ def test_byte_order_mark_is_not_data(zoo, tmp_path, capsys):
             assert gs.metadata["tokens"] == ref.metadata["tokens"], (ext, bom)
             for k in ref.keys():
                 assert torch.equal(gs.gram(k), ref.gram(k)), (ext, bom, k)
+
+
+def test_max_examples_reads_only_what_it_uses(zoo, tmp_path, capsys):
+    """--max-examples N stops reading after N examples (a bad line further on is never reached); with
+    --shuffle every line is read (the sample is drawn from all of them), so the bad line is found."""
+    root, models, texts, data = zoo
+    d = tmp_path / "d.jsonl"
+    d.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]) + "{not json\n")
+    rc, err = _run(capsys, models["gpt2"], "--data", d, "--out", tmp_path / "a.safetensors", "--max-examples", 3)
+    assert rc == 0, err
+    assert load_grams(tmp_path / "a.safetensors").metadata["examples"] == 3
+    for extra in ([], ["--max-examples", 3, "--shuffle"]):
+        rc, err = _run(capsys, models["gpt2"], "--data", d, "--out", tmp_path / "b.safetensors", *extra)
+        assert rc == 2 and "line 4: malformed JSON" in err, err

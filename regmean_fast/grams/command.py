@@ -458,7 +458,8 @@ def _run(args) -> int:
 
     from . import data as D
 
-    examples = D.read_examples(args.data, args.format, args.text_field, args.label_field if args.fisher else None)
+    examples = D.read_examples(args.data, args.format, args.text_field, args.label_field if args.fisher else None,
+                               limit=None if args.shuffle else args.max_examples)  # --shuffle draws from them all
     device = resolve_device(args.device)
     ctx = DI.init_from_env(device)  # torchrun: join the process group; 'cuda' means cuda:LOCAL_RANK
     device = ctx.device

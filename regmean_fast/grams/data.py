@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import random
@@ -47,9 +48,17 @@ def detect_format(path: str, fmt: str | None) -> str:
 
 
 def read_examples(path, fmt: str | None = None, text_field: str = "text", label_field: str | None = None,
-                  messages_field: str = "messages") -> list[Example]:
+                  messages_field: str = "messages", limit: int | None = None) -> list[Example]:
     """JSON Lines (text_field, or a chat messages_field), plain text (one example per non-empty line),
-    CSV / TSV / Parquet (column text_field)."""
+    CSV / TSV / Parquet (column text_field). With limit, the first `limit` examples: the rest of the file
+    is neither read nor checked (a huge corpus with --max-examples 1000 reads about 1000 lines)."""
+    out = list(itertools.islice(_iter_examples(path, fmt, text_field, label_field, messages_field), limit))
+    if not out:
+        raise GramsError(f"data file has no examples: {path}")
+    return out
+
+
+def _iter_examples(path, fmt, text_field, label_field, messages_field):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise GramsError(f"data file not found: {path}")
@@ -58,7 +67,6 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
     if not os.access(path, os.R_OK):
         raise GramsError(f"data file is not readable: {path}")
     fmt = detect_format(path, fmt)
-    out: list[Example] = []
     # text formats are read as "utf-8-sig": a byte-order mark (Windows editors) is not part of the first line
     try:
         if fmt == "jsonl":
@@ -87,13 +95,13 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
                             f"{path}: line {i}: no {text_field!r} field (nor {messages_field!r}); "
                             f"keys: {', '.join(sorted(obj)) or 'none'}; choose one with --text-field"
                         )
-                    out.append(ex)
+                    yield ex
         elif fmt == "text":
             with open(path, encoding="utf-8-sig") as f:
                 for i, line in enumerate(f, 1):
                     line = line.rstrip("\n").rstrip("\r")
                     if line.strip():
-                        out.append(Example(where=f"line {i}", text=line))
+                        yield Example(where=f"line {i}", text=line)
         elif fmt in ("csv", "tsv"):
             old_limit = csv.field_size_limit(2**31 - 1)  # a long document is one field (the default: 128 KiB)
             try:
@@ -107,8 +115,8 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
                         txt = row.get(text_field)
                         if txt is None:
                             raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
-                        out.append(Example(where=f"line {i}", text=txt,
-                                           label=row.get(label_field) if label_field else None))
+                        yield Example(where=f"line {i}", text=txt,
+                                      label=row.get(label_field) if label_field else None)
             except csv.Error as e:
                 raise GramsError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({e})") from None
             finally:
@@ -133,14 +141,11 @@ def read_examples(path, fmt: str | None = None, text_field: str = "text", label_
             for i, txt in enumerate(table.column(text_field).to_pylist(), 1):
                 if not isinstance(txt, str):
                     raise GramsError(f"{path}: row {i}: column {text_field!r} is not a string")
-                out.append(Example(where=f"row {i}", text=txt, label=labels[i - 1] if labels else None))
+                yield Example(where=f"row {i}", text=txt, label=labels[i - 1] if labels else None)
     except UnicodeDecodeError as e:
         raise GramsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise GramsError(f"cannot read data file {path}: {e.strerror or e}") from None
-    if not out:
-        raise GramsError(f"data file has no examples: {path}")
-    return out
 
 
 def select(examples: list[Example], max_examples: int | None, shuffle: bool, seed: int) -> list[Example]:
