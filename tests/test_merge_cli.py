@@ -353,3 +353,26 @@ def test_unwritable_output_folder(fx, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "mkdir", read_only)
     out = tmp_path / "o"
     _fails(_args(fx, out), capsys, "cannot write the output in", out)
+
+
+def test_mergekit_linear_is_the_weighted_average(fx, tmp_path, capsys):
+    """mergekit's `merge_method: linear` (normalised by default) is our average: the same bytes as --method
+    average with the same weights; `normalize: false` (an unnormalised sum) is refused in one line."""
+    import yaml
+
+    models = [{"model": p, "weight": w} for p, w in zip(fx["paths"], [1, 2, 3])]
+    assert main(["merge", "--models", *fx["paths"], "--weights", "1", "2", "3", "--method", "average",
+                 "--out", str(tmp_path / "avg")]) == 0
+    for i, params in enumerate(({}, {"normalize": True})):
+        y = tmp_path / f"linear{i}.yaml"
+        y.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "parameters": params}))
+        assert main(["merge", str(y), "--out", str(tmp_path / f"lin{i}")]) == 0
+        a, b = read_folder(tmp_path / "avg"), read_folder(tmp_path / f"lin{i}")
+        assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    capsys.readouterr()
+    y = tmp_path / "sum.yaml"
+    y.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "parameters": {"normalize": False}}))
+    assert main(["merge", str(y), "--out", str(tmp_path / "sum")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "normalize: false" in err, err
+    assert not (tmp_path / "sum").exists()

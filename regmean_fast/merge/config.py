@@ -211,6 +211,11 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
     if not isinstance(params, dict):
         raise MergeError(f"{source}: parameters must be a mapping")
     cfg.parameters = dict(params)
+    if cfg.method == "linear":  # mergekit's name for the weighted average (normalised by default)
+        if cfg.parameters.pop("normalize", True) is not True:
+            raise MergeError(f"{source}: method linear with normalize: false (an unnormalised weighted sum) is not "
+                             "supported; use average (weights are normalised) or task_arithmetic with a base_model")
+        cfg.method = "average"
     for key in ("dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory"):
         if key in d and d[key] is not None:
             setattr(cfg, key, d[key] if key in ("shard_size", "max_memory") else str(d[key]))
