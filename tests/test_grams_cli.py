@@ -490,3 +490,25 @@ def test_max_examples_reads_only_what_it_uses(zoo, tmp_path, capsys):
     for extra in ([], ["--max-examples", 3, "--shuffle"]):
         rc, err = _run(capsys, models["gpt2"], "--data", d, "--out", tmp_path / "b.safetensors", *extra)
         assert rc == 2 and "line 4: malformed JSON" in err, err
+
+
+def test_force_replaces_either_form_of_a_file_output(zoo, tmp_path, capsys):
+    """X.safetensors written sharded (index + shards), then --force unsharded, then --force sharded again:
+    each time only the new form is left, and load_grams(X.safetensors) reads the new statistics."""
+    root, models, texts, data = zoo
+    out = tmp_path / "x.safetensors"
+
+    def run(n, *extra):
+        rc, err = _run(capsys, models["llama"], "--data", data, "--out", out, "--max-examples", n, *extra)
+        assert rc == 0, err
+        return sorted(f for f in os.listdir(tmp_path) if f.startswith("x"))
+
+    sharded = run(3, "--shard-size", "20KB")
+    assert "x.safetensors.index.json" in sharded and len(sharded) > 2 and "x.safetensors" not in sharded
+    assert run(5, "--force") == ["x.safetensors"]
+    assert load_grams(out).metadata["examples"] == 5
+    again = run(7, "--force", "--shard-size", "20KB")
+    assert "x.safetensors" not in again and "x.safetensors.index.json" in again
+    assert load_grams(out, verify=True).metadata["examples"] == 7
+    rc, err = _run(capsys, models["llama"], "--data", data, "--out", out)  # the index is the output now
+    assert rc == 2 and "already exists" in err

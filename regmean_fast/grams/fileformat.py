@@ -230,9 +230,9 @@ def save_grams(
         final_dir = os.path.dirname(os.path.abspath(path))
         stem = os.path.basename(path)[: -len(".safetensors")]
         check_writable_folder(final_dir)
-        target = path if len(plan) == 1 else path + INDEX_SUFFIX
-        if os.path.lexists(target) and not overwrite:
-            raise GramFileError(f"output already exists: {target}")
+        existing = [p for p in (path, path + INDEX_SUFFIX) if os.path.lexists(p)]  # either form of X
+        if existing and not overwrite:
+            raise GramFileError(f"output already exists: {existing[0]}")
         work_dir = tempfile.mkdtemp(prefix=f".{stem}.tmp-", dir=final_dir)
     else:
         parent = os.path.dirname(os.path.abspath(path)) or "."
@@ -263,6 +263,8 @@ def save_grams(
             last = stem + ".safetensors" + (INDEX_SUFFIX if n > 1 else "")
             _atomic_replace(os.path.join(work_dir, last), os.path.join(final_dir, last), overwrite)
             shutil.rmtree(work_dir, ignore_errors=True)
+            if overwrite:
+                _remove_replaced_files(final_dir, stem, keep=set(files) | {last})
             return os.path.join(final_dir, last) if n > 1 else path
         umask = os.umask(0)
         os.umask(umask)
@@ -274,6 +276,15 @@ def save_grams(
         if isinstance(e, OSError):  # a full disk, a vanished folder: one line, nothing left behind
             raise GramFileError(f"cannot write the Gram file {path}: {e.strerror or e}") from None
         raise
+
+
+def _remove_replaced_files(folder: str, stem: str, keep: set[str]) -> None:
+    """After X.safetensors was overwritten: what is left of the earlier output in its other form (the
+    single file, or the index and its shards), which load_grams would otherwise find instead of the new one."""
+    ours = re.compile(re.escape(stem) + r"(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+    for f in os.listdir(folder):
+        if ours.fullmatch(f) and f not in keep:
+            os.remove(os.path.join(folder, f))
 
 
 # --------------------------------------------------------------------------------------------------
