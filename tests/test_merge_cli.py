@@ -376,3 +376,33 @@ def test_mergekit_linear_is_the_weighted_average(fx, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "normalize: false" in err, err
     assert not (tmp_path / "sum").exists()
+
+
+def test_custom_code_model_output_loads(fx, tmp_path):
+    """A model with custom code (config.json auto_map, trust_remote_code): its *.py files go with the output,
+    which then loads and runs with trust_remote_code; the code is the donor's, byte for byte."""
+    import shutil
+
+    import transformers
+
+    code = ("from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+            "class TinyCustomConfig(LlamaConfig):\n    model_type = 'tiny_custom'\n\n\n"
+            "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n")
+    paths = []
+    for i, p in enumerate(fx["paths"][:2]):
+        d = tmp_path / f"custom{i}"
+        shutil.copytree(p, d)
+        (d / "tiny_custom.py").write_text(code)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(model_type="tiny_custom", architectures=["TinyCustomForCausalLM"],
+                   auto_map={"AutoConfig": "tiny_custom.TinyCustomConfig",
+                             "AutoModelForCausalLM": "tiny_custom.TinyCustomForCausalLM"})
+        (d / "config.json").write_text(json.dumps(cfg))
+        paths.append(str(d))
+    out = tmp_path / "out"
+    assert main(["merge", "--models", *paths, "--method", "average", "--out", str(out)]) == 0
+    assert (out / "tiny_custom.py").read_text() == code
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+    assert type(model).__name__ == "TinyCustomForCausalLM"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

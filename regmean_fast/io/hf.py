@@ -152,6 +152,20 @@ def copy_aux_files(src_dir: str, out_dir: str) -> list[str]:
     return copied
 
 
+def copy_model_code(config: dict | None, src_dir: str, out_dir: str) -> list[str]:
+    """A model with custom code (config.json's auto_map, loaded with trust_remote_code) needs the donor's
+    *.py files beside its weights, or the output does not load; returns the names copied."""
+    if not (config or {}).get("auto_map"):
+        return []
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        src = os.path.join(src_dir, name)
+        if name.endswith(".py") and os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
 def write_index(out_dir: str, weight_map: dict, total_size: int, extra_metadata: dict | None = None) -> None:
     meta = {"total_size": int(total_size)}
     if extra_metadata:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, write_config, write_index
+from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, copy_model_code, write_config, write_index
 from ..io.shards import MANIFEST_GLOB, ShardedOutput, ShardLayout, rank_manifest_name
 from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
 from .engine import Engine
@@ -233,6 +233,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
         donor = base if base is not None else sources[0]
         out_dtype = cfg.torch_out_dtype() or _models_dtype(sources[0])
         write_config(donor.config, tmp, out_dtype)
+        copy_model_code(donor.config, donor.path, tmp)
         if cfg.copy_tokenizer:
             copy_aux_files(donor.path, tmp)
         report = build_report(cfg, plan, tensor_report, shards=records,
