@@ -406,3 +406,18 @@ def test_custom_code_model_output_loads(fx, tmp_path):
     assert type(model).__name__ == "TinyCustomForCausalLM"
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_flags_switch_a_yaml_boolean_off(fx, tmp_path):
+    """--no-allow-missing-grams overrides a YAML's allow_missing_grams: true; no flag keeps the file's value."""
+    import yaml
+
+    from regmean_fast.cli import build_parser
+    from regmean_fast.merge.command import config_from_args
+
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"models": [{"model": p, "grams": g} for p, g in zip(fx["paths"], fx["grams"])],
+                                 "allow_missing_grams": True}))
+    for flags, expect in (([], True), (["--no-allow-missing-grams"], False), (["--allow-missing-grams"], True)):
+        args = build_parser().parse_args(["merge", str(y), "--out", str(tmp_path / "o"), *flags])
+        assert config_from_args(args).allow_missing_grams is expect, flags

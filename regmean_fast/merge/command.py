@@ -61,8 +61,9 @@ def register_merge(sub) -> argparse.ArgumentParser:
                    help="any other method parameter, as JSON: normalize=true (task_arithmetic), "
                    f"fisher_floor=1e-5 (fisher, default {METHODS['fisher'].params['fisher_floor']})")
     g.add_argument("--regmean-exclude", nargs="+", metavar="REGEX", help="tensors averaged instead of RegMean")
-    g.add_argument("--allow-missing-grams", action="store_true", default=None,
-                   help="average (with a warning) a weight whose Gram is missing in some file, instead of failing")
+    g.add_argument("--allow-missing-grams", action=argparse.BooleanOptionalAction, default=None,
+                   help="average (with a warning) a weight whose Gram is missing in some file, instead of failing "
+                        "(default: fail; --no-allow-missing-grams overrides a YAML's allow_missing_grams: true)")
     g = p.add_argument_group("numerics and output")
     g.add_argument("--dtype", help="compute dtype: float32 (default) or float64")
     g.add_argument("--solve-dtype", help="RegMean solve dtype: float32 (default) or float64")
