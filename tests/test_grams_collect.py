@@ -157,6 +157,15 @@ def test_nonfinite_names_module():
         collect_grams(model, batches)
 
 
+def test_finite_inputs_whose_squares_overflow_are_named():
+    """x = 1e20 is finite, but x^2 overflows fp32: the Gram is unusable, and the error says why."""
+    lin = torch.nn.Linear(4, 2)
+    x = torch.full((3, 4), 1e20)
+    assert torch.isfinite(x).all()
+    with pytest.raises(NonFiniteActivationError, match="squares overflow fp32"):
+        collect_grams(lin, [x])
+
+
 def test_saved_file_matches(tmp_path):
     from regmean_fast import load_grams
 

@@ -58,7 +58,7 @@ def find_linear_modules(model: nn.Module, include=None, exclude=None, skip_tied:
             continue
         if any(p.search(name) for p in exc):
             continue
-        if skip_tied and f"{name}.weight" not in params:
+        if skip_tied and (f"{name}.weight" if name else "weight") not in params:  # name "": the model is the Linear
             tied.append(name)
             continue
         found.append((name, mod))
@@ -330,7 +330,8 @@ class GramCollector:
             bad = keys[bisect.bisect_right(ends, first)]
             mods = [m for m in self.order if self.module_map.get(m) == bad]
             raise NonFiniteActivationError(
-                f"non-finite activations (inf or NaN) reach module {mods[0]!r}"
+                f"non-finite activations (inf or NaN, or so large that their squares overflow fp32) reach "
+                f"module {mods[0]!r}"
                 + (f" (and {', '.join(mods[1:])})" if len(mods) > 1 else "")
             )
 
