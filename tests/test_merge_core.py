@@ -292,3 +292,20 @@ def test_io_reader_maps_nothing(tmp_path):
             assert torch.equal(mf.get(n), ts[n])
         with open("/proc/self/maps") as f:
             assert str(tmp_path) not in f.read()
+
+
+def test_model_folder_reads_the_weights_transformers_reads(tmp_path):
+    """Beside model.safetensors, other safetensors files (a Gram file, a checkpoint) are not weights: the
+    merge's reader and the statistics' file list both take model.safetensors alone, as transformers does."""
+    from safetensors.torch import save_file
+
+    from regmean_fast.grams.command import check_model_dir
+
+    _, models = make_models("llama", k=1, seed=3)
+    path = save_model(models[0], tmp_path / "m")
+    save_file({"gram.model.layers.0.mlp.up_proj": torch.eye(4)}, os.path.join(path, "m.grams.safetensors"))
+    save_file({"model.norm.weight": torch.zeros(3)}, os.path.join(path, "other.safetensors"))
+    with ModelFolder(path) as mf:
+        assert sorted(mf.names()) == sorted(models[0].state_dict())
+        assert [os.path.basename(f) for f in mf.files()] == ["model.safetensors"]
+    assert [os.path.basename(f) for f in check_model_dir(path)] == ["model.safetensors"]

@@ -7,7 +7,6 @@ Every problem with the inputs is reported before any heavy work as one line
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
@@ -184,29 +183,12 @@ def check_model_dir(model_dir: str) -> list[str]:
             json.load(f)
     except (OSError, ValueError) as e:
         raise GramsError(f"unreadable config.json in {model_dir}: {e}") from None
-    from ..io.hf import INDEX_NAME, SINGLE_NAME
+    from ..io.hf import ModelFolderError, weight_files
 
-    # the weight files as transformers picks them: never our own Gram files or checkpoints kept there
-    index = os.path.join(model_dir, INDEX_NAME)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                st = [os.path.join(model_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise GramsError(f"unreadable weight index {index}") from None
-        lost = [os.path.basename(p) for p in st if not os.path.isfile(p)]
-        if lost:
-            raise GramsError(f"weight shard {lost[0]} listed in {index} is missing")
-    elif os.path.isfile(os.path.join(model_dir, SINGLE_NAME)):
-        st = [os.path.join(model_dir, SINGLE_NAME)]
-    else:
-        st = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not st:
-        others = [os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*.bin"))]
-        raise GramsError(
-            f"no safetensors weights in {model_dir}" + (f" (found {', '.join(others)}; convert them)" if others else "")
-        )
-    return st
+    try:  # the weight files as transformers picks them: never our own Gram files or checkpoints kept there
+        return weight_files(model_dir)
+    except ModelFolderError as e:
+        raise GramsError(str(e)) from None
 
 
 def check_out_spares_inputs(out: str, model_dir: str, st_files: list[str], data: str) -> None:

@@ -10,7 +10,6 @@ A run stops and resumes at any (part, batch) position: see SequentialRun.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -37,15 +36,14 @@ class _WeightReader:
     def __init__(self, model_dir: str):
         from safetensors import safe_open
 
-        idx = os.path.join(model_dir, "model.safetensors.index.json")
-        if os.path.isfile(idx):
-            with open(idx) as f:
-                wm = json.load(f)["weight_map"]
+        from ..io.hf import weight_files, weight_index
+
+        wm = weight_index(model_dir)
+        if wm is not None:
             self.where = {k: os.path.join(model_dir, v) for k, v in wm.items()}
         else:
-            files = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir)) if f.endswith(".safetensors")]
             self.where = {}
-            for fn in files:
+            for fn in weight_files(model_dir):
                 with safe_open(fn, framework="pt") as f:
                     for k in f.keys():
                         self.where[k] = fn

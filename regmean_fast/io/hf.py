@@ -62,29 +62,16 @@ class ModelFolder:
         return r
 
     def _open(self) -> None:
-        index = os.path.join(self.path, INDEX_NAME)
-        if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise ValueError
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise ModelFolderError(f"{index}: corrupt index (no usable weight_map)") from None
+        weight_map = weight_index(self.path)
+        if weight_map is not None:
             for name, fname in weight_map.items():
-                if not isinstance(fname, str) or os.path.basename(fname) != fname:
-                    raise ModelFolderError(f"{index}: bad shard name {fname!r} for {name}")
                 r = self._reader(fname)
                 if name not in r.tensors:
-                    raise ModelFolderError(f"{index}: {name} is not in shard {fname}")
+                    raise ModelFolderError(f"{os.path.join(self.path, INDEX_NAME)}: {name} is not in shard {fname}")
                 self._where[name] = fname
             return
-        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-        if not files:
-            extra = " (only PyTorch .bin weights; convert them to safetensors)" if any(
-                f.endswith(".bin") for f in os.listdir(self.path)) else ""
-            raise ModelFolderError(f"{self.path}: no safetensors weights found{extra}")
-        for fname in files:
+        for full in weight_files(self.path):
+            fname = os.path.basename(full)
             for name in self._reader(fname).keys():
                 if name in self._where:
                     raise ModelFolderError(f"{self.path}: tensor {name} appears in two files")
@@ -120,6 +107,47 @@ class ModelFolder:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def weight_index(path: str) -> dict[str, str] | None:
+    """The weight_map (tensor name -> shard file name) of the folder's model.safetensors.index.json, checked;
+    None when there is no index."""
+    index = os.path.join(path, INDEX_NAME)
+    if not os.path.exists(index):
+        return None
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ModelFolderError(f"{index}: corrupt index (no usable weight_map)") from None
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or os.path.basename(fname) != fname:
+            raise ModelFolderError(f"{index}: bad shard name {fname!r} for {name}")
+    return weight_map
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files holding a model folder's weights, as transformers picks them: the index's shards,
+    else model.safetensors, else every *.safetensors (one saved under another name). Gram files or
+    checkpoints kept beside model.safetensors are not weights. Raises ModelFolderError (bad index, missing
+    shard, no safetensors at all)."""
+    weight_map = weight_index(path)
+    if weight_map is not None:
+        names = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
+        names = [SINGLE_NAME]
+    else:
+        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not names:
+        extra = " (only PyTorch .bin weights; convert them to safetensors)" if any(
+            f.endswith(".bin") for f in os.listdir(path)) else ""
+        raise ModelFolderError(f"{path}: no safetensors weights found{extra}")
+    for fname in names:
+        if not os.path.isfile(os.path.join(path, fname)):
+            raise ModelFolderError(f"{path}: shard {fname} is missing")
+    return [os.path.join(path, f) for f in names]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
