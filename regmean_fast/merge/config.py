@@ -31,6 +31,7 @@ import torch
 from ..io.shards import parse_size
 from .errors import MergeError
 from .methods import METHODS
+from .methods.base import as_number
 
 TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "solve_dtype", "out_dtype",
             "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer"}
@@ -113,12 +114,7 @@ class MergeConfig:
             raise MergeError(f"out_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {self.out_dtype!r}")
         ws = []
         for i, m in enumerate(self.models):
-            try:
-                if isinstance(m.weight, bool):  # YAML's true/false are not weights
-                    raise TypeError
-                w = float(m.weight)
-            except (TypeError, ValueError):
-                raise MergeError(f"model {i} ({m.model}): weight must be a number, got {m.weight!r}") from None
+            w = as_number(f"model {i} ({m.model}): weight", m.weight)
             if w != w or w < 0 or w == float("inf"):
                 raise MergeError(f"model {i} ({m.model}): weight must be a non-negative finite number, got {m.weight!r}")
             ws.append(w)

@@ -64,25 +64,25 @@ def weighted_average(inputs: TensorInputs) -> torch.Tensor:
     return acc
 
 
-def check_unit_interval(name: str, value, *, open_left: bool = False) -> float:
+def as_number(name: str, value) -> float:
+    """float(value), or a MergeError naming `name`; YAML's true/false are not numbers (float(True) is 1.0)."""
     try:
-        if isinstance(value, bool):  # YAML's true/false are not numbers
+        if isinstance(value, bool):
             raise TypeError
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise MergeError(f"{name} must be a number, got {value!r}") from None
+
+
+def check_unit_interval(name: str, value, *, open_left: bool = False) -> float:
+    v = as_number(name, value)
     if not (v == v) or v > 1.0 or v < 0.0 or (open_left and v == 0.0):
         raise MergeError(f"{name} must be in {'(0' if open_left else '[0'}, 1], got {value!r}")
     return v
 
 
 def check_number(name: str, value) -> float:
-    try:
-        if isinstance(value, bool):  # YAML's true/false are not numbers
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError):
-        raise MergeError(f"{name} must be a number, got {value!r}") from None
+    v = as_number(name, value)
     if v != v or v in (float("inf"), float("-inf")):
         raise MergeError(f"{name} must be finite, got {value!r}")
     return v
