@@ -15,9 +15,13 @@ from regmean_fast.grams.fileformat import (
 
 
 def _spd(d, seed):
+    """An SPD matrix that is bitwise symmetric: the file stores one triangle, and ``X.T @ X`` is not
+    symmetric to the last bit on every BLAS (AVX-512 without AMX: |G - G.T| ~ 5e-7), so the lower triangle
+    is the mirror of the upper one by construction."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(3 * d, d, generator=g)
-    return X.T @ X
+    G = X.T @ X
+    return torch.triu(G) + torch.triu(G, 1).T
 
 
 def _example():

@@ -16,6 +16,17 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 log() { printf '\n== %s\n' "$*"; }
 
+# Where this runs, first in the log: a result that differs between CPUs then says which CPU it came from.
+machine() {
+  local model flags f have=""
+  model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
+  flags=" $(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1) "
+  for f in amx_bf16 amx_tile avx512_bf16 avx512f avx2 fma; do
+    case "$flags" in *" $f "*) have="$have $f" ;; esac
+  done
+  log "machine: ${model:-unknown CPU} ($(nproc) CPUs; ${have# }), $(uname -m)"
+}
+
 setup() {
   if [ ! -x "$venv/bin/python" ]; then
     log "creating virtualenv $venv"
@@ -63,6 +74,7 @@ run_tests() {
 
 cmd="${1:-test}"
 shift || true
+machine
 case "$cmd" in
   setup) setup ;;
   test) setup; run_tests "$@" ;;
