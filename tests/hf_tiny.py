@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}[BOS] {{ m['role'] }} {{ m['content'] }} [EOS] {% endfor %}"
     "{% if add_generation_prompt %}[BOS] assistant {% endif %}"
 )
-KINDS = ("bert", "bert-cls", "gpt2", "gpt2-cls", "llama", "llama-cls", "mistral", "qwen2")
+KINDS = ("bert", "bert-cls", "gpt2", "gpt2-cls", "llama", "llama-cls", "mistral", "qwen2", "gemma3")
 
 
 def make_tokenizer(kind: str = "bert"):
@@ -42,7 +42,7 @@ def make_tokenizer(kind: str = "bert"):
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
-    elif kind.startswith("llama") or kind in ("mistral", "qwen2"):
+    elif kind.startswith("llama") or kind in ("mistral", "qwen2", "gemma3"):
         tok.post_processor = processors.TemplateProcessing(
             single="[BOS] $A", pair="[BOS] $A [BOS] $B", special_tokens=[("[BOS]", vocab["[BOS]"])]
         )
@@ -107,6 +107,15 @@ def make_config(kind: str, **overrides):
                             intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=False,
                             **dict(common, vocab_size=QWEN2_VOCAB_SIZE))
         cfg.architectures = ["Qwen2ForCausalLM"]
+    elif kind == "gemma3":
+        # What Gemma-3 brings that Llama has not: q/k norms, scaled embeddings, sliding-window layers beside
+        # global ones (two rotary embeddings), tied input/output embeddings. A window of 4 tokens makes the
+        # local layers see less than the global ones on the tests' sentences.
+        cfg = T.Gemma3TextConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=8, intermediate_size=48, max_position_embeddings=64, sliding_window=4,
+                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                 tie_word_embeddings=True, **common)
+        cfg.architectures = ["Gemma3ForCausalLM"]
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
     for k, v in overrides.items():

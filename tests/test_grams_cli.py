@@ -17,7 +17,7 @@ from regmean_fast.grams.command import checkpoint_path  # noqa: E402
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    models = {k: hf_tiny.save_tiny(root / k, k) for k in ("bert-cls", "gpt2", "llama")}
+    models = {k: hf_tiny.save_tiny(root / k, k) for k in ("bert-cls", "gpt2", "llama", "qwen2", "gemma3")}
     texts = hf_tiny.random_texts(11, seed=1)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(texts)))
@@ -87,7 +87,7 @@ def _oracle(model_dir, texts, pad_batch=None):
 
 
 @pytest.mark.parametrize("padding", [False, True])
-@pytest.mark.parametrize("kind", ["bert-cls", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert-cls", "gpt2", "llama", "qwen2", "gemma3"])
 def test_cli_grams_equal_fp64_oracle(zoo, tmp_path, capsys, kind, padding):
     """Through the command: every Gram and count equals fp64 sums of the module's inputs without the padding
     rows (each example run alone, unpadded) or with them (--include-padding: the same padded batches)."""

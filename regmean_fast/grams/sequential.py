@@ -17,7 +17,7 @@ import torch
 
 from .fileformat import GramsError
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def sequential_supported(config) -> tuple[bool, str]:
@@ -60,14 +60,29 @@ class _WeightReader:
         return self._open[fn].get_tensor(name)
 
 
-def _materialize(module: torch.nn.Module, prefix: str, reader: _WeightReader, device, dtype) -> None:
+def _materialize(module: torch.nn.Module, prefix: str, reader: _WeightReader, device, dtype, init=None) -> None:
+    """Allocate module on device and read its weights. Buffers no checkpoint holds (Gemma-3's embed_scale, a
+    rotary inv_freq) are set as loading sets them, by the model's own init(submodule) (its _init_weights),
+    before the weights are read over whatever that initialised; to_empty leaves them as garbage."""
     module.to_empty(device=device)
+
+    def key(name):
+        return f"{prefix}.{name}" if prefix else name
+
+    buffers = dict(module.named_buffers())
     with torch.no_grad():
-        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-            key = f"{prefix}.{name}" if prefix else name
-            if key not in reader.where and name in dict(module.named_buffers()):
-                continue  # non-persistent buffer: recomputed by its module
-            t = reader.get(key)
+        for sub_name, sub in module.named_modules():
+            own = [n for n, _ in sub.named_buffers(recurse=False)
+                   if key(f"{sub_name}.{n}" if sub_name else n) not in reader.where]
+            if own:
+                if init is None:
+                    raise GramsError(f"--sequential: {key(sub_name or own[0])} has buffers that the checkpoint "
+                                     "does not hold and nothing initialises")
+                init(sub)
+        for name, p in list(module.named_parameters()) + list(buffers.items()):
+            if name in buffers and key(name) not in reader.where:
+                continue  # initialised above
+            t = reader.get(key(name))
             p.data = t.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
 
 
@@ -111,6 +126,7 @@ class SequentialRun:
                                        include_padding=include_padding, share_inputs=share_inputs)
         self.config, self.batches, self.device, self.dtype = config, batches, device, dtype
         self.reader = _WeightReader(model_dir)
+        self.init = getattr(self.model, "_init_weights", None)  # for buffers no checkpoint holds
         self.part, self.batch = (0, 0) if batches else (self.n_parts, 0)  # no batches: nothing to run
         self.hidden: list[torch.Tensor] | None = None  # per batch, on the host
         self._layer_kwargs: list | None = None  # per batch: per block (args, kwargs), on the host
@@ -170,8 +186,8 @@ class SequentialRun:
         """Embeddings + one pass with identity blocks: what each block is called with, and (when starting
         afresh) the hidden states entering block 0."""
         base, dev = self.base, self.device
-        _materialize(base.embed_tokens, self.pre + "embed_tokens", self.reader, dev, self.dtype)
-        _materialize(base.norm, self.pre + "norm", self.reader, dev, self.dtype)
+        _materialize(base.embed_tokens, self.pre + "embed_tokens", self.reader, dev, self.dtype, self.init)
+        _materialize(base.norm, self.pre + "norm", self.reader, dev, self.dtype, self.init)
         with torch.device(dev):  # its inv_freq is a non-persistent buffer: recompute it, as loading does
             base.rotary_emb = type(base.rotary_emb)(config=self.config)
         calls: list = []
@@ -245,7 +261,7 @@ class SequentialRun:
                 li = self.part
                 layer = self.layers[li] if li < L else None
                 if layer is not None:
-                    _materialize(layer, f"{self.pre}layers.{li}", self.reader, dev, self.dtype)
+                    _materialize(layer, f"{self.pre}layers.{li}", self.reader, dev, self.dtype, self.init)
                 for k in self._part_keys(li):  # resumed mid-part: its Grams go back to the device
                     c.grams[k] = c.grams[k].to(dev)
                 for bi in range(self.batch, n):
