@@ -90,7 +90,7 @@ def register_grams(sub) -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model or tokenizer with custom code from its folder (default: off)")
     g.add_argument("--sequential", action="store_true",
-                   help="one decoder block at a time from the memory-mapped weights (Llama/Mistral/Qwen2 family; "
+                   help="one decoder block at a time from the memory-mapped weights (Llama, Mistral, Qwen2/3, Gemma-3; "
                         "other models run whole, with a note)")
     g = p.add_argument_group("statistics")
     g.add_argument("--include", action="append", metavar="REGEX",
