@@ -284,8 +284,26 @@ def test_resume_identical(zoo, tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     assert open(full, "rb").read() == open(part, "rb").read()
     assert not os.path.exists(checkpoint_path(str(part)))
-    rc, err = _run(capsys, models["bert-cls"], *common, "--out", tmp_path / "x.safetensors", "--resume")
-    assert rc == 2 and "no checkpoint" in err
+    # nothing to resume from: a fresh start, with a note; then the same command finds it complete
+    x = tmp_path / "x.safetensors"
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", x, "--resume")
+    assert rc == 0 and "regmean_fast: note: --resume: nothing to resume from" in err, err
+    assert x.read_bytes() == full.read_bytes()
+    stamp = os.stat(x).st_mtime_ns
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", x, "--resume")
+    assert rc == 0 and err.strip() == f"regmean_fast: note: --resume: {x} is complete and was made by this " \
+        "command; nothing to do", err
+    assert os.stat(x).st_mtime_ns == stamp
+    # complete but made otherwise (other settings, another tool's file): one line, untouched
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", x, "--resume", "--max-examples", 5)
+    assert rc == 2 and "exists but was made with another model, data or settings" in err, err
+    assert len(err.strip().splitlines()) == 1 and os.stat(x).st_mtime_ns == stamp
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a Gram file")
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", junk, "--resume")
+    assert rc == 2 and "exists but is not a readable Gram file" in err and junk.read_bytes() == b"not a Gram file"
+    rc, err = _run(capsys, models["bert-cls"], *common, "--out", junk, "--resume", "--force")  # replaced
+    assert rc == 0 and junk.read_bytes() == full.read_bytes(), err
 
 
 def test_make_batches_longest_first():

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from ..io.resume import kill_point
 from .fileformat import GramsError, check_writable_folder, parse_size
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -157,15 +158,18 @@ def checkpoint_path(out: str, rank: int = 0, world: int = 1) -> str:
 # validation
 
 
-def check_output(out: str, force: bool, resume: bool, rank: int = 0, world: int = 1) -> None:
-    target = out
+def output_target(out: str) -> str:
+    """The path that stands for the Gram file --out names: X.safetensors, or its index when it is sharded."""
     if out.endswith(".safetensors") and not os.path.exists(out) and os.path.exists(out + ".index.json"):
-        target = out + ".index.json"
-    if os.path.lexists(target) and not force:
+        return out + ".index.json"
+    return out
+
+
+def check_output(out: str, force: bool, resume: bool) -> None:
+    target = output_target(out)
+    if os.path.lexists(target) and not (force or resume):  # --resume: judged once the signature is known
         raise GramsError(f"output already exists: {target} (use --force to overwrite)")
     check_writable_folder(os.path.dirname(os.path.abspath(out)) or ".")
-    if resume and not os.path.exists(checkpoint_path(out, rank, world)):
-        raise GramsError(f"--resume: no checkpoint at {checkpoint_path(out, rank, world)}")
 
 
 def check_model_dir(model_dir: str) -> list[str]:
@@ -291,18 +295,25 @@ def load_model(model_dir: str, config, dtype, device, trust: bool):
     return model.to(device).eval()
 
 
-def _signature(args, model_dir: str, st_files: list[str], max_length: int) -> str:
+def _signature(args, model_dir: str, st_files: list[str], max_length: int, batches, world: int) -> str:
+    """What the statistics are made of: the model's config.json and weight files (names and sizes), every
+    option that changes the statistics, the batches themselves (the data as read, tokenized, selected and
+    ordered) and the number of ranks. Recorded in checkpoints and in the Gram file's provenance, so it holds
+    no path or time: the same inputs anywhere give the same bytes."""
     h = hashlib.sha256()
     with open(os.path.join(model_dir, "config.json"), "rb") as f:
         h.update(f.read())
     for p in st_files:
-        s = os.stat(p)
-        h.update(f"{os.path.basename(p)}:{s.st_size}".encode())
-    s = os.stat(args.data)
+        h.update(f"{os.path.basename(p)}:{os.path.getsize(p)}".encode())
     keys = ("format", "text_field", "batch_size", "max_examples", "max_tokens", "shuffle", "seed", "keep_order",
             "dtype", "include", "exclude", "include_padding", "no_share", "sequential", "fisher", "label_field")
-    h.update(json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True).encode())
-    h.update(f"{os.path.abspath(args.data)}:{s.st_size}:{s.st_mtime_ns}:{max_length}".encode())
+    opts = {k: getattr(args, k) for k in keys}
+    h.update(json.dumps(dict(opts, max_length=max_length, world=world), sort_keys=True).encode())
+    for b in batches:
+        for t in (b.input_ids, b.attention_mask, b.labels):
+            if t is not None:
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -325,6 +336,7 @@ def write_checkpoint(path: str, collector, signature: str, mode: str, extra: dic
     try:
         save_file(tensors, tmp, metadata={"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                           "signature": signature, "state": json.dumps(meta)})
+        kill_point("grams.checkpoint-tmp")
         os.replace(tmp, path)
     except BaseException:  # a full disk or a second Ctrl-C: leave the previous checkpoint, not a torso
         if os.path.exists(tmp):
@@ -336,10 +348,26 @@ def read_checkpoint(path: str, signature: str, mode: str) -> tuple[dict, dict]:
     """-> (state with "grams", the other tensors); a checkpoint of another run or version is refused."""
     from safetensors import safe_open
 
+    meta = checkpoint_header(path, signature, mode)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise GramsError(f"unreadable checkpoint {path}: {e}") from None
+    state = json.loads(meta["state"])
+    state["grams"] = {k[5:]: v for k, v in tensors.items() if k.startswith("gram.")}
+    others = {k: v for k, v in tensors.items() if not k.startswith("gram.")}
+    return state, others
+
+
+def checkpoint_header(path: str, signature: str, mode: str) -> dict:
+    """The checkpoint's metadata, reading no tensor; GramsError when it is not this run's (version, signature,
+    mode) or not a checkpoint at all."""
+    from safetensors import safe_open
+
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise GramsError(f"unreadable checkpoint {path}: {e}") from None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
@@ -352,13 +380,63 @@ def read_checkpoint(path: str, signature: str, mode: str) -> tuple[dict, dict]:
             f"checkpoint {path} was made with another model, data or settings; rerun with the same command "
             "or delete it"
         )
-    state = json.loads(meta["state"])
-    if state.get("mode") != mode:
-        raise GramsError(f"checkpoint {path} is from a {state.get('mode')} run, this run is {mode}; "
+    try:
+        made_in = json.loads(meta["state"]).get("mode")
+    except (KeyError, ValueError, AttributeError):
+        raise GramsError(f"unreadable checkpoint {path}: no valid state") from None
+    if made_in != mode:
+        raise GramsError(f"checkpoint {path} is from a {made_in} run, this run is {mode}; "
                          "rerun with the same command or delete it")
-    state["grams"] = {k[5:]: v for k, v in tensors.items() if k.startswith("gram.")}
-    others = {k: v for k, v in tensors.items() if not k.startswith("gram.")}
-    return state, others
+    return meta
+
+
+def _resume_from_checkpoint(args, out: str, ckpt: str, signature: str, ckpt_signature: str, mode: str,
+                            ctx) -> bool | None:
+    """What this run starts from: True the checkpoint, False nothing (always without --resume), None: the Gram
+    file is already complete and made by this command (nothing to do; the stale checkpoint is removed).
+    Under torchrun rank 0 judges the one output for every rank; each rank judges its own checkpoint."""
+    if not args.resume:
+        return False
+    from ..io.resume import CONTINUE, DONE, Found, ResumeError, resume_action
+
+    ctx.sync(None, "the resume check")  # every rank got here (a failing rank reports at this collective)
+    output = ctx.broadcast_object(_found_output(out, signature) if ctx.is_main else None, "the output's state")
+    partial = None
+    if os.path.exists(ckpt):
+        try:
+            checkpoint_header(ckpt, ckpt_signature, mode)
+            partial = Found(ckpt)
+        except GramsError as e:
+            partial = Found(ckpt, str(e))
+    try:
+        action, note = resume_action(output, partial, ckpt, force=args.force)
+    except ResumeError as e:
+        raise GramsError(str(e)) from None
+    if note and (ctx.is_main or action != DONE):
+        ctx.log("note: " + note)
+    if action == DONE:
+        if partial is not None and partial.matches:
+            os.remove(ckpt)
+        return None
+    return action == CONTINUE
+
+
+def _found_output(out: str, signature: str):
+    """The Gram file at --out as io.resume sees it: None (absent), made by this command or not (and why)."""
+    from ..io.resume import Found
+    from .fileformat import load_grams
+
+    target = output_target(out)
+    if not os.path.lexists(target):
+        return None
+    try:
+        made_by = load_grams(target).metadata.get("signature")
+    except Exception as e:  # noqa: BLE001 - anything unreadable is simply not ours
+        return Found(target, f"is not a readable Gram file ({str(e).splitlines()[0] if str(e) else e})")
+    if made_by != signature:
+        return Found(target, "was made with another model, data or settings" if made_by else
+                     "records no signature of what made it (an older regmean_fast, or another tool)")
+    return Found(target)
 
 
 class _Stop:
@@ -371,6 +449,7 @@ class _Stop:
         self._old = None
 
     def step(self) -> None:
+        kill_point("grams.step")
         self.steps += 1
         if self.after and self.steps >= self.after:
             self.flag = True
@@ -407,8 +486,13 @@ def _save_if_stopped(ctx, stop: _Stop, finished: bool, save, ckpt: str, where: s
 
 
 def _remove_checkpoint(ckpt: str) -> None:
-    if os.path.exists(ckpt):
-        os.remove(ckpt)
+    """The Gram file is complete: its checkpoint, and any checkpoint a kill left half-written, go."""
+    import glob
+
+    for p in [ckpt] + glob.glob(glob.escape(ckpt) + ".tmp-*"):
+        if os.path.exists(p):
+            os.remove(p)
+    kill_point("grams.finished")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,11 +516,11 @@ def _run(args) -> int:
     out = args.out
     from .. import distributed as DI
 
-    world, rank, _ = DI.env_world()
     model_dir = args.model_dir
     st_files = check_model_dir(model_dir)
     check_out_spares_inputs(out, model_dir, st_files, args.data)
-    check_output(out, args.force, args.resume, rank, world)
+    check_output(out, args.force, args.resume)
+    kill_point("grams.start")
 
     from . import data as D
 
@@ -480,10 +564,11 @@ def _run(args) -> int:
     # (the published codes' Grams), so the batches keep the order they would have had there.
     batches = D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels,
                              longest_first=not (args.keep_order or args.include_padding))
-    signature = _signature(args, model_dir, st_files, max_length)
+    signature = _signature(args, model_dir, st_files, max_length, batches, ctx.world)
+    ckpt_signature = signature
     if ctx.enabled:  # each rank: its own disjoint share of the batches, its own checkpoint
         batches = ctx.shard(batches)
-        signature = hashlib.sha256(f"{signature}:rank{ctx.rank}of{ctx.world}".encode()).hexdigest()
+        ckpt_signature = hashlib.sha256(f"{signature}:rank{ctx.rank}of{ctx.world}".encode()).hexdigest()
     torch.manual_seed(args.seed)
     dtype = getattr(torch, DTYPES[args.dtype])
 
@@ -499,6 +584,7 @@ def _run(args) -> int:
         "shuffle": args.shuffle,
         "seed": args.seed,
         "mode": "sequential" if args.sequential else "whole-model",
+        "signature": signature,  # what made the file: --resume finds it complete (io.resume)
     }
     if ctx.enabled:
         metadata["ranks"] = ctx.world
@@ -518,9 +604,12 @@ def _run(args) -> int:
         args.sequential = False
         metadata["mode"] = "whole-model"
     ckpt = checkpoint_path(out, ctx.rank, ctx.world)
+    resume = _resume_from_checkpoint(args, out, ckpt, signature, ckpt_signature, metadata["mode"], ctx)
+    if resume is None:
+        return 0
     if args.sequential:
-        return _run_sequential(args, model_dir, config, batches, device, dtype, signature, ckpt, out, metadata,
-                               shard_size, ctx)
+        return _run_sequential(args, model_dir, config, batches, device, dtype, ckpt_signature, ckpt, out,
+                               metadata, shard_size, ctx, resume)
 
     from .collect import GramCollector
 
@@ -533,8 +622,8 @@ def _run(args) -> int:
 
         fisher_acc = FisherAccumulator(model)
     start = 0
-    if args.resume:
-        state, others = read_checkpoint(ckpt, signature, "whole-model")
+    if resume:
+        state, others = read_checkpoint(ckpt, ckpt_signature, "whole-model")
         collector.load_state(state, device=device)
         start = int(state["done_batches"])
         if fisher_acc is not None:
@@ -557,8 +646,9 @@ def _run(args) -> int:
         if fisher_acc is not None:
             extra["fisher_examples"] = fisher_acc.examples
             extra["_tensors"] = fisher_acc.state_tensors()
-        write_checkpoint(ckpt, collector, signature, "whole-model", extra)
+        write_checkpoint(ckpt, collector, ckpt_signature, "whole-model", extra)
 
+    kill_point("grams.loaded")
     ctx.sync(None, "the start")  # every rank has its model and data (else all stop here)
     with _Stop() as stop, collector, torch.no_grad():
         for i in range(start, len(batches)):
@@ -602,14 +692,14 @@ def _run(args) -> int:
 
 
 def _run_sequential(args, model_dir, config, batches, device, dtype, signature, ckpt, out, metadata, shard_size,
-                    ctx) -> int:
+                    ctx, resume: bool) -> int:
     """--sequential: checkpoints hold the position (part, batch) and the host cache of hidden states."""
     from .sequential import SequentialRun
 
     run = SequentialRun(model_dir, config, batches, device=device, dtype=dtype, include=args.include,
                         exclude=args.exclude, include_padding=args.include_padding, share_inputs=not args.no_share,
                         trust_remote_code=args.trust_remote_code)
-    if args.resume:
+    if resume:
         state, others = read_checkpoint(ckpt, signature, "sequential")
         run.load_checkpoint(state, others, ckpt)
         print(f"regmean_fast: resuming from {ckpt} at {run.position()}", file=sys.stderr)
@@ -621,6 +711,7 @@ def _run_sequential(args, model_dir, config, batches, device, dtype, signature, 
         if args.checkpoint_every and (li + 1) % args.checkpoint_every == 0 and not run.complete:
             save_ckpt()
 
+    kill_point("grams.loaded")
     ctx.sync(None, "the start")
     with _Stop() as stop:
         run.run(stop, on_part_done, progress=not args.no_progress and ctx.is_main)
@@ -642,6 +733,7 @@ def _finish(args, collector, out, metadata, shard_size, fisher, ctx=None) -> int
             return 0
     path = collector.save(out, metadata=metadata, packed=args.packed, shard_size=shard_size,
                           overwrite=args.force, fisher=fisher)
+    kill_point("grams.written")
     n_mod = len(collector.module_entries())
     n_keys = len({v["key"] for v in collector.module_entries().values()})
     print(f"regmean_fast: wrote {path}: {n_keys} Grams for {n_mod} modules, {collector.tokens} tokens, "

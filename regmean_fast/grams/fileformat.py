@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .. import ops
+from ..io.resume import kill_point
 
 FORMAT_NAME = "regmean_fast.grams"
 FORMAT_VERSION = "1"
@@ -257,9 +258,11 @@ def save_grams(
                 json.dump(index, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
+        kill_point("grams-file.written")  # tests (io.resume): all in the temporary folder, nothing in place
         if is_file:
             for fname in files if n > 1 else []:
                 _atomic_replace(os.path.join(work_dir, fname), os.path.join(final_dir, fname), True)
+                kill_point("grams-file.shard-placed")
             last = stem + ".safetensors" + (INDEX_SUFFIX if n > 1 else "")
             _atomic_replace(os.path.join(work_dir, last), os.path.join(final_dir, last), overwrite)
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .resume import kill_point
 from .safetensors_file import StreamingShardWriter, element_size, file_sha256, numel
 
 MANIFEST_NAME = "regmean-manifest.json"
@@ -77,6 +78,28 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_manifests(folder: str) -> list[dict]:
+    """Every readable manifest in `folder` (under torchrun one per rank of the run that wrote it)."""
+    import glob
+
+    mans = []
+    for mpath in sorted(glob.glob(os.path.join(glob.escape(folder), MANIFEST_GLOB))):
+        try:
+            with open(mpath) as f:
+                mans.append(json.load(f))
+        except (OSError, json.JSONDecodeError):
+            continue  # a torso from a kill: its shards are in another record or get rewritten
+    return mans
+
+
+def manifests_mismatch(mans: list[dict], plan_hash: str, folder: str) -> str | None:
+    """None when every manifest is of this plan, else the one-line reason for the user."""
+    if all(m.get("format") == MANIFEST_FORMAT and m.get("plan_hash") == plan_hash for m in mans):
+        return None
+    return ("the partial merge left in " + folder + " was made with a different configuration or different "
+            "inputs; drop --resume to start again")
+
+
 class ShardedOutput:
     """Writes the shards of `layout` into `folder` as tensors arrive in layout order.
 
@@ -110,20 +133,11 @@ class ShardedOutput:
         self._save_manifest()
 
     def _load_verified(self) -> None:
-        import glob
-
-        paths = sorted(glob.glob(os.path.join(glob.escape(self.folder), MANIFEST_GLOB)))
-        for mpath in paths:
-            if mpath.endswith(".tmp"):
-                continue
-            try:
-                with open(mpath) as f:
-                    man = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                continue
-            if man.get("format") != MANIFEST_FORMAT or man.get("plan_hash") != self.plan_hash:
-                raise ValueError("the partial merge left in " + self.folder + " was made with a different "
-                                 "configuration or different inputs; drop --resume to start again")
+        mans = read_manifests(self.folder)
+        why = manifests_mismatch(mans, self.plan_hash, self.folder)
+        if why:
+            raise ValueError(why)
+        for man in mans:
             self._load_records(man)
 
     def _load_records(self, man) -> None:
@@ -161,11 +175,13 @@ class ShardedOutput:
             self._writer = StreamingShardWriter(os.path.join(self.folder, fname), ents, metadata={"format": "pt"})
             self._writer_j = j
         self._writer.write(name, tensor)
+        kill_point("shard.tensor")  # tests: a shard half on disk, not in the manifest
         if self._writer.done:
             digest = self._writer.finish()
             self.records[fname] = {"size": self._writer.total_size, "sha256": digest}
             self._writer = None
             self._save_manifest()
+            kill_point("shard.recorded")
             if self.on_shard_done is not None:
                 self.on_shard_done(fname)
 
