@@ -177,3 +177,41 @@ def test_interrupted_while_replacing_the_output_is_resumable(fx, tmp_path, monke
     rep = merge(fx, out=str(out), resume=True)
     assert len(rep["reused_shards"]) == len(rep["shards"]) > 1
     assert _files(out) == _files(ref) and not (out / "regmean-manifest.json").exists()
+
+
+def test_resume_with_nothing_or_everything_done(fx, tmp_path, capsys):
+    """--resume with nothing to resume from starts afresh (a note); on a finished folder of the same merge it
+    is a note and exit 0 with nothing rewritten; on a folder of another merge, one line and nothing touched."""
+    out = tmp_path / "out"
+    args = ["merge", "--models", *[m["model"] for m in fx["models"]], "--grams",
+            *[m["grams"] for m in fx["models"]], "--alpha", "0.9", "--shard-size", "12KB", "--out", str(out)]
+    ref = tmp_path / "ref"
+    merge(fx, out=str(ref))
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"regmean_fast: note: --resume: nothing to resume from (no {tmp_path / '.out.regmean-partial'}); " \
+        "starting from the beginning", err
+    assert _files(out) == _files(ref)
+    stamps = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+    (out / "regmean-manifest.json").write_text("{}")  # as a kill between the final rename and its removal leaves
+    assert main(args + ["--resume"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.strip() == (f"regmean_fast: note: --resume: {out} is complete and was made "
+                                                 "by this command; nothing to do"), cap.err
+    assert {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)} == stamps  # the manifest gone, nothing else
+    assert main(args + ["--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["already_complete"] is True
+    assert main(args[:-4] + ["--alpha", "0.5", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"regmean_fast: error: --resume: {out} exists but was made by another merge (other inputs or " \
+        "settings) (pass --force to replace it, or choose another output)", err
+    os.remove(out / sorted(f for f in os.listdir(out) if f.startswith("model-"))[1])  # a user's slip
+    assert main(args + ["--resume"]) == 2
+    assert "is missing or not the size merge_report.json records" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(args[:-1] + [str(foreign), "--resume"]) == 2
+    assert "exists but holds no merge_report.json" in capsys.readouterr().err
+    assert os.listdir(foreign) == ["notes.txt"]

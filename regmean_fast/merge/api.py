@@ -9,12 +9,15 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 
 import torch
 
 from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, copy_model_code, write_config, write_index
-from ..io.shards import MANIFEST_GLOB, ShardedOutput, ShardLayout, rank_manifest_name
+from ..io.resume import CONTINUE, DONE, FRESH, Found, ResumeError, kill_point, resume_action
+from ..io.shards import (MANIFEST_GLOB, ShardedOutput, ShardLayout, manifests_mismatch, rank_manifest_name,
+                         read_manifests)
 from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
 from .engine import Engine
 from .errors import MergeError, message_of
@@ -75,7 +78,7 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def _check_output_path(cfg: MergeConfig, out: str, force: bool) -> None:
+def _check_output_path(cfg: MergeConfig, out: str, force: bool, resume: bool = False) -> None:
     inputs = [m.model for m in cfg.models] + [m.grams for m in cfg.models if m.grams] + (
         [cfg.base_model] if cfg.base_model else [])
     for p in inputs:
@@ -84,7 +87,7 @@ def _check_output_path(cfg: MergeConfig, out: str, force: bool) -> None:
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise MergeError(f"output {out} exists and is not a folder")
-        if os.listdir(out) and not force:
+        if os.listdir(out) and not (force or resume):  # --resume: judged once the plan is known
             raise MergeError(f"output folder {out} exists and is not empty (pass --force to replace it)")
 
 
@@ -102,6 +105,73 @@ def _plan_hash(cfg, plan, layout, sources, device) -> str:
                        "solve_dtype": cfg.solve_dtype, "device": torch.device(device).type, "inputs": stats},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _start_from(out: str, tmp: str, plan_hash: str, resume: bool, force: bool):
+    """Rank 0, before any shard: what this merge starts from, given what an earlier run left (io.resume's rule).
+    -> (FRESH | CONTINUE | DONE, the stored report when DONE, whether the partial folder was created now).
+    Prepares the partial folder: kept to continue, emptied to start afresh; the output is never touched
+    except to drop the manifests a kill between the final rename and their removal left in it."""
+    partial = None
+    if os.path.exists(tmp):
+        mans = read_manifests(tmp)
+        if mans:
+            partial = Found(tmp, manifests_mismatch(mans, plan_hash, tmp))
+        elif all(f.startswith("regmean-manifest") for f in os.listdir(tmp)):
+            shutil.rmtree(tmp)  # killed before its first manifest was written: nothing in it to keep
+        else:
+            raise MergeError(f"{tmp} exists and was not made by regmean_fast; remove it")
+    action, stored = FRESH, None
+    if resume:
+        output, stored = _found_output(out, plan_hash)
+        try:
+            action, note = resume_action(output, partial, tmp, force)
+        except ResumeError as e:
+            raise MergeError(str(e)) from None
+        if note:
+            print(f"regmean_fast: note: {note}", file=sys.stderr)
+    if action == DONE:
+        _remove_manifests(out)
+        if partial is not None and partial.matches:  # a stale copy of the same merge
+            shutil.rmtree(tmp, ignore_errors=True)
+        return action, stored, False
+    if action == FRESH and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    created = not os.path.exists(tmp)
+    if created:
+        try:
+            os.mkdir(tmp)
+        except OSError as e:  # read-only, no permission: the user's to fix, before any work
+            raise MergeError(f"cannot write the output in {os.path.dirname(out)}: {e.strerror or e}") from None
+        kill_point("merge.partial-created")
+    return action, None, created
+
+
+def _found_output(out: str, plan_hash: str):
+    """The folder at `out` as io.resume sees it -> (None when absent or empty, or Found: made by this merge or
+    not, and why; its report when it is). Its merge_report.json records the plan's signature and every shard's
+    size: the folder is only ever put in place whole, so these say it is this merge, complete."""
+    if not os.path.isdir(out) or not os.listdir(out):
+        return None, None
+    try:
+        with open(os.path.join(out, REPORT_NAME)) as f:
+            report = json.load(f)
+        made_by, shards = report.get("signature"), report["shards"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return Found(out, f"holds no {REPORT_NAME} of a finished merge"), None
+    if made_by != plan_hash:
+        return Found(out, "was made by another merge (other inputs or settings)" if made_by else
+                     f"its {REPORT_NAME} records no signature (an older regmean_fast)"), None
+    for fname, rec in shards.items():
+        path = os.path.join(out, fname)
+        if not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
+            return Found(out, f"its {fname} is missing or not the size {REPORT_NAME} records"), None
+    return Found(out), report
+
+
+def _remove_manifests(folder: str) -> None:
+    for man in glob.glob(os.path.join(glob.escape(folder), MANIFEST_GLOB)):
+        os.remove(man)
 
 
 def _fsync_dir(path: str) -> None:
@@ -131,12 +201,13 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     Any rank failing stops every rank (DistributedError) and leaves the partial folder for resume=True.
     """
     t_start = time.perf_counter()
+    kill_point("merge.start")
     cfg = _as_config(config, overrides)
     if out is None:
         raise MergeError("no output folder given")
     cfg.validate().absolute_paths()
     out = os.path.abspath(os.path.expanduser(str(out)))
-    _check_output_path(cfg, out, force)
+    _check_output_path(cfg, out, force, resume)
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise MergeError(f"the folder {parent} for the output does not exist")
@@ -168,21 +239,15 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                                  f"more than --max-memory {cfg.max_memory}")
         plan_hash = _plan_hash(cfg, plan, layout, sources, cfg.device)
         ctx.sync(None, "the plan")  # torchrun: every rank has a plan (else every rank stops here)
-        if ctx.is_main:
-            if os.path.exists(tmp):
-                if not glob.glob(os.path.join(glob.escape(tmp), MANIFEST_GLOB)):
-                    raise MergeError(f"{tmp} exists and was not made by regmean_fast; remove it")
-                if not resume:
-                    shutil.rmtree(tmp)
-            if not os.path.exists(tmp):
-                try:
-                    os.mkdir(tmp)
-                except OSError as e:  # read-only, no permission: the user's to fix, before any work
-                    raise MergeError(f"cannot write the output in {parent}: {e.strerror or e}") from None
-                created_tmp = True
+        action, stored = None, None
+        if ctx.is_main:  # rank 0 judges what an earlier run left, for every rank
+            action, stored, created_tmp = _start_from(out, tmp, plan_hash, resume, force)
+        ctx.sync(None, "the output folder")  # a refusal on rank 0 stops every rank here
+        action, stored = ctx.broadcast_object((action, stored), "the resume decision")
+        if action == DONE:
+            return dict(stored, already_complete=True)
         owned = None
         if ctx.enabled:
-            ctx.sync(None, "the output folder")
             from .plan import shard_owners
 
             owners = shard_owners(plan, layout, sources, ctx.world)
@@ -191,7 +256,8 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             if hook is not None:
                 on_shard_done = _chain(on_shard_done, hook)
         try:
-            output = ShardedOutput(tmp, layout, plan_hash, resume=resume, on_shard_done=on_shard_done, owned=owned,
+            output = ShardedOutput(tmp, layout, plan_hash, resume=action == CONTINUE, on_shard_done=on_shard_done,
+                                   owned=owned,
                                    manifest_name=rank_manifest_name(ctx.rank, ctx.world))
         except ValueError as e:
             raise MergeError(str(e)) from None
@@ -238,23 +304,27 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             copy_aux_files(donor.path, tmp)
         report = build_report(cfg, plan, tensor_report, shards=records,
                               total_s=time.perf_counter() - t_start, reused=reused, device=cfg.device)
+        report["signature"] = plan_hash  # what made this folder: --resume finds it complete (_found_output)
         write_json(os.path.join(tmp, REPORT_NAME), report)
         with open(os.path.join(tmp, "regmean_config.yml"), "w") as f:
             f.write(config_yaml(cfg, plan))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(cfg, plan))
         _fsync_dir(tmp)
+        kill_point("merge.finalised")
         if os.path.exists(out):
             old = out + f".regmean-old-{os.getpid()}"
             os.rename(out, old)
+            kill_point("merge.swapping")
             os.rename(tmp, out)  # a kill before this leaves the partial folder, manifest and all: resumable
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        for man in glob.glob(os.path.join(glob.escape(out), MANIFEST_GLOB)):
-            os.remove(man)
+        kill_point("merge.renamed")
+        _remove_manifests(out)
         _fsync_dir(out)
         _fsync_dir(parent)
+        kill_point("merge.finished")
         if ctx.enabled:
             ctx.sync(None, "the final output")
             ctx.broadcast_object(report, "the report")

@@ -143,7 +143,7 @@ def cmd_merge(args) -> int:
         return 0
     if args.json:
         print(json.dumps(report, indent=1, default=str))
-    else:
+    elif not report.get("already_complete"):  # else the note said so: nothing was merged now
         n = len(report["tensors"])
         print(f"merged {len(cfg.models)} models with {report['method']}: {n} tensors ({report['groups']} RegMean "
               f"groups) in {report['total_time_s']:.2f} s -> {args.out}")
