@@ -317,6 +317,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             os.rename(out, old)
             kill_point("merge.swapping")
             os.rename(tmp, out)  # a kill before this leaves the partial folder, manifest and all: resumable
+        for old in glob.glob(glob.escape(out) + ".regmean-old-*"):  # ours, and any a kill here left before
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
