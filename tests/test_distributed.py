@@ -144,6 +144,24 @@ def test_grams_two_ranks_equal_one_process_with_resume(mode, tiny, tmp_path, cap
     assert not [f for f in os.listdir(tmp_path) if "checkpoint" in f]
 
 
+def test_grams_resume_with_nothing_then_everything_done(tiny, tmp_path):
+    """--resume under torchrun with no checkpoint: every rank starts afresh (a note each); again on the finished
+    file: rank 0 finds it complete and made by this command, every rank exits 0, nothing rewritten."""
+    root, model, data = tiny
+    out = tmp_path / "g.safetensors"
+    argv = ["grams", model, "--data", data, "--batch-size", "2", "--no-progress", "--out", out, "--resume"]
+    res = launch(argv)
+    assert [rc for rc, _ in res] == [0, 0], res
+    for r, (_, err) in enumerate(res):
+        assert f"regmean_fast[rank {r}/2]: note: --resume: nothing to resume from" in err, err
+    stamp = os.stat(out).st_mtime_ns
+    res = launch(argv)
+    assert [rc for rc, _ in res] == [0, 0], res
+    assert "is complete and was made by this command; nothing to do" in res[0][1], res[0][1]
+    assert "note" not in res[1][1], res[1][1]
+    assert os.stat(out).st_mtime_ns == stamp and sorted(os.listdir(tmp_path)) == ["g.safetensors"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # merge
 
@@ -208,6 +226,11 @@ def test_merge_rank_killed_then_resume(fx, ref_files, tmp_path):
     rep = json.load(open(out / "merge_report.json"))
     assert len(rep["reused_shards"]) >= 1
     assert not partial.exists()
+    stamps = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+    res = launch([*fx[1], "--out", out, "--resume"])  # finished: rank 0 says so, every rank agrees
+    assert [rc for rc, _ in res] == [0, 0], res
+    assert "is complete and was made by this command; nothing to do" in res[0][1], res[0][1]
+    assert {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)} == stamps and not partial.exists()
 
 
 def test_merge_rank_raises_stops_every_rank(tmp_path):
