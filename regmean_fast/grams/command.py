@@ -37,7 +37,7 @@ examples:
   # 10,000 examples of at most 1024 tokens, bf16 forward on a GPU, a checkpoint every 100 batches
   python -m regmean_fast grams ./my-llama --data chat.jsonl --out grams/ --max-length 1024 \\
       --max-examples 10000 --device cuda --dtype bf16 --checkpoint-every 100
-  # ... interrupted (Ctrl-C)? the same command plus --resume continues where it stopped
+  # ... interrupted (Ctrl-C) or killed? the same command plus --resume continues where it stopped
 
   # a decoder bigger than the GPU: one block at a time; a CSV column; 2 GB shards
   python -m regmean_fast grams ./llama-70b --data calib.csv --text-field body --out grams/ \\
@@ -109,7 +109,10 @@ def register_grams(sub) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="write a checkpoint every N batches (--sequential: every N decoder blocks; default: "
                         "only on Ctrl-C)")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    g.add_argument("--resume", action="store_true",
+                   help="after Ctrl-C or a kill: continue from the checkpoint beside --out; with none, start from "
+                        "the beginning (a note says so); an --out already complete and made by this same command "
+                        "is kept as it is (a note, exit 0); anything there made otherwise is refused")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_grams)
     return p

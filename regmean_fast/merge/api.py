@@ -192,7 +192,8 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     config: a MergeConfig, a mapping like the YAML file, or the YAML file's path; keyword overrides
     (models=..., method=..., parameters=..., out_dtype=...) replace its fields, and any other keyword is a
     method parameter (alpha=0.9, density=0.5). Writes into a temporary folder next to `out` and renames
-    it at the end; resume=True reuses verified shards.
+    it at the end; resume=True reuses its verified shards, starts afresh when there is none, and returns the
+    stored report (with already_complete=True) when `out` is already this merge, complete.
     Raises MergeError on bad input, leaving no output behind.
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this with the same arguments: the shards are spread

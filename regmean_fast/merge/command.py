@@ -32,7 +32,8 @@ EPILOG = """example CONFIG.yaml (mergekit-like; paths relative to the file; unkn
 methods: regmean (one Gram file per model), average, task_arithmetic and ties (--base-model), fisher
 (Gram files collected with --fisher). OUT gets model*.safetensors (+ index), config.json, the tokenizer
 and generation files, merge_report.json (per tensor: method, ridge, time), regmean_config.yml (rerun it
-to reproduce the merge) and README.md. Interrupted: rerun the same command with --resume.
+to reproduce the merge) and README.md. Interrupted or killed at any moment: rerun the same command with
+--resume.
 Everything else: docs/merge.md."""
 
 
@@ -74,7 +75,10 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("resources and safety")
     g.add_argument("--device", help="cpu (default), cuda or cuda:N")
     g.add_argument("--max-memory", help="host memory budget for the working set, e.g. 16GB (checked up front)")
-    g.add_argument("--resume", action="store_true", help="reuse the verified shards of an interrupted merge")
+    g.add_argument("--resume", action="store_true",
+                   help="after Ctrl-C or a kill: reuse the verified shards of the partial folder; with none, start "
+                        "from the beginning (a note says so); an OUT already complete and made by this same merge "
+                        "is kept as it is (a note, exit 0); anything there made otherwise is refused")
     g.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     g.add_argument("--progress", action="store_true", help="show a progress bar")
     g.add_argument("--json", action="store_true", help="print the merge report as JSON")
