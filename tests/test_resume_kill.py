@@ -219,13 +219,14 @@ def test_merge_killed_anywhere_then_resumed(merge_ref, tmp_path, kills):
     assert not [f for f in os.listdir(out) if "manifest" in f]
 
 
-def test_merge_killed_while_replacing_with_force(merge_ref, tmp_path):
-    """--force over an earlier output, killed between its two renames (no OUT at all for a moment): the same
-    command plus --resume puts the merge in place."""
+@pytest.mark.parametrize("kill", ["merge.swapping", "merge.renamed"])
+def test_merge_killed_while_replacing_with_force(merge_ref, tmp_path, kill):
+    """--force over an earlier output, killed between its two renames (no OUT at all for a moment) or just
+    after them: the same command plus --resume puts the merge in place and the earlier output goes."""
     argv, ref = merge_ref
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("an earlier output")
     argv = argv(tmp_path) + ["--force"]
-    kill_then_resume(tmp_path, argv, ["merge.swapping"], lambda: _merge_files(out), ref)
+    kill_then_resume(tmp_path, argv, [kill], lambda: _merge_files(out), ref)
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "out"]  # the earlier output, set aside, is gone too

@@ -110,8 +110,8 @@ def _plan_hash(cfg, plan, layout, sources, device) -> str:
 def _start_from(out: str, tmp: str, plan_hash: str, resume: bool, force: bool):
     """Rank 0, before any shard: what this merge starts from, given what an earlier run left (io.resume's rule).
     -> (FRESH | CONTINUE | DONE, the stored report when DONE, whether the partial folder was created now).
-    Prepares the partial folder: kept to continue, emptied to start afresh; the output is never touched
-    except to drop the manifests a kill between the final rename and their removal left in it."""
+    Prepares the partial folder: kept to continue, emptied to start afresh; a complete output is only tidied
+    (_finish_placing, which a kill may have cut short)."""
     partial = None
     if os.path.exists(tmp):
         mans = read_manifests(tmp)
@@ -131,7 +131,7 @@ def _start_from(out: str, tmp: str, plan_hash: str, resume: bool, force: bool):
         if note:
             print(f"regmean_fast: note: {note}", file=sys.stderr)
     if action == DONE:
-        _remove_manifests(out)
+        _finish_placing(out)
         if partial is not None and partial.matches:  # a stale copy of the same merge
             shutil.rmtree(tmp, ignore_errors=True)
         return action, stored, False
@@ -169,9 +169,13 @@ def _found_output(out: str, plan_hash: str):
     return Found(out), report
 
 
-def _remove_manifests(folder: str) -> None:
-    for man in glob.glob(os.path.join(glob.escape(folder), MANIFEST_GLOB)):
+def _finish_placing(out: str) -> None:
+    """The merge is in place at `out`: drop its manifests and the earlier output --force set aside (also when
+    a kill came between the renames and here)."""
+    for man in glob.glob(os.path.join(glob.escape(out), MANIFEST_GLOB)):
         os.remove(man)
+    for old in glob.glob(glob.escape(out) + ".regmean-old-*"):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -258,8 +262,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                 on_shard_done = _chain(on_shard_done, hook)
         try:
             output = ShardedOutput(tmp, layout, plan_hash, resume=action == CONTINUE, on_shard_done=on_shard_done,
-                                   owned=owned,
-                                   manifest_name=rank_manifest_name(ctx.rank, ctx.world))
+                                   owned=owned, manifest_name=rank_manifest_name(ctx.rank, ctx.world))
         except ValueError as e:
             raise MergeError(str(e)) from None
         needed = sum(sum(int(torch.empty((), dtype=d).element_size()) * int(torch.Size(s).numel()) for _, d, s in ents)
@@ -318,12 +321,10 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             os.rename(out, old)
             kill_point("merge.swapping")
             os.rename(tmp, out)  # a kill before this leaves the partial folder, manifest and all: resumable
-        for old in glob.glob(glob.escape(out) + ".regmean-old-*"):  # ours, and any a kill here left before
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
         kill_point("merge.renamed")
-        _remove_manifests(out)
+        _finish_placing(out)
         _fsync_dir(out)
         _fsync_dir(parent)
         kill_point("merge.finished")
