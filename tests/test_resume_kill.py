@@ -82,6 +82,25 @@ def kill_then_resume(tmp, argv, kills, snapshot, ref):
     return log
 
 
+def test_resume_action_rules():
+    """io.resume's table, on its own: what --resume does with an output and a partial state found or not."""
+    from regmean_fast.io.resume import CONTINUE, DONE, FRESH, Found, ResumeError, resume_action
+
+    ours, other_out, other_part = Found("OUT"), Found("OUT", "was made otherwise"), Found("CKPT", "CKPT is not ours")
+    assert resume_action(None, None, "CKPT") == (FRESH, "--resume: nothing to resume from (no CKPT); starting "
+                                                        "from the beginning")
+    assert resume_action(None, Found("CKPT"), "CKPT") == (CONTINUE, None)
+    for partial in (None, Found("CKPT"), other_part):  # complete and ours: nothing else matters
+        for force in (False, True):
+            assert resume_action(ours, partial, "CKPT", force)[0] == DONE
+    with pytest.raises(ResumeError, match=r"^--resume: OUT exists but was made otherwise \(pass --force"):
+        resume_action(other_out, Found("CKPT"), "CKPT")
+    assert resume_action(other_out, Found("CKPT"), "CKPT", force=True) == (CONTINUE, None)  # replaced at the end
+    assert resume_action(other_out, None, "CKPT", force=True)[0] == FRESH
+    with pytest.raises(ResumeError, match="^CKPT is not ours$"):
+        resume_action(None, other_part, "CKPT")
+
+
 # ---------------------------------------------------------------------------------------------------
 # grams: 12 examples in 6 batches, a checkpoint every 2 batches (sequential: every decoder block), the Gram
 # file sharded beside g.safetensors so the final write has steps of its own
