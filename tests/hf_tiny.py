@@ -137,9 +137,12 @@ def make_model(kind: str, seed: int = 0, **overrides):
     return model, make_tokenizer(kind)
 
 
-def save_tiny(folder, kind: str, seed: int = 0, max_shard_size=None, **overrides) -> str:
+def save_tiny(folder, kind: str, seed: int = 0, max_shard_size=None, dtype=None, **overrides) -> str:
+    """dtype: the checkpoint's (and config's) dtype, e.g. torch.bfloat16 as real LLMs ship; default fp32."""
     folder = os.fspath(folder)
     model, tok = make_model(kind, seed, **overrides)
+    if dtype is not None:
+        model.to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kw)
     tok.save_pretrained(folder)

@@ -28,10 +28,13 @@ def _grams(capsys, model_dir, data, out, *extra):
     return load_grams(out, verify=True), err
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
-def test_sequential_equals_whole_model(kind, data, tmp_path, capsys):
+@pytest.mark.parametrize("kind,dtype", [("llama", None), ("qwen2", None), ("gemma3", None),
+                                         ("gemma3", torch.bfloat16)], ids=["llama", "qwen2", "gemma3", "gemma3-bf16"])
+def test_sequential_equals_whole_model(kind, dtype, data, tmp_path, capsys):
+    """A bf16 checkpoint (as real LLMs ship) run in fp32: the buffers no checkpoint holds (Gemma-3's
+    embed_scale) must be fp32 in both modes, not rounded to the config's bf16 in one of them."""
     root, d = data
-    m = hf_tiny.save_tiny(tmp_path / kind, kind, max_shard_size="20KB")  # sharded checkpoint
+    m = hf_tiny.save_tiny(tmp_path / kind, kind, max_shard_size="20KB", dtype=dtype)  # sharded checkpoint
     whole, _ = _grams(capsys, m, d, tmp_path / "whole.safetensors")
     seq, _ = _grams(capsys, m, d, tmp_path / "seq.safetensors", "--sequential")
     assert seq.modules() == whole.modules() and seq.groups() == whole.groups()

@@ -270,17 +270,20 @@ def quiet_transformers() -> None:
         pass
 
 
-def meta_model(config, trust: bool):
-    """The model skeleton on the meta device: names and shapes, no memory, no weights read."""
+def meta_model(config, trust: bool, dtype=None):
+    """The model skeleton on the meta device: names and shapes, no memory, no weights read. dtype: what
+    buffers built from Python numbers get (Gemma-3's embed_scale), as from_pretrained(dtype=...) gives them;
+    by default the config's."""
     import torch
 
     cls = model_class(config, trust)
+    kw = {} if dtype is None else {"dtype": dtype}
     try:
         with torch.device("meta"):
             if hasattr(cls, "_from_config"):
-                return cls._from_config(config, trust_remote_code=trust) if cls.__name__.startswith("Auto") \
-                    else cls._from_config(config)
-            return cls.from_config(config, trust_remote_code=trust)
+                return cls._from_config(config, trust_remote_code=trust, **kw) if cls.__name__.startswith("Auto") \
+                    else cls._from_config(config, **kw)
+            return cls.from_config(config, trust_remote_code=trust, **kw)
     except Exception as e:
         raise GramsError(f"cannot build the model from its config: {str(e).splitlines()[0] if str(e) else e}") \
             from None

@@ -117,7 +117,7 @@ class SequentialRun:
         from .collect import GramCollector
         from .command import meta_model
 
-        self.model = meta_model(config, trust_remote_code).eval()
+        self.model = meta_model(config, trust_remote_code, dtype).eval()
         prefix = getattr(self.model, "base_model_prefix", "model")
         self.base = getattr(self.model, prefix, self.model)
         self.pre = f"{prefix}." if self.base is not self.model and prefix else ""
