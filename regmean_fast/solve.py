@@ -3,9 +3,16 @@
 For one shared-input group (the modules reading the same input, e.g. q/k/v) and K models:
 
     S_i = c_i (alpha N(G_i) + (1 - alpha) diag(N(G_i)))      (model_term: one read of each Gram)
-    A = sum_i S_i,   B^T = sum_i W_i S_i                      (add_rhs: all modules' W_i stacked)
-    W*^T = B^T A^-1 = sum_i W_i (S_i A^-1)                    (one Cholesky for the group; the second
-                                                                order when the group is wider than K d)
+    A = sum_i S_i,   R^T = sum_i (W_i - W_0) S_i              (add_delta_rhs: all modules stacked)
+    W*^T = W_0^T + A^-1 R                                     (one Cholesky for the group; or
+                                                                W_0 + sum_i (W_i - W_0) (S_i A^-1)
+                                                                when the group is wider than K d)
+
+the RegMean solution W*^T = A^-1 sum_i S_i W_i^T written relative to model 0, so that K identical models
+give it back exactly and the rounding scales with the models' differences. A sum that is not positive
+definite is shifted (by its fp32 rounding level, else a ridge) toward the models' average; the condition
+of each solve is estimated from its Cholesky factor, and an fp32 solve whose expected error exceeds
+PRECISION_TOL is redone in fp64 (solve_group).
 
 N divides by the token count ("mean", the published codes' choice) or not ("sum"). The reference
 implementation (regmean_fast.reference) is the oracle these are tested against.
@@ -13,6 +20,7 @@ implementation (regmean_fast.reference) is the oracle these are tested against.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,25 +29,55 @@ import torch
 from . import ops
 
 NORMALIZATIONS = ("mean", "sum")
-# Input size from which W G goes through exact bf16x3 products (three AMX GEMMs) rather than one fp32
-# GEMM: on the quiet 2-core AMX machine 1.8x at 1024 x 1024, 2.0x at 5632 x 1024 and 4096 x 4096;
-# below a few hundred the per-call overheads dominate either way.
-EXACT_BF16_MIN_DIM = 512
+EPS32 = torch.finfo(torch.float32).eps
+# The merged weights' relative error the solve must reach: above it (as estimated), an fp32 solve is redone
+# in fp64, and an fp64 solve that cannot reach it says so.
+PRECISION_TOL = 1e-5
+# A Gram is stored in fp32: entry (i, j) of the sum is exact only to about EPS32 sqrt(a_ii a_jj) (times a small
+# factor), so a sum that is not positive definite as stored is repaired by raising each a_jj by rel * a_jj,
+# rel = these multiples of EPS32 ||D^-1/2 A D^-1/2||_1 (up to beyond sqrt(d) times it), before any ridge
+# rel = RIDGE_START..RIDGE_MAX is tried.
+REPAIR_STEPS = (1.0, 8.0, 64.0, 512.0)
 RIDGE_START = 1e-6
 RIDGE_MAX = 1e-1
+# Rows of W_i - W_0 formed at a time (in the solve dtype) before their product with S_i.
+DELTA_CHUNK_ELEMS = 1 << 22
 
 
 @dataclass
 class SolveReport:
-    """What the solve needed: the plain Cholesky, a ridge (lambda * mean(diag) * I), or least squares."""
+    """What the solve needed and how accurate it is expected to be.
 
-    method: str = "cholesky"  # "cholesky", "cholesky+ridge" or "lstsq"
-    ridge: float = 0.0  # lambda used (relative to mean(diag(A)))
+    method: "cholesky"; "cholesky+repair" (the sum was not positive definite as stored, i.e. within its
+    rounding: its diagonal raised by a multiple of its fp32 rounding level); "cholesky+ridge" (more); "lstsq"
+    (no shift made it factorise). Every shift Lambda (diagonal) pulls toward the models' average, not toward
+    zero: (A + Lambda) W^T = sum_i G~_i W_i^T + Lambda W_avg^T.
+    ridge: the shift relative to each diagonal entry (Lambda = ridge diag(A); the mean's for a zero one). cond: the condition number of the diagonally scaled system,
+    estimated from the Cholesky factor. error: the expected relative error of the merged weights (cond *
+    eps(dtype) * max_i ||W_i - W_0|| / ||W_0||). dtype: the solve's dtype; escalated: an fp32 solve whose
+    expected error exceeded PRECISION_TOL was redone in fp64 (fp32_error: its estimate)."""
+
+    method: str = "cholesky"
+    ridge: float = 0.0
     attempts: int = 1
+    cond: float | None = None
+    error: float | None = None
+    dtype: str = "float32"
+    escalated: bool = False
+    fp32_error: float | None = None
     notes: list = field(default_factory=list)
 
+    @property
+    def precise(self) -> bool:
+        """The expected error is within PRECISION_TOL (unknown, for least squares, counts as not)."""
+        return self.error is not None and self.error <= PRECISION_TOL
+
     def as_dict(self) -> dict:
-        return {"method": self.method, "ridge": self.ridge, "attempts": self.attempts, "notes": list(self.notes)}
+        d = {"method": self.method, "ridge": self.ridge, "attempts": self.attempts, "cond": self.cond,
+             "error": self.error, "dtype": self.dtype, "escalated": self.escalated, "notes": list(self.notes)}
+        if self.escalated:
+            d["fp32_error"] = self.fp32_error
+        return d
 
 
 def normalized_coeffs(coeffs: Sequence[float] | None, k: int) -> list[float]:
@@ -70,37 +108,29 @@ def gram_scales(counts: Sequence[int] | None, k: int, normalization: str) -> lis
     return [1.0 / float(n) for n in counts]
 
 
-def model_term(A: torch.Tensor, G: torch.Tensor, factor: float, alpha: float, *, split: bool = False,
-               out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+def model_term(A: torch.Tensor, G: torch.Tensor, factor: float, alpha: float,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, tuple | None]:
     """One model's share of a group's matrix: S = factor (alpha G + (1 - alpha) diag(G)), A's upper
-    triangle += S's (call symmetrize_upper_(A) once all models are in), and G's symmetry_stats, without a
-    temporary (ops.gram_term) when G and A are float32; other dtypes through tensor expressions (stats
-    then only for a float32 G, else None).
+    triangle += S's (call symmetrize_upper_(A) once all models are in), and G's symmetry_stats (for a
+    float32 G; else None), in one pass over G (ops.gram_term) when G and A are float32.
 
-    Returns (S, stats) with S in the form add_rhs takes: the fp32 matrix, its bf16x3 slices (split=True:
-    for bf16 weights, see ops.addmm_bf16x3_), or for alpha == 0 only its diagonal (the term is diagonal).
-    out: a buffer for S of the right shape and dtype ([d, d] fp32, or [3, d, d] bf16 when split)."""
-    d = G.size(0)
+    Returns (S, stats): S in out ([d, d], A's dtype), or None when out is None (only A grows); for
+    alpha == 0 the term is diagonal and S is that diagonal ([d], A's dtype) either way."""
+    stats = None
     if A.dtype == torch.float32 and G.dtype == torch.float32 and G.is_contiguous():
-        if alpha == 0.0:
-            stats = ops.gram_term(G, factor, alpha, A)
-            return torch.diagonal(G) * factor, stats
-        if out is None:
-            out = torch.empty((3, d, d) if split else (d, d), dtype=torch.bfloat16 if split else torch.float32,
-                              device=G.device)
-        return out, ops.gram_term(G, factor, alpha, A, out)
-    stats = ops.symmetry_stats(G) if G.dtype == torch.float32 else None
-    Gs = G.to(A.dtype)
+        stats = ops.gram_term(G, factor, alpha, A, out if alpha != 0.0 else None)
+        return (torch.diagonal(G) * factor if alpha == 0.0 else out), stats
+    if G.dtype == torch.float32:
+        stats = ops.symmetry_stats(G)
     if alpha == 0.0:
-        S = torch.diagonal(Gs) * factor
+        S = torch.diagonal(G).to(A.dtype) * factor
         A.diagonal().add_(S)
         return S, stats
-    S = Gs * (factor * alpha)
-    S.diagonal().copy_(torch.diagonal(Gs) * factor)
-    A.add_(torch.triu(S))
-    if split:
-        S = ops.split_bf16x3(S)
-    return S, stats
+    S = torch.empty_like(A) if out is None else out
+    S.copy_(G).mul_(factor * alpha)  # in A's dtype: G converted exactly, then scaled
+    torch.diagonal(S).copy_(torch.diagonal(G)).mul_(factor)
+    A.add_(S)  # the lower triangle too; symmetrize_upper_ rewrites it from the upper one
+    return (None if out is None else S), stats
 
 
 def symmetrize_upper_(A: torch.Tensor) -> torch.Tensor:
@@ -111,89 +141,174 @@ def symmetrize_upper_(A: torch.Tensor) -> torch.Tensor:
     return A
 
 
-def add_rhs(Bt: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> None:
-    """Bt += W S for one module, in place: W [d_out, d_in] (oriented), Bt its rows of the transposed
-    right-hand side, S from model_term (symmetric: (S W^T)^T = W S) or any [d_in, d_in] M. Every operand
-    is row-major.
-    bf16x3 slices need a bfloat16 W (the stored weights of a bf16 checkpoint): three bf16 GEMMs with exact
-    products and fp32 accumulation, as accurate as fp32 and several times faster (AMX)."""
-    if S.dim() == 1:
-        Bt.addcmul_(W.to(Bt.dtype), S.unsqueeze(0))
-    elif S.dim() == 3:
-        ops.addmm_bf16x3_(Bt, W, S, 1.0)
-    else:
-        Bt.addmm_(W.to(S.dtype), S)
+def add_delta_rhs(Bt: torch.Tensor, ws: Sequence[torch.Tensor], w0s: Sequence[torch.Tensor],
+                  S: torch.Tensor, scratch=None) -> float:
+    """Bt += (W - W_0) S, block by block (ws, w0s: one model's and model 0's member weights, oriented
+    [d_out_m, d_in], stacked as Bt's rows), with W - W_0 formed in Bt's dtype a few rows at a time before the
+    product: the rounding of the right-hand side is then relative to the models' differences, not to the
+    weights (K identical models give exactly zero). S: [d, d], or a diagonal as a [d] vector (alpha == 0, a
+    shift). scratch(name, shape, dtype, device) -> a reusable buffer. Returns ||W - W_0||_F^2."""
+    d = Bt.size(1)
+    rows = max(256, DELTA_CHUNK_ELEMS // max(d, 1))
+    sq, off = 0.0, 0
+    for W, W0 in zip(ws, w0s):
+        for r in range(0, W.size(0), rows):
+            n = min(rows, W.size(0) - r)
+            D = (scratch("D", (n, d), Bt.dtype, Bt.device) if scratch is not None
+                 else torch.empty((n, d), dtype=Bt.dtype, device=Bt.device))
+            D.copy_(W[r:r + n]).sub_(W0[r:r + n])
+            sq += float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2
+            dst = Bt[off + r:off + r + n]
+            if S.dim() == 1:
+                dst.addcmul_(D, S.unsqueeze(0))
+            else:
+                dst.addmm_(D, S)
+        off += W.size(0)
+    return sq
 
 
-def _cholesky_attempt(A: torch.Tensor, Bt: torch.Tensor | None) -> bool:
-    """One Cholesky attempt, in place: True with Bt <- Bt A^-1 (and, on the CPU, A's upper triangle
-    holding the factor), or False (info > 0 or a non-finite factor) with A and Bt as they were.
-    Bt=None factors only (CPU). CPU: LAPACK on the buffers (ops.spd_solve_); CUDA: cuSOLVER
-    (ops.spd_solve: Xpotrf + Xpotrs, one device-to-host copy of the info)."""
-    if A.device.type == "cpu":
-        rhs = Bt if Bt is not None else A.new_empty((0, A.size(0)))
-        potrf_info, nonfinite, _ = ops.spd_solve_(A, rhs).tolist()
-        return potrf_info == 0 and nonfinite == 0
-    if ops.HAS_SPD_SOLVE_OP and A.dtype in (torch.float32, torch.float64) and Bt.dtype == A.dtype:
-        X, info = ops.spd_solve(A, Bt.T)
-        potrf_info, nonfinite, _ = info.tolist()
-        ok = potrf_info == 0 and nonfinite == 0
-    else:
+# -- factorisation --------------------------------------------------------------------------------------
+class Factor:
+    """The Cholesky factor of a (possibly shifted) symmetric A, made in place: CPU, LAPACK on the buffer
+    (A's upper triangle becomes U, A = U^T U; ops.spd_solve_); elsewhere torch.linalg.cholesky_ex."""
+
+    def __init__(self, A: torch.Tensor, L: torch.Tensor | None):
+        self.A, self.L = A, L
+
+    @staticmethod
+    def attempt(A: torch.Tensor) -> "Factor | None":
+        """One Cholesky attempt: a Factor, or None (info > 0 or a non-finite factor) with A as it was."""
+        if A.device.type == "cpu":
+            potrf_info, nonfinite, _ = ops.spd_solve_(A, A.new_empty((0, A.size(0)))).tolist()
+            return Factor(A, None) if potrf_info == 0 and nonfinite == 0 else None
         L, info = torch.linalg.cholesky_ex(A)
-        ok = int(info) == 0 and ops.all_finite(L)
-        X = torch.cholesky_solve(Bt.T, L) if ok else None
-    if ok:
-        Bt.copy_(X.T)
-    return ok
+        return Factor(A, L) if int(info) == 0 and ops.all_finite(L) else None
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.diagonal(self.A if self.L is None else self.L)
+
+    def solve_(self, Bt: torch.Tensor) -> None:
+        """In place: Bt <- Bt A^-1 (Bt [k, d], contiguous; A symmetric, so (A^-1 Bt^T)^T)."""
+        if self.L is None:
+            ops.spd_solve_(self.A, Bt, factored=True)
+        else:
+            Bt.copy_(torch.cholesky_solve(Bt.T, self.L).T)
 
 
-def _ridge_escalation(A: torch.Tensor, attempt) -> SolveReport:
-    """attempt() (a Cholesky attempt on A) as is, then with lambda * mean(diag(A)) * I added, lambda = 1e-6,
-    1e-5, ... up to 1e-1. Returns the report; method "lstsq" (A as given) when every attempt failed."""
-    report = SolveReport()
-    if attempt():
-        return report
-    diag = torch.diagonal(A).clone()  # a failed attempt leaves A as it was
-    scale = float(diag.abs().mean())
-    if scale == 0.0 or scale != scale:
-        scale = 1.0
-    lam = RIDGE_START
-    while lam <= RIDGE_MAX * (1 + 1e-9):
-        report.attempts += 1
-        torch.diagonal(A).copy_(diag + lam * scale)
-        if attempt():
-            report.method, report.ridge = "cholesky+ridge", lam
-            return report
-        lam *= 10.0
-    torch.diagonal(A).copy_(diag)
-    report.attempts += 1
-    report.method, report.ridge = "lstsq", 0.0
-    report.notes.append("Cholesky failed even with a ridge of 1e-1 * mean(diag); used least squares")
-    return report
-
-
-def robust_cholesky_(A: torch.Tensor) -> SolveReport:
-    """Factor the CPU matrix A in place (its upper triangle becomes U, A = U^T U; see ops.spd_solve_) with
-    robust_spd_solve_'s ridge escalation; then ops.spd_solve_(A, Bt, factored=True) solves. Method "lstsq":
-    no factor (A as given), the caller must solve otherwise."""
+def robust_factor_(A: torch.Tensor) -> tuple[Factor | None, torch.Tensor | None, SolveReport]:
+    """Factor the symmetric A in place, shifting its diagonal when it is not positive definite. The shift is
+    relative to each diagonal entry (a dimension no data excites, diagonal 0, takes the mean's): rel * a_jj,
+    like a slightly smaller alpha, so a few massive input dimensions do not swamp the others. First rel =
+    REPAIR_STEPS multiples of the fp32 rounding level EPS32 ||D^-1/2 A D^-1/2||_1 (a sum of fp32 Grams
+    that is not positive definite as stored is rounding, not data), then rel = RIDGE_START..RIDGE_MAX.
+    Returns (the factor, or None when no shift worked (A then as given: least squares); the shift vector
+    added to A's diagonal, or None; the report: method, ridge = rel, attempts, estimated condition)."""
     if not ops.all_finite(A):
         raise FloatingPointError("non-finite values in the system to solve")
-    return _ridge_escalation(A, lambda: _cholesky_attempt(A, None))
+    report = SolveReport(dtype=str(A.dtype).replace("torch.", ""))
+    diag = torch.diagonal(A).clone()  # a failed attempt leaves A as it was
+    norm1 = scaled_norm1(A)
+    fac, shift = Factor.attempt(A), None
+    if fac is None:
+        mean = float(diag.mean()) if diag.numel() else 0.0
+        base = torch.where(diag > 0, diag, mean if mean > 0 else 1.0)
+        level = EPS32 * norm1
+        steps = [("cholesky+repair", m * level) for m in REPAIR_STEPS]
+        lam = RIDGE_START
+        while lam <= RIDGE_MAX * (1 + 1e-9):
+            if lam > steps[-1][1]:
+                steps.append(("cholesky+ridge", lam))
+            lam *= 10.0
+        for method, rel in steps:
+            report.attempts += 1
+            shift = rel * base
+            torch.diagonal(A).copy_(diag + shift)
+            fac = Factor.attempt(A)
+            if fac is not None:
+                report.method, report.ridge = method, rel
+                break
+        else:
+            torch.diagonal(A).copy_(diag)
+            report.attempts += 1
+            report.method, shift = "lstsq", None
+            report.notes.append("Cholesky failed even with a ridge of 1e-1 * diag; used least squares")
+    if fac is not None:
+        report.cond = scaled_cond_estimate(fac, diag if shift is None else diag + shift, norm1)
+    return fac, shift, report
+
+
+def scaled_cond_estimate(fac: Factor, diag: torch.Tensor, norm1: float, steps: int = 5) -> float:
+    """An estimate of the 1-norm condition number of D^-1/2 A D^-1/2 (D = diag(A), A = the factored matrix, of
+    unit diagonal once scaled): what Cholesky's accuracy depends on (van der Sluis), not the spread of the
+    diagonal (a few massive input dimensions). norm1 = ||D^-1/2 A D^-1/2||_1 (scaled_norm1, before factoring)
+    times Hager and Higham's estimate of ||D^1/2 A^-1 D^1/2||_1 (LAPACK's xLACON: a few solves with one
+    right-hand side, O(d^2) each): an estimate of the 1-norm condition, which bounds the 2-norm one."""
+    d = diag.numel()
+    if d == 0:
+        return 1.0
+    root = diag.to(torch.float64).clamp_min(0).sqrt()
+    if float(root.min()) == 0.0:
+        return math.inf
+
+    def apply(x):  # D^1/2 A^-1 D^1/2 x, in the factor's dtype
+        y = (x * root).to(diag.dtype).unsqueeze(0).contiguous()
+        fac.solve_(y)
+        return y[0].to(torch.float64) * root
+
+    x = torch.full((d,), 1.0 / d, dtype=torch.float64, device=diag.device)
+    est, j_prev = 0.0, -1
+    for _ in range(steps):
+        y = apply(x)
+        est = float(y.abs().sum())
+        z = apply(torch.where(y >= 0, 1.0, -1.0).to(torch.float64))
+        j = int(z.abs().argmax())
+        if j == j_prev or float(z.abs().max()) <= float(z @ x):
+            break
+        x, j_prev = torch.zeros_like(x), j
+        x[j] = 1.0
+    alt = torch.arange(d, dtype=torch.float64, device=diag.device)  # Higham's safeguard vector
+    alt = (1.0 + alt / max(d - 1, 1)) * torch.where(alt % 2 == 0, 1.0, -1.0).to(torch.float64)
+    est = max(est, 2.0 * float(apply(alt).abs().sum()) / (3.0 * d))
+    if not math.isfinite(est):
+        return math.inf
+    return max(1.0, norm1 * est)
+
+
+def scaled_norm1(A: torch.Tensor) -> float:
+    """||D^-1/2 A D^-1/2||_1 for the symmetric A (D = diag(A); a zero diagonal entry counts as 1), a few rows
+    at a time (no d x d temporary)."""
+    d = A.size(0)
+    diag = torch.diagonal(A).to(torch.float64)
+    rinv = torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), 1.0)
+    rows = max(1, DELTA_CHUNK_ELEMS // max(d, 1))
+    best = 0.0
+    for r in range(0, d, rows):
+        sums = (A[r:r + rows].abs().to(torch.float64) @ rinv) * rinv[r:r + rows]
+        best = max(best, float(sums.max()))
+    return max(best, 1.0)
+
+
+def expected_error(report: SolveReport, dtype: torch.dtype, delta: float, scale: float) -> float | None:
+    """The merged weights' expected relative error: cond * eps(dtype) * delta / scale, where delta is the
+    largest ||W_i - W_0|| (what the right-hand side is made of) and scale ||W_0||; 0 when the models agree."""
+    if report.cond is None:
+        return None
+    if delta == 0.0:
+        return 0.0
+    return torch.finfo(dtype).eps * (1.0 + report.cond * delta / max(scale, delta * 1e-30))
 
 
 def robust_spd_solve_(A: torch.Tensor, Bt: torch.Tensor) -> SolveReport:
     """Solve A X = Bt^T in place (Bt <- X^T = Bt A^-1) for symmetric positive (semi-)definite A [d, d] and
-    Bt [k, d], both contiguous; A is overwritten.
-
-    Cholesky first; when it fails (info > 0, or a non-finite factor, which CUDA can return with info == 0)
-    add lambda * mean(diag(A)) * I with lambda = 1e-6, 1e-5, ... up to 1e-1; then least squares.
-    """
-    if not ops.all_finite(A) or not ops.all_finite(Bt):
+    Bt [k, d], both contiguous; A is overwritten. robust_factor_'s shifts (toward zero: there is no
+    average here; the merge's group solve shifts toward the models' average), then least squares."""
+    if not ops.all_finite(Bt):
         raise FloatingPointError("non-finite values in the system to solve")
-    report = _ridge_escalation(A, lambda: _cholesky_attempt(A, Bt))
-    if report.method == "lstsq":
-        X = torch.linalg.lstsq(A.double().cpu(), Bt.T.double().cpu(), driver="gelsd").solution
-        Bt.copy_(X.T)
+    fac, _, report = robust_factor_(A)
+    if fac is None:
+        Bt.copy_(_lstsq(A, Bt))
+    else:
+        fac.solve_(Bt)
     return report
 
 
@@ -205,16 +320,167 @@ def robust_spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, So
     return Bt.T, report
 
 
+def _lstsq(A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """Bt A^+ (minimum norm), in fp64 on the CPU, returned in Bt's dtype and device."""
+    X = torch.linalg.lstsq(A.double().cpu(), Bt.T.double().cpu(), driver="gelsd").solution
+    return X.T.to(dtype=Bt.dtype, device=Bt.device)
+
+
+# -- one shared-input group --------------------------------------------------------------------------------
+def _scratch_or_new(scratch):
+    if scratch is not None:
+        return scratch
+    return lambda name, shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)
+
+
+class _Escalate(Exception):
+    """An fp32 group solve whose expected error exceeds PRECISION_TOL (carries its report)."""
+
+    def __init__(self, report):
+        super().__init__("escalate")
+        self.report = report
+
+
+def solve_group(k: int, load_gram, load_weights, factors: Sequence[float], coeffs: Sequence[float], alpha: float,
+                dtype: torch.dtype = torch.float32, *, check_gram=None, scratch=None,
+                terms_first: bool = False) -> tuple[torch.Tensor, list[int], SolveReport]:
+    """RegMean for one shared-input group, relative to model 0 (the anchor):
+
+        (A + lambda I) X^T = sum_i S_i (W_i - W_0)^T + lambda (W_avg - W_0)^T,   W* = W_0 + X
+
+    with A = sum_i S_i, S_i = factors[i] (alpha G_i + (1 - alpha) diag(G_i)), W_avg = sum_i coeffs[i] W_i
+    and lambda = 0 unless A needs a shift (robust_factor_). That is the RegMean solution, shrunk toward the
+    average where a shift is needed; K identical models give W_0 back exactly, whatever the conditioning, and
+    the rounding of the right-hand side is relative to the models' differences, not to the weights.
+
+    load_gram(i) -> model i's raw fp32 Gram [d, d] (contiguous; checked by check_gram(i, stats) when given);
+    load_weights(i, d, name) -> (model i's member weights oriented [d_out_m, d] (any float dtype, each a
+    block of the stacked rows; name: a scratch buffer they may be read into: model 0's are kept as the anchor
+    while the others are read), their widths). coeffs: the models' weights, summing to 1.
+    terms_first: solve each model's d x d term against the factored A and multiply (fewer flops when the
+    group has more rows than K d; float32 only; falls back to the streaming solve for least squares).
+
+    When the expected relative error of an fp32 solve (SolveReport.error) exceeds PRECISION_TOL, the group is
+    solved again in fp64 (report.escalated). Returns (W* stacked [sum widths, d] in the solve dtype, widths,
+    report)."""
+    check_gram = check_gram or (lambda i, stats: None)
+    scratch = _scratch_or_new(scratch)
+    args = (k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch)
+    try:
+        if terms_first and dtype == torch.float32 and alpha != 0.0:
+            res = _solve_terms_first(*args)
+            if res is not None:
+                return res
+        return _solve_streaming(*args, dtype)
+    except _Escalate as e:
+        if dtype != torch.float32:
+            raise
+        first = e.report
+    Bt, widths, report = _solve_streaming(*args, torch.float64)
+    report.escalated, report.fp32_error = True, first.error
+    return Bt, widths, report
+
+
+def _finish(report, dtype, sq, w0s) -> None:
+    """The report's expected error; _Escalate for an fp32 solve above PRECISION_TOL."""
+    scale = math.sqrt(sum(float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2 for w in w0s))
+    report.error = expected_error(report, dtype, math.sqrt(max(sq)), scale)
+    if dtype == torch.float32 and not report.precise:
+        raise _Escalate(report)
+
+
+def _add_anchor(Bt, w0s) -> None:
+    off = 0
+    for W0 in w0s:
+        Bt[off:off + W0.size(0)].add_(W0)
+        off += W0.size(0)
+
+
+def _solve_streaming(k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch, dtype):
+    """One pass over the models (one Gram and one model's weights in memory besides model 0's): A and the
+    right-hand side together, then one factorisation."""
+    A = Bt = w0s = None
+    sq = [0.0] * k
+    for i in range(k):
+        G = load_gram(i)
+        d, device = G.size(0), G.device
+        if A is None:
+            A = scratch("A", (d, d), dtype, device).zero_()
+        elif d != A.size(0):
+            raise ValueError(f"Gram {i} has size {d}, Gram 0 {A.size(0)}")
+        # model 0's term only grows A (its weights are the anchor), unless the term is built in A's dtype anyway
+        keep = alpha != 0.0 and (i > 0 or dtype != torch.float32)
+        out = scratch("S", (d, d), dtype, device) if keep else None
+        S, stats = model_term(A, G, factors[i], alpha, out=out)
+        check_gram(i, stats)  # before S is used: a bad Gram stops here, named
+        del G
+        ws, widths = load_weights(i, d, "W0" if i == 0 else "W")
+        if i == 0:
+            w0s = ws
+            Bt = scratch("Bt", (sum(widths), d), dtype, device).zero_()
+        else:
+            sq[i] = add_delta_rhs(Bt, ws, w0s, S, scratch)
+        del S, ws
+    fac, shift, report = robust_factor_(symmetrize_upper_(A))
+    if fac is not None:
+        _finish(report, dtype, sq, w0s)
+    if shift is not None:  # toward the average: + diag(shift) sum_i c_i (W_i - W_0), the weights read again
+        for i in range(1, k):
+            ws, _ = load_weights(i, A.size(0), "W")
+            add_delta_rhs(Bt, ws, w0s, shift * coeffs[i], scratch)
+    if fac is None:
+        Bt.copy_(_lstsq(A, Bt))
+    else:
+        fac.solve_(Bt)
+    _add_anchor(Bt, w0s)
+    return Bt, widths, report
+
+
+def _solve_terms_first(k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch):
+    """W* = W_0 + sum_{i>0} (W_i - W_0) M_i with M_i = (S_i + lambda c_i I) (A + lambda I)^-1: every Gram read
+    (and checked) into A, A factored once, then per model i > 0 its S_i read again, solved against the factor
+    (one d x d right-hand side) and multiplied. The same solution as the streaming one; None when A needs
+    least squares."""
+    A = None
+    for i in range(k):
+        G = load_gram(i)
+        if A is None:
+            A = scratch("A", (G.size(0), G.size(0)), torch.float32, G.device).zero_()
+        check_gram(i, model_term(A, G, factors[i], alpha)[1])
+        del G
+    d, device = A.size(0), A.device
+    fac, shift, report = robust_factor_(symmetrize_upper_(A))
+    if fac is None:
+        return None
+    w0s, widths = load_weights(0, d, "W0")
+    Bt = scratch("Bt", (sum(widths), d), torch.float32, device).zero_()
+    M = scratch("M", (d, d), torch.float32, device)
+    sq = [0.0] * k
+    for i in range(1, k):
+        G = load_gram(i)
+        check_gram(i, ops.gram_term(G, factors[i], alpha, None, M))  # read again: checked again
+        del G
+        if shift is not None:
+            torch.diagonal(M).add_(shift * coeffs[i])
+        fac.solve_(M)  # M <- M A^-1 (S_i symmetric: row-major M is its own transposed right-hand side)
+        ws, _ = load_weights(i, d, "W")
+        sq[i] = add_delta_rhs(Bt, ws, w0s, M, scratch)
+        del ws
+    _finish(report, torch.float32, sq, w0s)
+    _add_anchor(Bt, w0s)
+    return Bt, widths, report
+
+
 def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[torch.Tensor], *,
                   alpha: float = 1.0, coeffs: Sequence[float] | None = None,
                   counts: Sequence[int] | None = None, normalization: str = "mean",
                   solve_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], SolveReport]:
-    """Merge every module of one shared-input group with one factorisation.
+    """Merge every module of one shared-input group with one factorisation (solve_group, in memory).
 
     weights[m][i]: module m's weight in model i, oriented [d_out_m, d_in] (callers transpose
     transformers Conv1D weights). grams[i]: model i's raw symmetric Gram [d_in, d_in];
     counts[i]: its token count (needed for normalization="mean"). Returns the merged weights
-    (solve_dtype, [d_out_m, d_in] each) and what the solve needed.
+    ([d_out_m, d_in] each, in the solve dtype, or float64 when the solve escalated) and what the solve needed.
     """
     k = len(grams)
     if k == 0:
@@ -230,18 +496,18 @@ def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[tor
         for i, W in enumerate(per_model):
             if W.dim() != 2 or W.size(1) != d:
                 raise ValueError(f"module {m}, model {i}: weight shape {tuple(W.shape)} does not take inputs of size {d}")
-    factors = [c * s for c, s in zip(normalized_coeffs(coeffs, k), gram_scales(counts, k, normalization))]
+    coeffs = normalized_coeffs(coeffs, k)
+    factors = [c * s for c, s in zip(coeffs, gram_scales(counts, k, normalization))]
     device = grams[0].device
-    A = torch.zeros(d, d, dtype=solve_dtype, device=device)
-    widths = [per_model[0].size(0) for per_model in weights]
-    Bt = torch.zeros(sum(widths), d, dtype=solve_dtype, device=device)
-    for i, (G, f) in enumerate(zip(grams, factors)):
-        S, _ = model_term(A, G, f, alpha)
-        off = 0
-        for per_model, width in zip(weights, widths):
-            add_rhs(Bt[off:off + width], per_model[i].to(device=device, dtype=solve_dtype), S)
-            off += width
-    report = robust_spd_solve_(symmetrize_upper_(A), Bt)
+
+    def load_gram(i):
+        return grams[i].to(device).contiguous()  # model_term takes any float dtype
+
+    def load_weights(i, d, name):
+        ws = [per_model[i].to(device) for per_model in weights]
+        return ws, [w.size(0) for w in ws]
+
+    Bt, widths, report = solve_group(k, load_gram, load_weights, factors, coeffs, alpha, solve_dtype)
     return list(torch.split(Bt, widths, dim=0)), report
 
 
@@ -249,7 +515,8 @@ def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
                   coeffs: Sequence[float] | None = None) -> torch.Tensor:
     """Merge one layer: K weights [d_out, d_in] and their already normalised Grams [d_in, d_in].
 
-    Solved in float64 when any input is float64, else float32; returned in the weights' dtype.
+    Solved in float64 when any input is float64, else float32 (float64 when its expected error calls for
+    it); returned in the weights' dtype.
     """
     wide = torch.float64 if any(t.dtype == torch.float64 for t in [*weights, *grams]) else torch.float32
     merged, _ = regmean_group([list(weights)], list(grams), alpha=alpha, coeffs=coeffs, normalization="sum",

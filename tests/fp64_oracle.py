@@ -25,8 +25,12 @@ def lstsq_merge(
     alpha: float = 1.0,
     coeffs: Sequence[float] | None = None,
     normalization: str = "mean",
+    ridge: float = 0.0,
 ) -> torch.Tensor:
     """Xs[i]: model i's kept input rows [n_i, d_in] (or [..., d_in]); Ws[i]: its weight [d_out, d_in].
+    ridge: the ridge toward the average, a number lambda or a vector (one lambda_j per input dimension): also
+    minimise sum_j lambda_j ||(W - W_avg)[:, j]||^2 (W_avg = sum_i c_i W_i), i.e. the rows diag(sqrt(lambda))
+    with right-hand side diag(sqrt(lambda)) W_avg^T.
 
     Returns the merged weight [d_out, d_in], fp64, on the CPU.
     """
@@ -50,8 +54,30 @@ def lstsq_merge(
             block = math.sqrt(ci * (1 - alpha)) * torch.diag(d_sqrt)
             rows.append(block)
             rhs.append(block @ Wt)
+    lam = torch.as_tensor(ridge, dtype=torch.float64).expand(rows[0].size(1))
+    if bool((lam > 0).any()):
+        avg = sum(ci * W.detach().to("cpu", torch.float64) for W, ci in zip(Ws, c))
+        block = torch.diag(lam.sqrt())
+        rows.append(block)
+        rhs.append(block @ avg.T)
     M, R = torch.cat(rows), torch.cat(rhs)
     return torch.linalg.lstsq(M, R, driver="gelsd").solution.T.contiguous()
+
+
+def gram_merge(grams: Sequence[torch.Tensor], Ws: Sequence[torch.Tensor], alpha: float = 1.0,
+               coeffs: Sequence[float] | None = None) -> torch.Tensor:
+    """The closed form on given (already normalised) Grams, in fp64: (sum_i G~_i)^-1 sum_i G~_i W_i^T with
+    G~_i = c_i (alpha G_i + (1 - alpha) diag(G_i)); for Grams as stored (fp32), whose rounding the activations'
+    least squares would not see. Returns [d_out, d_in], fp64."""
+    k = len(grams)
+    c = [1.0 / k] * k if coeffs is None else [float(x) / sum(coeffs) for x in coeffs]
+    A = B = 0
+    for G, W, ci in zip(grams, Ws, c):
+        G = G.detach().to("cpu", torch.float64)
+        S = ci * (alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G)))
+        A = A + S
+        B = B + S @ W.detach().to("cpu", torch.float64).T
+    return torch.linalg.solve(A, B).T.contiguous()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

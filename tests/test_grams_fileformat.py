@@ -209,3 +209,100 @@ def test_from_memory_and_parse_size():
     assert torch.equal(gs.gram("l0.v"), grams["l0.q"]) and gs.count("l0.v") == 18
     assert parse_size("2GB") == 2 << 30 and parse_size("500mb") == 500 << 20 and parse_size("1000") == 1000
     assert parse_size("1e6") == 1_000_000 and parse_size("1.5e3 KB") == 1500 << 10  # as the docstring says
+
+
+# --------------------------------------------------------------------------------------------------
+# fuzzing: whatever the bytes, the reader answers GramFileError or valid Grams, never another exception
+
+_JUNK = [0, -1, 1, 6, 2**40, 1.5, True, None, "x", "l0.q", [], [6], [6, 6], [6, "6"], {}, {"key": 5},
+         {"key": "l0.q"}, {"key": "l0.q", "conv1d": 1}, float("nan")]
+
+
+def _mutant(raw: bytes, rng) -> bytes:
+    """One random corruption of a valid Gram file: a bit flip in the header or the body, a truncation, a
+    wrong header length, or an edited header (tensor dtype/shape/offsets; a metadata field or an entry
+    of its JSON replaced, removed or added, sometimes left as broken JSON)."""
+    n = struct.unpack("<Q", raw[:8])[0]
+    hdr, body = json.loads(raw[8:8 + n]), raw[8 + n:]
+    kind = rng.randrange(7)
+    if kind <= 1:  # a bit flip, in the header or the body
+        b = bytearray(raw)
+        b[rng.randrange(8 + n) if kind == 0 else rng.randrange(8 + n, len(raw))] ^= 1 << rng.randrange(8)
+        return bytes(b)
+    if kind == 2:
+        return raw[:rng.randrange(len(raw))]
+    if kind == 3:
+        return struct.pack("<Q", max(0, n + rng.choice([-8, -1, 1, 8, 4096, -n]))) + raw[8:]
+    meta = hdr["__metadata__"]
+    if kind == 4:
+        t = rng.choice([k for k in hdr if k != "__metadata__"])
+        hdr[t][rng.choice(["dtype", "shape", "data_offsets"])] = rng.choice(_JUNK + ["F16", "F64", "I32", [0, 4], [3, 12]])
+    else:
+        field = rng.choice(["modules", "counts", "dims", "fingerprint", "provenance", "format", "version", "layout"])
+        if field in ("format", "version", "layout"):
+            meta[field] = str(rng.choice(_JUNK + ["full", "packed", "2"]))
+        else:
+            val = json.loads(meta[field])
+            if rng.random() < 0.2:
+                val = rng.choice(_JUNK)
+            else:
+                k = rng.choice(list(val))
+                r = rng.random()
+                if r < 0.6 and isinstance(val[k], dict) and val[k]:
+                    val[k][rng.choice(list(val[k]))] = rng.choice(_JUNK)  # a module entry's key/conv1d, a shape
+                elif r < 0.8:
+                    val[k] = rng.choice(_JUNK)
+                elif r < 0.9:
+                    del val[k]
+                else:
+                    val[rng.choice(["zz", "l0.q"])] = rng.choice(_JUNK)
+            meta[field] = json.dumps(val)[:None if rng.random() < 0.9 else -1]
+    new = json.dumps(hdr).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    return struct.pack("<Q", len(new)) + new + body
+
+
+def test_fuzzed_files_raise_gram_file_error_or_load_valid_grams(tmp_path):
+    import random
+
+    grams, counts, mm, fp = _example()
+    bases = []
+    for packed in (False, True):
+        p = save_grams(tmp_path / f"base{int(packed)}.safetensors", grams, counts, mm, fp, {"examples": 3},
+                       packed=packed, fisher={"l0.q.weight": torch.rand(6, 6)}, conv1d=["l0.fc"])
+        bases.append(open(p, "rb").read())
+    rng = random.Random(18)
+    p = tmp_path / "mutant.safetensors"
+    outcomes = {"GramFileError": 0, "loaded": 0}
+    for i in range(400):
+        p.write_bytes(_mutant(bases[i % 2], rng))
+        try:
+            gs = load_grams(p, verify=True)
+            for m in gs.modules():
+                G, d = gs.gram(m), gs.dim(m)
+                assert G.dtype == torch.float32 and G.shape == (d, d), (i, m)
+                assert torch.isfinite(G).all() and (G - G.T).abs().max() <= 1e-5 * G.abs().max(), (i, m)
+                assert gs.count(m) > 0 and isinstance(gs.is_conv1d(m), bool)
+            for f in gs.fisher_params():
+                assert torch.isfinite(gs.fisher(f)).all()
+            outcomes["loaded"] += 1
+        except GramFileError:
+            outcomes["GramFileError"] += 1
+    assert outcomes["GramFileError"] > 200 and outcomes["loaded"] > 20, outcomes  # the mutants do reach both
+
+
+def test_module_map_entry_of_the_wrong_type(tmp_path):
+    """The fuzzer's first find: a module entry that is a number (or lacks conv1d) was a TypeError/KeyError."""
+    grams, counts, mm, fp = _example()
+    p = str(tmp_path / "g.safetensors")
+    save_grams(p, grams, counts, mm, fp, {})
+    for entry in (5, "l0.q", {"key": 5, "conv1d": False}, {"key": "l0.q"}, {"key": "l0.q", "conv1d": "no"}):
+        _rewrite_header(p, lambda h: h["__metadata__"].update(
+            modules=json.dumps({"l0.q": entry, "l0.o": {"key": "l0.o", "conv1d": False}})))
+        with pytest.raises(GramFileError, match="malformed module entry"):
+            load_grams(p)
+    for field, value in (("dims", {"l0.q": "6"}), ("fingerprint", {"weights": {"l0.q": 6}}), ("provenance", [])):
+        save_grams(p, grams, counts, mm, fp, {}, overwrite=True)
+        _rewrite_header(p, lambda h: h["__metadata__"].update(**{field: json.dumps(value)}))
+        with pytest.raises(GramFileError):
+            load_grams(p)

@@ -373,7 +373,7 @@ class GramSet:
         self._source = tensor_source  # name -> loader()
         self._fisher_names = fisher_names
         self.path = where
-        self._keys_of_module = {m: v["key"] for m, v in modules.items()}
+        self._keys_of_module = {}  # set by _validate_structure, once the entries are known to be well formed
 
     # ---- construction
     @classmethod
@@ -475,6 +475,8 @@ class GramSet:
         if name not in self._source:
             return None
         t = self._source[name]()
+        if t.dtype != torch.float32:
+            raise GramFileError(f"{self.path}: Fisher {param_name!r} is {t.dtype}, expected float32")
         if not ops.all_finite(t):
             raise GramFileError(f"{self.path}: Fisher {param_name!r} has non-finite values")
         return t
@@ -492,10 +494,37 @@ class GramSet:
 
     # ---- validation of the header
     def _validate_structure(self) -> None:
+        """Every header field has the type the readers assume (a file edited by hand or damaged must
+        give GramFileError, never a TypeError deep in the merge), and the fields agree with each other."""
         where = self.path
+        for name, value in (("modules", self._modules), ("counts", self._counts), ("dims", self._dims),
+                            ("fingerprint", self.fingerprint), ("provenance", self.metadata)):
+            if not isinstance(value, dict):
+                raise GramFileError(f"{where}: header field {name!r} is not a JSON object")
+        for key, d in self._dims.items():
+            if not _is_int(d) or d < 0:
+                raise GramFileError(f"{where}: Gram {key!r} has dimension {d!r}; dimensions must be integers >= 0")
+        for key, c in self._counts.items():
+            if not _is_int(c) or c <= 0:
+                raise GramFileError(f"{where}: Gram {key!r} has count {c!r}; counts must be integers > 0")
+        for key in ("model_type",):
+            if self.fingerprint.get(key) is not None and not isinstance(self.fingerprint[key], str):
+                raise GramFileError(f"{where}: fingerprint {key!r} is not a string")
+        archs = self.fingerprint.get("architectures")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise GramFileError(f"{where}: fingerprint 'architectures' is not a list of names")
+        shapes = self.fingerprint.get("weights")
+        if shapes is None:
+            shapes = {}
+        if not isinstance(shapes, dict):
+            raise GramFileError(f"{where}: fingerprint 'weights' is not a JSON object")
+        for m, shape in shapes.items():
+            if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+                raise GramFileError(f"{where}: fingerprint shape of {m!r} is {shape!r}, not a list of sizes")
         for m, v in self._modules.items():
-            if not isinstance(v, dict) or "key" not in v:
-                raise GramFileError(f"{where}: malformed module entry for {m!r}")
+            if not (isinstance(v, dict) and isinstance(v.get("key"), str) and isinstance(v.get("conv1d"), bool)):
+                raise GramFileError(f"{where}: malformed module entry for {m!r}: {v!r} "
+                                    '(expected {"key": name, "conv1d": true or false})')
             key = v["key"]
             if key not in self._counts:
                 raise GramFileError(f"{where}: module {m!r} maps to Gram {key!r}, which has no count")
@@ -503,16 +532,18 @@ class GramSet:
                 raise GramFileError(f"{where}: Gram {key!r} has no dimension")
             if GRAM_PREFIX + key not in self._source:
                 raise GramFileError(f"{where}: Gram {key!r} (module {m!r}) has no tensor")
-            shape = (self.fingerprint.get("weights") or {}).get(m)
+            shape = shapes.get(m)
             if shape is not None and len(shape) == 2:
-                d_in = shape[0] if v.get("conv1d") else shape[1]
+                d_in = shape[0] if v["conv1d"] else shape[1]
                 if d_in != self._dims[key]:
                     raise GramFileError(
                         f"{where}: module {m!r} has input size {d_in} but its Gram {key!r} is {self._dims[key]}"
                     )
-        for key, c in self._counts.items():
-            if not isinstance(c, int) or isinstance(c, bool) or c <= 0:
-                raise GramFileError(f"{where}: Gram {key!r} has count {c!r}; counts must be integers > 0")
+        self._keys_of_module = {m: v["key"] for m, v in self._modules.items()}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check_meta(meta: dict, where: str) -> None:
@@ -549,6 +580,8 @@ def load_grams(path, verify: bool = False) -> GramSet:
             wm = idx["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise GramFileError(f"{index}: unreadable Gram index: {e}") from None
+        if not (isinstance(meta, dict) and isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())):
+            raise GramFileError(f"{index}: malformed Gram index (expected metadata and a weight_map of file names)")
         _check_meta(meta, where)
         base = os.path.dirname(os.path.abspath(index))
         shapes = {}
@@ -568,16 +601,7 @@ def load_grams(path, verify: bool = False) -> GramSet:
     dims = _loads(meta, "dims", where)
     fingerprint = _loads(meta, "fingerprint", where)
     provenance = _loads(meta, "provenance", where)
-    if not isinstance(modules, dict) or not isinstance(counts, dict) or not isinstance(dims, dict):
-        raise GramFileError(f"{where}: malformed header")
     layout = meta["layout"]
-    for key, d in dims.items():
-        name = GRAM_PREFIX + key
-        if name not in shapes:
-            continue
-        want = [d, d] if layout == "full" else [d * (d + 1) // 2]
-        if shapes[name] != want:
-            raise GramFileError(f"{where}: Gram {key!r} has shape {shapes[name]}, expected {want} ({layout} layout)")
 
     def loader(name, fname):
         def load():
@@ -602,6 +626,13 @@ def load_grams(path, verify: bool = False) -> GramSet:
         where=path,
     )
     gs._validate_structure()
+    for key, d in dims.items():
+        name = GRAM_PREFIX + key
+        if name not in shapes:
+            continue
+        want = [d, d] if layout == "full" else [d * (d + 1) // 2]
+        if shapes[name] != want:
+            raise GramFileError(f"{where}: Gram {key!r} has shape {shapes[name]}, expected {want} ({layout} layout)")
     if verify:
         gs.verify()
     return gs

@@ -5,14 +5,21 @@ and only it is moved to the compute device."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from .. import ops
+from ..solve import PRECISION_TOL
 from .errors import MergeError, message_of
 from .methods import METHODS, GroupInputs, TensorInputs
 from .plan import GroupItem, Plan
+
+
+def _round(x):
+    """A float for the report: 3 significant digits (None when unknown or not finite: JSON has no inf)."""
+    return None if x is None or not math.isfinite(x) else float(f"{x:.3g}")
 
 
 def _finite_or_raise(t: torch.Tensor, what: str) -> None:
@@ -145,7 +152,16 @@ class Engine:
             except FloatingPointError as e:
                 raise MergeError(f"{item.members[0]}: {e}") from None
             info = {"method": "regmean", "gram": str(item.keys[0]), "group": list(item.members), "solve": rep.method,
-                    "ridge": rep.ridge, "attempts": rep.attempts}
+                    "ridge": rep.ridge, "attempts": rep.attempts, "cond": _round(rep.cond),
+                    "expected_error": _round(rep.error), "solve_dtype": rep.dtype, "escalated": rep.escalated}
+            if rep.escalated:
+                info["fp32_expected_error"] = _round(rep.fp32_error)
+            if not rep.precise:
+                why = (f"expected relative error {rep.error:.1e} (condition ~{rep.cond:.1e})" if rep.error is not None
+                       else "least squares (the summed Gram is not positive semi-definite)")
+                rep.notes.append(f"the {rep.dtype} solve could not reach the relative tolerance "
+                                 f"{PRECISION_TOL:g}: {why}")
+                self.plan.warnings.append(f"{item.members[0]} (group of {len(item.members)}): {rep.notes[-1]}")
             if rep.notes:
                 info["notes"] = list(rep.notes)
             return dict(zip(item.members, outs)), info

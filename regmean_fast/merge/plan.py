@@ -281,21 +281,27 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
 
 def estimate_working_bytes(plan: Plan, sources, compute_dtype: torch.dtype, solve_dtype: torch.dtype, k: int) -> int:
     """A bound on the merge's working set, excluding the interpreter itself: the group buffers the engine
-    keeps from group to group (each at its largest: A, the term S or its bf16x3 slices, M, the right-hand
-    side, the stacked weights) plus the largest item's own transients (a mapped Gram, output copies; a
-    per-tensor item's copies)."""
+    keeps from group to group (each at its largest: A, the term S, M, the right-hand side, model 0's and the
+    current model's stacked weights, the rows of W_i - W_0 being multiplied) plus the largest item's own
+    transients (a mapped Gram, output copies; a per-tensor item's copies). The solve's buffers are counted in
+    float64 whatever solve_dtype: any fp32 group solve may be redone in fp64 (solve.solve_group), in buffers
+    of the same names."""
+    from ..solve import DELTA_CHUNK_ELEMS
+
     ref = sources[0]
     ce = torch.empty((), dtype=compute_dtype).element_size()
-    se = torch.empty((), dtype=solve_dtype).element_size()
-    kept = {"A": 0, "S": 0, "M": 0, "Bt": 0, "W": 0}
+    se = max(8, torch.empty((), dtype=solve_dtype).element_size())
+    kept = {"A": 0, "S": 0, "M": 0, "Bt": 0, "W0": 0, "W": 0, "D": 0}
     worst = 0
     for it in plan.items:
         if isinstance(it, GroupItem):
             d = it.d_in
             width = sum(ref.shape(n)[1] if not c else ref.shape(n)[0] for n, c in zip(it.members, it.conv1d))
             wsize = max(ref.dtype(n).itemsize for n in it.members)
-            for key, b in (("A", d * d * se), ("S", d * d * max(6, se)), ("M", d * d * 4), ("Bt", width * d * se),
-                           ("W", width * d * max(wsize, ce))):
+            rows = min(width, max(256, DELTA_CHUNK_ELEMS // max(d, 1)))
+            for key, b in (("A", d * d * se), ("S", d * d * se), ("M", d * d * 4), ("Bt", width * d * se),
+                           ("W0", width * d * max(wsize, ce)), ("W", width * d * max(wsize, ce)),
+                           ("D", rows * d * se)):
                 kept[key] = max(kept[key], b)
             b = d * d * 4 + d * width * (se + 4)
         else:

@@ -21,9 +21,25 @@ def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float
         "weights": plan.raw_weights, "coefficients": plan.coeffs, "base_model": cfg.base_model,
         "dtype": cfg.dtype, "solve_dtype": cfg.solve_dtype, "out_dtype": cfg.out_dtype, "device": device,
         "regmean_exclude": list(cfg.regmean_exclude), "warnings": list(plan.warnings),
-        "groups": plan.n_groups(), "tensors": tensor_report, "shards": shards, "reused_shards": list(reused),
-        "total_time_s": round(total_s, 3),
+        "groups": plan.n_groups(), "solve": solve_summary(tensor_report), "tensors": tensor_report, "shards": shards,
+        "reused_shards": list(reused), "total_time_s": round(total_s, 3),
     }
+
+
+def solve_summary(tensor_report: dict) -> dict:
+    """The RegMean groups (named by their first member) that needed more than a plain fp32 Cholesky: shifted
+    (repair, ridge, least squares), solved again in fp64 (escalated), or above the tolerance even so."""
+    from ..solve import PRECISION_TOL
+
+    firsts = {}
+    for name, e in tensor_report.items():
+        if e.get("method") == "regmean":
+            firsts.setdefault(e["group"][0] if e.get("group") else name, e)
+    return {"tolerance": PRECISION_TOL,
+            "escalated": [n for n, e in firsts.items() if e.get("escalated")],
+            "shifted": [n for n, e in firsts.items() if e.get("solve", "cholesky") != "cholesky"],
+            "above_tolerance": [n for n, e in firsts.items()
+                                if e.get("expected_error") is None or e["expected_error"] > PRECISION_TOL]}
 
 
 def config_yaml(cfg, plan) -> str:
@@ -58,7 +74,7 @@ def model_card(cfg, plan) -> str:
     if plan.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
     lines += ["", "## Configuration", "", "```yaml", config_yaml(cfg, plan).rstrip(), "```", "",
-              "Per-tensor details (method, ridge, time) are in `merge_report.json`.", ""]
+              "Per-tensor details (method, ridge, condition, expected error, time) are in `merge_report.json`.", ""]
     return "\n".join(lines)
 
 
