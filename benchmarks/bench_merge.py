@@ -1,6 +1,8 @@
 """End-to-end merge benchmark on synthetic Llama-shaped models with random SPD Grams.
 
     python benchmarks/bench_merge.py layers  [--hidden 512]  # peak RSS of regmean_fast for 2, 4, 8 layers
+    python benchmarks/bench_merge.py layers --hidden 4096 --intermediate 14336 --kv-heads 8 --vocab 128256 \
+        --layer-counts 2 4 --gram-rank 1024     # Llama-3-8B shapes (8 GQA heads); low-rank + diagonal Grams
     python benchmarks/bench_merge.py compare [--hidden 1024 --layers 4 --models 3]
         # time and peak RSS: regmean_fast vs a FusionBench-style pure-PyTorch merge (every state dict
         # and every Gram loaded, torch.inverse per layer), each side in its own subprocess, same run
@@ -38,15 +40,20 @@ def llama_names(layers: int):
     return names + ["model.norm.weight", "lm_head.weight"]
 
 
-def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, vocab: int, seed: int = 0):
-    """n_models synthetic Llama folders (bf16) and one Gram file per model; returns (paths, grams)."""
+def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, vocab: int, kv_heads: int = 0,
+                gram_rank: int = 0, seed: int = 0):
+    """n_models synthetic Llama folders (bf16) and one Gram file per model; returns (paths, grams).
+    kv_heads: grouped-query k/v (0: as many as the query heads). gram_rank: Grams A A^T + dim I with A
+    [dim, gram_rank] (0: a square A, as before; a 14336-wide square A costs 6 TFLOP to square)."""
+    heads = hidden // 64
+    kv_dim = (kv_heads or heads) * 64
     import transformers as tf
     from safetensors.torch import save_file
 
     from regmean_fast.grams.fileformat import save_grams
 
     cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=vocab,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
                          dtype="bfloat16")
     g = torch.Generator().manual_seed(seed)
     base = {}
@@ -59,6 +66,8 @@ def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, 
             base[n] = torch.randn(hidden, inter, generator=g) * 0.02
         elif "gate" in n or "up_proj" in n:
             base[n] = torch.randn(inter, hidden, generator=g) * 0.02
+        elif "k_proj" in n or "v_proj" in n:
+            base[n] = torch.randn(kv_dim, hidden, generator=g) * 0.02
         else:
             base[n] = torch.randn(hidden, hidden, generator=g) * 0.02
     paths, grams = [], []
@@ -76,7 +85,7 @@ def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, 
                                    (p + "o_in", hidden, [p + "self_attn.o_proj"]),
                                    (p + "mlp_in", hidden, [p + "mlp.gate_proj", p + "mlp.up_proj"]),
                                    (p + "down_in", inter, [p + "mlp.down_proj"])):
-                A = torch.randn(dim, dim, generator=g)
+                A = torch.randn(dim, gram_rank or dim, generator=g)
                 G = A @ A.T
                 G.diagonal().add_(dim)
                 gr[key], counts[key] = G, 4096 + 17 * m
@@ -145,11 +154,12 @@ def measure(side: str, spec: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def generate(root, n_models, hidden, inter, layers, vocab):
+def generate(root, n_models, hidden, inter, layers, vocab, kv_heads=0, gram_rank=0):
     """make_inputs in a subprocess: the parent stays small, so the children's peak RSS is their own
     (Linux keeps the RSS high-water mark of the forked parent across exec)."""
-    r = subprocess.run([sys.executable, __file__, "_gen", root, str(n_models), str(hidden), str(inter), str(layers),
-                        str(vocab)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, __file__, "_gen", root, *map(str, (n_models, hidden, inter, layers, vocab,
+                                                                           kv_heads, gram_rank))],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -176,7 +186,7 @@ def baseline_rss_mb() -> float:
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_gen":
-        paths, grams = make_inputs(sys.argv[2], *[int(x) for x in sys.argv[3:8]])
+        paths, grams = make_inputs(sys.argv[2], *[int(x) for x in sys.argv[3:10]])
         print(json.dumps([paths, grams]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
@@ -192,6 +202,10 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--kv-heads", type=int, default=0, help="grouped-query k/v heads (default: as many as queries)")
+    ap.add_argument("--gram-rank", type=int, default=0,
+                    help="Grams A A^T + dim I with A [dim, R] (default 0: square A)")
+    ap.add_argument("--layer-counts", type=int, nargs="+", default=[2, 4, 8], help="layers mode (default: 2 4 8)")
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None, help="where the synthetic inputs go (default: a temp folder)")
@@ -206,10 +220,10 @@ def main():
             print(f"# regmean_fast merge of {args.models} synthetic Llama models, hidden {hidden}, "
                   f"intermediate {inter}, vocab {args.vocab}, bf16 weights, fp32 Grams")
             print(f"{'layers':>6} {'model MB':>9} {'grams MB':>9} {'time s':>8} {'peak RSS MB':>12}")
-            for L in (2, 4, 8):
+            for L in args.layer_counts:
                 d = os.path.join(root, f"L{L}")
                 os.makedirs(d)
-                paths, grams = generate(d, args.models, hidden, inter, L, args.vocab)
+                paths, grams = generate(d, args.models, hidden, inter, L, args.vocab, args.kv_heads, args.gram_rank)
                 spec = {"models": paths, "grams": grams, "alpha": args.alpha, "out": os.path.join(d, "out"),
                         "device": args.device}
                 r = measure("ours", spec)
@@ -220,7 +234,8 @@ def main():
         else:
             print(f"# {args.models} synthetic Llama models, hidden {hidden}, intermediate {inter}, {args.layers} "
                   f"layers, vocab {args.vocab}, bf16 weights, fp32 random SPD Grams, alpha {args.alpha}")
-            paths, grams = generate(root, args.models, hidden, inter, args.layers, args.vocab)
+            paths, grams = generate(root, args.models, hidden, inter, args.layers, args.vocab, args.kv_heads,
+                                    args.gram_rank)
             spec = {"models": paths, "grams": grams, "alpha": args.alpha, "device": args.device}
             fb = measure("fusionbench", dict(spec, out=os.path.join(root, "out_fb")))
             ours = measure("ours", dict(spec, out=os.path.join(root, "out_ours")))
