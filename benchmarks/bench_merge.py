@@ -56,26 +56,31 @@ def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, 
                          num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
                          dtype="bfloat16")
     g = torch.Generator().manual_seed(seed)
-    base = {}
-    for n in llama_names(layers):
+
+    def shape(n):
         if n.endswith("norm.weight"):
-            base[n] = torch.ones(hidden)
-        elif "embed" in n or "lm_head" in n:
-            base[n] = torch.randn(vocab, hidden, generator=g) * 0.02
-        elif "down_proj" in n:
-            base[n] = torch.randn(hidden, inter, generator=g) * 0.02
-        elif "gate" in n or "up_proj" in n:
-            base[n] = torch.randn(inter, hidden, generator=g) * 0.02
-        elif "k_proj" in n or "v_proj" in n:
-            base[n] = torch.randn(kv_dim, hidden, generator=g) * 0.02
-        else:
-            base[n] = torch.randn(hidden, hidden, generator=g) * 0.02
+            return (hidden,)
+        if "embed" in n or "lm_head" in n:
+            return (vocab, hidden)
+        if "down_proj" in n:
+            return (hidden, inter)
+        if "gate" in n or "up_proj" in n:
+            return (inter, hidden)
+        return (kv_dim, hidden) if "k_proj" in n or "v_proj" in n else (hidden, hidden)
+
+    def base(i, n):  # the shared pre-trained tensor, regenerated per model: one fp32 tensor in memory at a time
+        if n.endswith("norm.weight"):
+            return torch.ones(hidden)
+        return torch.randn(shape(n), generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) * 0.02
+
+    names = llama_names(layers)
     paths, grams = [], []
     for m in range(n_models):
         d = os.path.join(root, f"model{m}")
         os.makedirs(d)
         cfg.save_pretrained(d)
-        sd = {n: (t + 0.002 * torch.randn(t.shape, generator=g)).to(torch.bfloat16) for n, t in base.items()}
+        sd = {n: (base(i, n) + 0.002 * torch.randn(shape(n), generator=g)).to(torch.bfloat16)
+              for i, n in enumerate(names)}
         save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
         del sd
         gr, counts, mm = {}, {}, {}
@@ -92,7 +97,7 @@ def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, 
                 for mod in mods:
                     mm[mod] = key
         fp = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-              "weights": {mod: list(base[mod + ".weight"].shape) for mod in mm}}
+              "weights": {mod: list(shape(mod + ".weight")) for mod in mm}}
         gp = os.path.join(root, f"grams{m}.safetensors")
         save_grams(gp, gr, counts, mm, fp, {"synthetic": True})
         del gr
