@@ -64,11 +64,30 @@ def build_info() -> dict:
         cuda_kernels=bool(compiled["cuda"]),
         cuda_archs=[a for a in compiled["cuda_archs"].split("_") if a],
         cpu_blas=compiled["cpu_blas"],
+        cpu_model=compiled.get("cpu_model", "unknown"),
+        cpu_features=compiled.get("cpu_features", "unknown"),
+        cpu_paths=compiled.get("cpu_paths", ""),
         torch_compiled=compiled["torch_version"],
-        cpu_gemm_path={dt: _C.cpu_gemm_path(dt) for dt in ("float32", "bfloat16", "float16")},
         cuda_reduce=bool(compiled.get("cuda_reduce", False)),
         cuda_gram_wmma=bool(compiled.get("cuda_gram_wmma", False)),
         spd_solve_op=bool(compiled.get("spd_solve", False)),
         cuda_bf16x3=bool(compiled.get("cuda_bf16x3", False)),
     )
+    error = cpu_path_error()
+    if error:
+        info["cpu_path_error"] = error
+    else:
+        info["cpu_gemm_path"] = {dt: _C.cpu_gemm_path(dt) for dt in ("float32", "bfloat16", "float16")}
     return info
+
+
+def cpu_path_error() -> str | None:
+    """Why REGMEAN_FAST_CPU_PATH (or its older name REGMEAN_FAST_CPU_GEMM) cannot be honoured here, in one
+    line, or None (also without the extension, which has one path)."""
+    if not HAVE_EXTENSION or not hasattr(_C, "cpu_gemm_path"):
+        return None
+    try:
+        _C.cpu_gemm_path("bfloat16")  # every dtype resolves the same request
+    except ValueError as e:
+        return str(e)
+    return None

@@ -20,6 +20,9 @@ def cmd_info(args) -> int:
     print(f"CUDA kernels           : {'yes' if info['cuda_kernels'] else 'no'}")
     print(f"CUDA archs             : {', '.join(info['cuda_archs']) or '-'}")
     print(f"CPU BLAS found         : {info['cpu_blas']}")
+    if info["extension"]:
+        print(f"CPU                    : {info['cpu_model']} ({info['cpu_features']})")
+        print(f"CPU paths available    : {info['cpu_paths']} (REGMEAN_FAST_CPU_PATH picks one)")
     for dt, path in info["cpu_gemm_path"].items():
         print(f"gram_update CPU path   : {dt:<9} -> {path}")
     return 0
@@ -54,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from ._ext import cpu_path_error
     from .merge.errors import MergeError
+
+    error = cpu_path_error()
+    if error:  # checked up front: every command may reach gram_update
+        print(f"regmean_fast: error: {error}", file=sys.stderr)
+        return 2
 
     try:
         return args.func(args)

@@ -9,7 +9,13 @@ import regmean_fast as rf
 from regmean_fast import ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CPU_PATHS = ["auto", "portable"]
+# Every CPU path REGMEAN_FAST_CPU_PATH can name; those this machine cannot run are skipped.
+CPU_PATHS = ["auto", "portable", "blas-sgemm", "mkl-bf16", "avx512bf16"]
+
+
+def cpu_paths_here() -> list[str]:
+    info = rf.build_info()
+    return ["auto"] + [p for p in info.get("cpu_paths", "portable").split(", ") if p]
 
 
 def devices():
@@ -21,10 +27,12 @@ def devices():
 
 @pytest.fixture(params=CPU_PATHS)
 def cpu_path(request, monkeypatch):
-    if request.param == "portable":
-        monkeypatch.setenv("REGMEAN_FAST_CPU_GEMM", "portable")
-    else:
-        monkeypatch.delenv("REGMEAN_FAST_CPU_GEMM", raising=False)
+    monkeypatch.delenv("REGMEAN_FAST_CPU_GEMM", raising=False)
+    monkeypatch.delenv("REGMEAN_FAST_CPU_PATH", raising=False)
+    if request.param != "auto":
+        if request.param not in cpu_paths_here():
+            pytest.skip(f"the {request.param} CPU path cannot run here")
+        monkeypatch.setenv("REGMEAN_FAST_CPU_PATH", request.param)
     return request.param
 
 
@@ -42,7 +50,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [1, 3, 7, 130, 257])
+@pytest.mark.parametrize("d", [1, 3, 7, 33, 130, 257])
 @pytest.mark.parametrize("mask_kind", ["none", "all", "empty", "mixed"])
 def test_gram_update_matches_fp64(cpu_path, device, dtype, d, mask_kind):
     g = torch.Generator().manual_seed(d * 31 + len(mask_kind))
@@ -89,16 +97,80 @@ def test_gram_update_bf16_large_rows_accuracy(cpu_path):
     assert rel_err(G, expected_update(torch.zeros(96, 96), X, None)) < 1e-5
 
 
-def test_paths_are_the_ones_reported(monkeypatch):
-    info = rf.build_info()
-    if not info["extension"]:
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 511, 513, 1025])
+def test_gram_update_row_counts(cpu_path, dtype, rows):
+    """Odd and even row counts around the kernels' row chunks (512 rows; row pairs for avx512bf16), with
+    a mask that drops padding rows at the end and in the middle."""
+    g = torch.Generator().manual_seed(rows)
+    X = torch.randn(rows + 4, 97, generator=g).to(dtype)
+    mask = torch.ones(rows + 4, dtype=torch.bool)
+    mask[-3:] = False
+    mask[rows // 2] = False
+    G = torch.zeros(97, 97)
+    ops.gram_update(G, X, mask)
+    assert rel_err(G, expected_update(torch.zeros(97, 97), X, mask)) < 1e-5
+
+
+@pytest.fixture
+def no_forced_path(monkeypatch):
+    if not rf.build_info()["extension"]:
         pytest.skip("pure-PyTorch build")
-    monkeypatch.setenv("REGMEAN_FAST_CPU_GEMM", "portable")
+    monkeypatch.delenv("REGMEAN_FAST_CPU_GEMM", raising=False)
+    monkeypatch.delenv("REGMEAN_FAST_CPU_PATH", raising=False)
+    return monkeypatch
+
+
+def test_paths_are_the_ones_reported(no_forced_path):
+    monkeypatch = no_forced_path
+    info = rf.build_info()
+    auto = info["cpu_gemm_path"]
+    features = info["cpu_features"].split()
+    if "amx_bf16" in features and "bf16" in info["cpu_blas"]:
+        assert auto["bfloat16"] == "mkl-bf16"
+    elif "avx512_bf16" in features:
+        assert auto["bfloat16"] == "avx512bf16"
+    else:
+        assert auto["bfloat16"] in ("blas-sgemm", "portable")
+    assert auto["float32"] == auto["float16"] == ("blas-sgemm" if "f32" in info["cpu_blas"] else "portable")
+    for path in cpu_paths_here()[1:]:
+        monkeypatch.setenv("REGMEAN_FAST_CPU_PATH", path)
+        forced = rf.build_info()["cpu_gemm_path"]
+        assert forced["bfloat16"] == path
+        # The bf16-only paths leave the other dtypes to the automatic choice.
+        assert forced["float32"] == (auto["float32"] if path in ("mkl-bf16", "avx512bf16") else path)
+    monkeypatch.delenv("REGMEAN_FAST_CPU_PATH")
+    monkeypatch.setenv("REGMEAN_FAST_CPU_GEMM", "portable")  # the older name still works
     assert set(rf.build_info()["cpu_gemm_path"].values()) == {"portable"}
-    monkeypatch.delenv("REGMEAN_FAST_CPU_GEMM")
-    paths = rf.build_info()["cpu_gemm_path"]
-    if "bf16" in info["cpu_blas"]:
-        assert paths["bfloat16"] == "mkl-bf16"
+
+
+@pytest.mark.parametrize("name, words", [("amx-bf16", "not a CPU path"), ("AVX512BF16", "not a CPU path")])
+def test_forcing_an_unknown_path_is_one_line(no_forced_path, name, words):
+    no_forced_path.setenv("REGMEAN_FAST_CPU_PATH", name)
+    with pytest.raises(ValueError, match=words) as e:
+        ops.gram_update(torch.zeros(4, 4), torch.randn(3, 4).bfloat16())
+    message = str(e.value).splitlines()[0]
+    assert f"REGMEAN_FAST_CPU_PATH={name}" in message and "available here: auto, " in message
+    assert "cpu_path_error" in rf.build_info() and not rf.build_info()["cpu_gemm_path"]
+
+
+def test_forcing_a_path_this_cpu_lacks_is_one_line(no_forced_path):
+    missing = [p for p in CPU_PATHS[1:] if p not in cpu_paths_here()]
+    if not missing:
+        pytest.skip("this machine can run every CPU path")
+    no_forced_path.setenv("REGMEAN_FAST_CPU_PATH", missing[0])
+    with pytest.raises(ValueError, match=f"REGMEAN_FAST_CPU_PATH={missing[0]}: .*available here: auto, "):
+        ops.gram_update(torch.zeros(4, 4), torch.randn(3, 4).bfloat16())
+
+
+def test_cli_refuses_a_bad_path_in_one_line(no_forced_path, capsys):
+    from regmean_fast.cli import main
+
+    no_forced_path.setenv("REGMEAN_FAST_CPU_PATH", "fastest")
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regmean_fast: error: REGMEAN_FAST_CPU_PATH=fastest: not a CPU path")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("device", devices())
@@ -150,7 +222,7 @@ def test_gram_update_rejects_mixed_devices():
         ops.gram_update(torch.zeros(4, 4, device="cuda"), torch.zeros(2, 4))
 
 
-def test_ops_are_registered_and_pass_opcheck():
+def test_ops_are_registered_and_pass_opcheck(cpu_path):
     G = torch.zeros(9, 9)
     X = torch.randn(2, 5, 9).bfloat16()
     mask = torch.rand(2, 5) > 0.5

@@ -1,10 +1,11 @@
 // CPU Gram accumulation: triu(G) += X^T X with fp32 accumulation.
 //
-// Two implementations behind one contract:
+// Three implementations behind one contract (which one runs: cpu_path.h):
 //  * MKL (resolved at run time with dlsym; torch's x86 wheels export cblas_gemm_bf16bf16f32 and
 //    sgemm_): one GEMM per block row of the upper triangle, beta = 1,
 //    straight into G. The diagonal block goes through a scratch tile so the strict lower
 //    triangle of G stays untouched.
+//  * AVX512-BF16 (bf16 only): our vdpbf16ps micro-kernel, gram_avx512bf16.cpp.
 //  * Portable: rows are packed (widened to fp32, zero-padded to the tile) one chunk at a time and
 //    every tile on or above the diagonal is computed with a register-blocked micro-kernel written
 //    with GCC/Clang vector extensions, so it vectorises on any ISA the compiler targets.
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "blas_cpu.h"
+#include "gram_avx512bf16.h"
 #include "tiling.h"
 
 namespace regmean_fast {
@@ -47,11 +49,6 @@ void ThreadRunner::parallel_for(int64_t n, const std::function<void(int64_t, int
 // BLAS path.
 
 namespace {
-
-bool forced_portable() {
-  const char* v = std::getenv("REGMEAN_FAST_CPU_GEMM");
-  return v && std::strcmp(v, "portable") == 0;
-}
 
 // Rows per BLAS call: MKL's LP64 interface takes 32-bit sizes.
 constexpr int64_t kMaxBlasRows = int64_t(1) << 30;
@@ -89,7 +86,7 @@ void blas_xtx(CpuGemmPath path, const void* X, DType dt, int64_t rows, int64_t l
   }
 }
 
-// Rows widened at a time when fp16 goes through sgemm (MKL's f16 GEMM has no fast kernel on
+// Rows widened at a time when fp16 or bf16 goes through sgemm (MKL's f16 GEMM has no fast kernel on
 // CPUs without AMX-FP16: measured 2x slower than widening here).
 constexpr int64_t kWidenRows = 1024;
 
@@ -127,14 +124,18 @@ void blas_triangle(float* G, int64_t d, const void* X, DType dt, int64_t rows, i
 
 void gram_update_blas(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                       CpuGemmPath path, const TaskRunner& runner) {
-  if (dt == DType::F16) {
+  if (path == CpuGemmPath::BlasF32 && dt != DType::F32) {
     std::vector<float> wide(static_cast<size_t>(std::min(kWidenRows, rows) * d));
     for (int64_t r0 = 0; r0 < rows; r0 += kWidenRows) {
       const int64_t nr = std::min(kWidenRows, rows - r0);
       runner.parallel_for(nr, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
           const uint16_t* src = static_cast<const uint16_t*>(X) + (r0 + r) * ldx;
-          for (int64_t c = 0; c < d; ++c) wide[r * d + c] = f16_bits_to_float(src[c]);
+          if (dt == DType::F16) {
+            for (int64_t c = 0; c < d; ++c) wide[r * d + c] = f16_bits_to_float(src[c]);
+          } else {
+            for (int64_t c = 0; c < d; ++c) wide[r * d + c] = bf16_bits_to_float(src[c]);
+          }
         }
       });
       gram_update_blas(G, d, wide.data(), DType::F32, nr, d, path, runner);
@@ -253,26 +254,6 @@ void gram_update_portable(float* G, int64_t d, const void* X, DType dt, int64_t 
 
 }  // namespace
 
-const char* cpu_gemm_path_name(CpuGemmPath p) {
-  switch (p) {
-    case CpuGemmPath::Portable: return "portable";
-    case CpuGemmPath::MklBf16: return "mkl-bf16";
-    case CpuGemmPath::BlasF32: return "blas-sgemm";
-  }
-  return "?";
-}
-
-CpuGemmPath cpu_gemm_path(DType dt) {
-  if (forced_portable()) return CpuGemmPath::Portable;
-  const BlasTable& t = blas();
-  switch (dt) {
-    case DType::BF16: return t.gemm_bf16 ? CpuGemmPath::MklBf16 : CpuGemmPath::Portable;
-    case DType::F16: return t.sgemm ? CpuGemmPath::BlasF32 : CpuGemmPath::Portable;
-    case DType::F32: return t.sgemm ? CpuGemmPath::BlasF32 : CpuGemmPath::Portable;
-  }
-  return CpuGemmPath::Portable;
-}
-
 void cpu_blas_summary(char* buf, int64_t buflen) {
   const BlasTable& t = blas();
   if (!t.gemm_bf16 && !t.sgemm) {
@@ -286,14 +267,15 @@ void cpu_blas_summary(char* buf, int64_t buflen) {
 void gram_update_cpu_path(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                           const TaskRunner& runner, CpuGemmPath path) {
   if (d <= 0 || rows <= 0) return;
-  // A path that does not fit the data or is not in this process falls back to the portable one.
-  const BlasTable& t = blas();
-  const bool usable = (path == CpuGemmPath::MklBf16 && dt == DType::BF16 && t.gemm_bf16) ||
-                      (path == CpuGemmPath::BlasF32 && dt != DType::BF16 && t.sgemm);
-  if (!usable || d > INT_MAX || ldx > INT_MAX) {
-    gram_update_portable(G, d, X, dt, rows, ldx, runner);
-  } else {
+  // A path that does not fit the data or cannot run here falls back to the portable one.
+  const bool bf16_path = path == CpuGemmPath::MklBf16 || path == CpuGemmPath::Avx512Bf16;
+  const bool usable = cpu_path_available(path, cpu_features(), cpu_libs()) && (dt == DType::BF16 || !bf16_path);
+  if (usable && path == CpuGemmPath::Avx512Bf16) {
+    gram_update_avx512bf16(G, d, static_cast<const uint16_t*>(X), rows, ldx, runner);
+  } else if (usable && path != CpuGemmPath::Portable && d <= INT_MAX && ldx <= INT_MAX) {
     gram_update_blas(G, d, X, dt, rows, ldx, path, runner);
+  } else {
+    gram_update_portable(G, d, X, dt, rows, ldx, runner);
   }
 }
 
@@ -302,7 +284,7 @@ void gram_update_cpu(float* G, int64_t d, const void* X, DType dt, int64_t rows,
   gram_update_cpu_path(G, d, X, dt, rows, ldx, runner, cpu_gemm_path(dt));
 }
 
-bool have_bf16_gemm() { return blas().gemm_bf16 != nullptr && !forced_portable(); }
+bool have_bf16_gemm() { return blas().gemm_bf16 != nullptr; }
 
 void gemm_bf16_accumulate(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* A, int64_t lda,
                           bool trans_a, const uint16_t* B, int64_t ldb, float* C, int64_t ldc) {

@@ -6,6 +6,7 @@
 #include <functional>
 
 #include "common.h"
+#include "cpu_path.h"
 
 namespace regmean_fast {
 namespace kernels {
@@ -34,20 +35,6 @@ class ThreadRunner final : public TaskRunner {
   int threads_;
 };
 
-// Which CPU implementation gram_update_cpu uses.
-enum class CpuGemmPath : int {
-  Portable = 0,  // blocked, packed fp32 micro-kernel (any CPU)
-  MklBf16 = 1,   // cblas_gemm_bf16bf16f32 (AMX/AVX512-BF16 where MKL has it)
-  BlasF32 = 2,   // Fortran sgemm_ found in the process (fp16 is widened to fp32 in row chunks)
-};
-
-const char* cpu_gemm_path_name(CpuGemmPath p);
-
-// The path that gram_update_cpu will take for inputs of type dt in this process right now.
-// The environment variable REGMEAN_FAST_CPU_GEMM=portable forces the portable path (read per
-// call, so tests can flip it).
-CpuGemmPath cpu_gemm_path(DType dt);
-
 // Summary of the fast BLAS entry points that were found at run time (for build_info).
 // Writes e.g. "libtorch_cpu.so: bf16 f32" or "none" into buf.
 void cpu_blas_summary(char* buf, int64_t buflen);
@@ -58,11 +45,13 @@ void cpu_blas_summary(char* buf, int64_t buflen);
 void gram_update_cpu(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                      const TaskRunner& runner);
 
-// Same contract, forcing one path (tests compare paths).
+// Same contract, forcing one path (tests compare paths). A path that cannot run here, or not on dt,
+// runs the portable kernel instead.
 void gram_update_cpu_path(float* G, int64_t d, const void* X, DType dt, int64_t rows, int64_t ldx,
                           const TaskRunner& runner, CpuGemmPath path);
 
-// True when a bf16 x bf16 -> fp32 GEMM (MKL's cblas_gemm_bf16bf16f32) is in the process.
+// True when a bf16 x bf16 -> fp32 GEMM (MKL's cblas_gemm_bf16bf16f32) is in the process: it can run,
+// which says nothing of its speed (fast with AMX only: see cpu_path.h).
 bool have_bf16_gemm();
 
 // C[m x n] += alpha * op(A) B with fp32 accumulation; A, B bfloat16, C float32, all row-major.

@@ -43,6 +43,15 @@ RF_HOST_DEVICE int64_t block_extent(int64_t b, int64_t tile, int64_t n) {
   return rest < tile ? (rest > 0 ? rest : 0) : tile;
 }
 
+// The lanes of a 16-wide vector holding columns [j, j + 16) of row i that the upper triangle of a
+// d x d matrix owns: bit k set when i <= j + k < d. (With i = 0: the columns inside the matrix.)
+RF_HOST_DEVICE uint32_t triangle_lane_mask(int64_t i, int64_t j, int64_t d) {
+  const int64_t lo = i > j ? i - j : 0;
+  const int64_t hi = d - j < 16 ? d - j : 16;
+  if (hi <= lo) return 0;
+  return ((uint32_t(1) << hi) - 1u) & ~((uint32_t(1) << lo) - 1u);
+}
+
 // Split n rows into `parts` near-equal contiguous ranges; range p is [*begin, *end).
 RF_HOST_DEVICE void split_range(int64_t n, int64_t parts, int64_t p, int64_t* begin, int64_t* end) {
   const int64_t base = n / parts, extra = n % parts;

@@ -35,8 +35,12 @@ regmean_fast::kernels::DType parse_dtype(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "regmean_fast compiled kernels; the operators are in torch.ops.regmean_fast";
   m.def("build_info", [] {
-    char blas[256];
-    regmean_fast::kernels::cpu_blas_summary(blas, sizeof(blas));
+    namespace k = regmean_fast::kernels;
+    char blas[256], model[64], features[128], paths[128];
+    k::cpu_blas_summary(blas, sizeof(blas));
+    k::cpu_model_name(model, sizeof(model));
+    k::cpu_features_summary(k::cpu_features(), features, sizeof(features));
+    k::cpu_paths_available(k::cpu_features(), k::cpu_libs(), paths, sizeof(paths));
     pybind11::dict d;
 #ifdef REGMEAN_FAST_WITH_CUDA
     d["cuda"] = true;
@@ -52,6 +56,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["spd_solve"] = true;  // torch.ops.regmean_fast.spd_solve (CPU: LAPACK; CUDA: cuSOLVER Xpotrf)
     d["cuda_archs"] = std::string(RF_CUDA_ARCHS);
     d["cpu_blas"] = std::string(blas);
+    d["cpu_model"] = std::string(model);
+    d["cpu_features"] = std::string(features);  // what the path choice saw (cpu_path.h)
+    d["cpu_paths"] = std::string(paths);        // the paths REGMEAN_FAST_CPU_PATH may name here
     d["torch_version"] = std::string(TORCH_VERSION);
     return d;
   });
@@ -77,11 +84,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(all finite, max |G|, max |G - G^T|, min diag) of a square float32 CPU matrix, in one pass.");
   m.def("have_bf16_gemm", &regmean_fast::kernels::have_bf16_gemm,
-        "True when MKL's bf16 GEMM is in this process (addmm_bf16x3_ needs it).");
+        "True when MKL's bf16 GEMM is in this process (addmm_bf16x3_ needs it; fast only with AMX).");
   m.def(
       "cpu_gemm_path",
       [](const std::string& dtype) {
-        return std::string(regmean_fast::kernels::cpu_gemm_path_name(regmean_fast::kernels::cpu_gemm_path(parse_dtype(dtype))));
+        namespace k = regmean_fast::kernels;
+        k::CpuGemmPath path;
+        char err[320];
+        if (!k::cpu_gemm_path_checked(parse_dtype(dtype), &path, err, sizeof(err))) throw std::invalid_argument(err);
+        return std::string(k::cpu_gemm_path_name(path));
       },
-      "The CPU path gram_update takes for this activation dtype right now (honours REGMEAN_FAST_CPU_GEMM).");
+      "The CPU path gram_update takes for this activation dtype right now (honours REGMEAN_FAST_CPU_PATH); "
+      "ValueError when that variable names no path this CPU can run.");
 }

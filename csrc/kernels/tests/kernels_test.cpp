@@ -11,6 +11,7 @@
 
 #include "check_cpu.h"
 #include "common.h"
+#include "cpu_path.h"
 #include "gram_cpu.h"
 #include "reduce_cpu.h"
 #include "tiling.h"
@@ -127,7 +128,10 @@ static Activations make_activations(DType dt, int64_t rows, int64_t d, int64_t l
   a.widened.assign(n, 0.0);
   if (dt == DType::F32) a.f32.assign(n, 0.f); else a.half.assign(n, 0);
   for (size_t k = 0; k < n; ++k) {
-    if (static_cast<int64_t>(k) % ldx >= d) continue;  // the gap between strided rows stays zero
+    if (static_cast<int64_t>(k) % ldx >= d) {  // the gap between strided rows: NaN, must never be read
+      if (dt == DType::F32) a.f32[k] = NAN; else a.half[k] = 0x7fc0;  // a NaN in both bf16 and fp16
+      continue;
+    }
     const float v = normal(rng);
     if (dt == DType::F32) {
       a.f32[k] = v;
@@ -199,6 +203,38 @@ static void test_gram_portable() {
   }
 }
 
+static void test_gram_avx512bf16() {
+  if (!cpu_path_available(CpuGemmPath::Avx512Bf16, cpu_features(), cpu_libs())) {
+    std::printf("kernels_test: this CPU/build has no AVX512-BF16: the avx512bf16 Gram kernel is not run\n");
+    return;
+  }
+  std::mt19937 rng(4321);
+  SerialRunner serial;
+  ThreadRunner threads(3);
+  for (int64_t d : {1, 3, 7, 33, 95, 96, 97, 130, 200, 257}) {
+    // Odd and even row counts on both sides of the 512-row chunk: the zero row that pairs an odd one.
+    for (int64_t rows : {0, 1, 2, 3, 5, 511, 512, 513, 1100}) {
+      const TaskRunner& runner = (d + rows) % 2 ? static_cast<const TaskRunner&>(threads) : serial;
+      check_gram(DType::BF16, d, rows, d, runner, CpuGemmPath::Avx512Bf16, rng);
+    }
+    check_gram(DType::BF16, d, 37, d + 5, threads, CpuGemmPath::Avx512Bf16, rng);  // strided rows
+  }
+}
+
+// triangle_lane_mask against its definition.
+static void test_lane_mask() {
+  bool ok = true;
+  for (int64_t d : {1, 7, 16, 17, 40})
+    for (int64_t i = 0; i < d + 2; ++i)
+      for (int64_t j = 0; j < d + 16; ++j) {
+        uint32_t expect = 0;
+        for (int64_t k = 0; k < 16; ++k)
+          if (i <= j + k && j + k < d) expect |= 1u << k;
+        ok = ok && triangle_lane_mask(i, j, d) == expect;
+      }
+  CHECK(ok, "triangle_lane_mask");
+}
+
 static void test_symmetrize() {
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -245,12 +281,101 @@ static void test_cuda_schedule_covers_once() {
 }
 
 static void test_path_selection() {
-  // This test binary does not load torch or MKL: the portable path must be chosen and named.
-  CHECK(cpu_gemm_path(DType::BF16) == CpuGemmPath::Portable, "no BLAS in process -> portable");
+  // This test binary does not load torch or MKL: no BLAS, so sgemm-based paths are out.
+  const bool bf16_kernel = cpu_path_available(CpuGemmPath::Avx512Bf16, cpu_features(), cpu_libs());
+  CHECK(cpu_gemm_path(DType::F32) == CpuGemmPath::Portable, "no BLAS in process -> portable");
+  CHECK(cpu_gemm_path(DType::BF16) == (bf16_kernel ? CpuGemmPath::Avx512Bf16 : CpuGemmPath::Portable),
+        "bf16 without BLAS -> avx512bf16 where the CPU has it, else portable");
   char buf[128];
   cpu_blas_summary(buf, sizeof(buf));
   CHECK(std::string(buf) == "none", "blas summary '%s'", buf);
   CHECK(std::string(cpu_gemm_path_name(CpuGemmPath::MklBf16)) == "mkl-bf16", "path name");
+  CHECK(std::string(cpu_gemm_path_name(CpuGemmPath::Avx512Bf16)) == "avx512bf16", "path name");
+}
+
+// The choice table with made-up CPUs and processes.
+static void test_path_choice_table() {
+  using P = CpuGemmPath;
+  auto cpu = [](bool avx2, bool avx512, bool bf16, bool amx) {
+    CpuFeatures f;
+    f.avx2_fma = avx2;
+    f.avx512 = avx512;
+    f.avx512bf16 = bf16;
+    f.amx_bf16 = amx;
+    return f;
+  };
+  auto libs = [](bool mkl, bool sgemm, bool kernel) {
+    CpuLibs l;
+    l.mkl_bf16 = mkl;
+    l.sgemm = sgemm;
+    l.avx512bf16_kernel = kernel;
+    return l;
+  };
+  const CpuFeatures spr = cpu(true, true, true, true), zen4 = cpu(true, true, true, false),
+                    skx = cpu(true, true, false, false), zen3 = cpu(true, false, false, false),
+                    old = cpu(false, false, false, false);
+  const CpuLibs mkl = libs(true, true, true), openblas = libs(false, true, true), none = libs(false, false, true),
+                no_kernel = libs(true, true, false);
+  struct Row {
+    const char* what;
+    CpuFeatures f;
+    CpuLibs l;
+    P bf16, f16, f32;
+  };
+  const Row table[] = {
+      {"AMX + MKL", spr, mkl, P::MklBf16, P::BlasF32, P::BlasF32},
+      {"AMX, no MKL bf16", spr, openblas, P::Avx512Bf16, P::BlasF32, P::BlasF32},
+      {"Zen 4 + MKL", zen4, mkl, P::Avx512Bf16, P::BlasF32, P::BlasF32},
+      {"Zen 4, build without the kernel", zen4, no_kernel, P::BlasF32, P::BlasF32, P::BlasF32},
+      {"Zen 4, no BLAS", zen4, none, P::Avx512Bf16, P::Portable, P::Portable},
+      {"AVX-512 without bf16 + MKL", skx, mkl, P::BlasF32, P::BlasF32, P::BlasF32},
+      {"AVX2 + MKL", zen3, mkl, P::BlasF32, P::BlasF32, P::BlasF32},
+      {"AVX2, no BLAS", zen3, none, P::Portable, P::Portable, P::Portable},
+      {"nothing", old, none, P::Portable, P::Portable, P::Portable},
+  };
+  for (const Row& r : table) {
+    CHECK(choose_cpu_path(DType::BF16, r.f, r.l) == r.bf16, "%s: bf16 -> %s", r.what,
+          cpu_gemm_path_name(choose_cpu_path(DType::BF16, r.f, r.l)));
+    CHECK(choose_cpu_path(DType::F16, r.f, r.l) == r.f16, "%s: f16", r.what);
+    CHECK(choose_cpu_path(DType::F32, r.f, r.l) == r.f32, "%s: f32", r.what);
+    // The automatic choice is always one the forced form accepts.
+    for (DType dt : {DType::BF16, DType::F16, DType::F32})
+      CHECK(cpu_path_available(choose_cpu_path(dt, r.f, r.l), r.f, r.l), "%s: choice available", r.what);
+  }
+
+  // Forcing.
+  P out;
+  char err[256];
+  auto forced = [&](DType dt, const char* name, const CpuFeatures& f, const CpuLibs& l) {
+    err[0] = 0;
+    return resolve_cpu_path(dt, name, f, l, &out, err, sizeof(err));
+  };
+  for (const char* automatic : {static_cast<const char*>(nullptr), "", "auto"})
+    CHECK(forced(DType::BF16, automatic, zen4, mkl) && out == P::Avx512Bf16, "auto request");
+  for (DType dt : {DType::BF16, DType::F16, DType::F32}) {
+    CHECK(forced(dt, "portable", zen4, mkl) && out == P::Portable, "portable takes every dtype");
+    CHECK(forced(dt, "blas-sgemm", zen4, mkl) && out == P::BlasF32, "blas-sgemm takes every dtype");
+  }
+  CHECK(forced(DType::BF16, "mkl-bf16", zen4, mkl) && out == P::MklBf16, "mkl-bf16 forced without AMX runs");
+  CHECK(forced(DType::F32, "mkl-bf16", zen4, mkl) && out == P::BlasF32, "bf16-only path leaves f32 to auto");
+  CHECK(forced(DType::F16, "avx512bf16", zen4, mkl) && out == P::BlasF32, "bf16-only path leaves f16 to auto");
+  CHECK(forced(DType::BF16, "avx512bf16", spr, mkl) && out == P::Avx512Bf16, "avx512bf16 forced on AMX");
+  CHECK(!forced(DType::BF16, "avx512bf16", skx, mkl), "avx512bf16 on a CPU without it is refused");
+  CHECK(std::string(err) == "this CPU has no AVX512-BF16 (available here: auto, mkl-bf16, blas-sgemm, portable)",
+        "message: %s", err);
+  CHECK(!forced(DType::F32, "avx512bf16", skx, mkl), "refused for every dtype, not only bf16");
+  CHECK(!forced(DType::BF16, "avx512bf16", zen4, no_kernel) && std::string(err).find("this build") == 0,
+        "kernel not compiled: %s", err);
+  CHECK(!forced(DType::F32, "blas-sgemm", zen4, none) && std::string(err).find("sgemm_") != std::string::npos,
+        "blas-sgemm without sgemm: %s", err);
+  CHECK(!forced(DType::BF16, "mkl-bf16", zen4, openblas) &&
+            std::string(err).find("cblas_gemm_bf16bf16f32") != std::string::npos,
+        "mkl-bf16 without MKL: %s", err);
+  CHECK(!forced(DType::BF16, "AVX512BF16", zen4, mkl) && std::string(err).find("not a CPU path") == 0,
+        "names are exact: %s", err);
+  CHECK(!forced(DType::BF16, "amx", old, none) &&
+            std::string(err).find("available here: auto, portable)") != std::string::npos,
+        "lists what is available: %s", err);
 }
 
 // The reduction against a double loop written from its definition, for full and packed inputs,
@@ -598,9 +723,12 @@ int main() {
   test_ranges();
   test_conversions();
   test_gram_portable();
+  test_lane_mask();
+  test_gram_avx512bf16();
   test_symmetrize();
   test_cuda_schedule_covers_once();
   test_path_selection();
+  test_path_choice_table();
   test_reduce_and_packing();
   test_checks();
   test_split_bf16x3();
