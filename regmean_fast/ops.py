@@ -467,14 +467,23 @@ def _addmm_bf16x3_fake(C, A, Bs, alpha):
 
 
 def exact_bf16_products_available(device) -> bool:
-    """True when addmm_bf16x3_ runs as real bf16 GEMMs on this device: on the CPU, MKL's bf16 GEMM
-    is in the process; on CUDA, the extension was built with its cuBLAS kernels."""
+    """True when W G products for a bf16 W should go through addmm_bf16x3_ (three bf16 GEMMs) rather
+    than one fp32 GEMM on this device: on CUDA, when the extension was built with its cuBLAS kernels; on
+    the CPU, when the bf16 path is MKL's (chosen where the CPU has AMX, or forced with
+    REGMEAN_FAST_CPU_PATH=mkl-bf16). Three bf16 GEMMs beat one fp32 GEMM only at AMX's rate: with
+    AVX512-BF16 alone bf16 runs at ~2.2x fp32, so three of them take ~1.4x one fp32 GEMM."""
     kind = torch.device(device).type
     if not _ext.HAVE_EXTENSION:
         return False
     if kind == "cuda":
         return _ext.HAS_CUDA_BF16X3
-    return kind == "cpu" and hasattr(_ext._C, "have_bf16_gemm") and bool(_ext._C.have_bf16_gemm())
+    return kind == "cpu" and bf16_gemm_compiled() and _ext.cpu_path_error() is None \
+        and _ext._C.cpu_gemm_path("bfloat16") == "mkl-bf16"
+
+
+def bf16_gemm_compiled() -> bool:
+    """True when addmm_bf16x3_ can run on the CPU here (MKL's bf16 GEMM is in the process), fast or not."""
+    return _ext.HAVE_EXTENSION and hasattr(_ext._C, "have_bf16_gemm") and bool(_ext._C.have_bf16_gemm())
 
 
 def split_bf16x3(x: torch.Tensor) -> torch.Tensor:

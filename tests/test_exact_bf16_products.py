@@ -8,8 +8,23 @@ import torch
 
 from regmean_fast import ops
 
-pytestmark = pytest.mark.skipif(not ops.exact_bf16_products_available("cpu"),
-                                reason="no MKL bf16 GEMM in this process")
+pytestmark = pytest.mark.skipif(not ops.bf16_gemm_compiled(), reason="no MKL bf16 GEMM in this process")
+
+
+def test_products_are_chosen_only_on_the_mkl_bf16_path(monkeypatch):
+    import regmean_fast as rf
+
+    monkeypatch.delenv("REGMEAN_FAST_CPU_GEMM", raising=False)
+    monkeypatch.delenv("REGMEAN_FAST_CPU_PATH", raising=False)
+    amx = "amx_bf16" in rf.build_info()["cpu_features"].split()
+    # Without AMX three bf16 GEMMs are slower than one fp32 GEMM: callers should take fp32 products.
+    assert ops.exact_bf16_products_available("cpu") == amx
+    for path in ("portable", "blas-sgemm", "avx512bf16"):
+        if path in rf.build_info()["cpu_paths"].split(", "):
+            monkeypatch.setenv("REGMEAN_FAST_CPU_PATH", path)
+            assert not ops.exact_bf16_products_available("cpu")
+    monkeypatch.setenv("REGMEAN_FAST_CPU_PATH", "mkl-bf16")
+    assert ops.exact_bf16_products_available("cpu")
 
 
 @pytest.mark.parametrize("shape", [(1,), (7, 9), (300, 300)])
