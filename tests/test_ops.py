@@ -10,7 +10,9 @@ from regmean_fast import ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Every CPU path REGMEAN_FAST_CPU_PATH can name; those this machine cannot run are skipped.
-CPU_PATHS = ["auto", "portable", "blas-sgemm", "mkl-bf16", "avx512bf16"]
+CPU_PATHS = ["auto", "portable", "blas-sgemm", "mkl-bf16", "avx512bf16", "avx512"]
+BF16_ONLY_PATHS = ("mkl-bf16", "avx512bf16")  # forced, they leave fp32/fp16 to the automatic choice
+NO_BF16_PATHS = ("avx512",)  # and this one leaves bf16
 
 
 def cpu_paths_here() -> list[str]:
@@ -132,13 +134,15 @@ def test_paths_are_the_ones_reported(no_forced_path):
         assert auto["bfloat16"] == "avx512bf16"
     else:
         assert auto["bfloat16"] in ("blas-sgemm", "portable")
-    assert auto["float32"] == auto["float16"] == ("blas-sgemm" if "f32" in info["cpu_blas"] else "portable")
+    if "avx512" in features and "amx_bf16" not in features:
+        assert auto["float32"] == auto["float16"] == "avx512"
+    else:
+        assert auto["float32"] == auto["float16"] == ("blas-sgemm" if "f32" in info["cpu_blas"] else "portable")
     for path in cpu_paths_here()[1:]:
         monkeypatch.setenv("REGMEAN_FAST_CPU_PATH", path)
         forced = rf.build_info()["cpu_gemm_path"]
-        assert forced["bfloat16"] == path
-        # The bf16-only paths leave the other dtypes to the automatic choice.
-        assert forced["float32"] == (auto["float32"] if path in ("mkl-bf16", "avx512bf16") else path)
+        assert forced["bfloat16"] == (auto["bfloat16"] if path in NO_BF16_PATHS else path)
+        assert forced["float32"] == forced["float16"] == (auto["float32"] if path in BF16_ONLY_PATHS else path)
     monkeypatch.delenv("REGMEAN_FAST_CPU_PATH")
     monkeypatch.setenv("REGMEAN_FAST_CPU_GEMM", "portable")  # the older name still works
     assert set(rf.build_info()["cpu_gemm_path"].values()) == {"portable"}

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "blas_cpu.h"
-#include "gram_avx512bf16.h"
+#include "gram_avx512.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -22,9 +22,8 @@ namespace {
 
 // In the order cpu_paths_available lists them.
 constexpr CpuGemmPath kAllPaths[kCpuGemmPathCount] = {CpuGemmPath::Avx512Bf16, CpuGemmPath::MklBf16,
-                                                      CpuGemmPath::BlasF32, CpuGemmPath::Portable};
-
-bool bf16_only(CpuGemmPath p) { return p == CpuGemmPath::MklBf16 || p == CpuGemmPath::Avx512Bf16; }
+                                                      CpuGemmPath::Avx512, CpuGemmPath::BlasF32,
+                                                      CpuGemmPath::Portable};
 
 // Why path p cannot run here (null when it can).
 const char* missing(CpuGemmPath p, const CpuFeatures& f, const CpuLibs& l) {
@@ -34,8 +33,11 @@ const char* missing(CpuGemmPath p, const CpuFeatures& f, const CpuLibs& l) {
     case CpuGemmPath::MklBf16:
       return l.mkl_bf16 ? nullptr : "MKL's cblas_gemm_bf16bf16f32 is not in this process";
     case CpuGemmPath::Avx512Bf16:
-      if (!l.avx512bf16_kernel) return "this build has no AVX512-BF16 kernel (x86-64 GCC >= 10 or Clang needed)";
+      if (!l.avx512_kernels) return "this build has no AVX-512 kernels (x86-64 GCC >= 10 or Clang needed)";
       return f.avx512bf16 && f.avx512 ? nullptr : "this CPU has no AVX512-BF16";
+    case CpuGemmPath::Avx512:
+      if (!l.avx512_kernels) return "this build has no AVX-512 kernels (x86-64 GCC >= 10 or Clang needed)";
+      return f.avx512 ? nullptr : "this CPU has no AVX-512 (F, BW, VL)";
   }
   return "unknown path";
 }
@@ -56,6 +58,7 @@ const char* cpu_gemm_path_name(CpuGemmPath p) {
     case CpuGemmPath::MklBf16: return "mkl-bf16";
     case CpuGemmPath::BlasF32: return "blas-sgemm";
     case CpuGemmPath::Avx512Bf16: return "avx512bf16";
+    case CpuGemmPath::Avx512: return "avx512";
   }
   return "?";
 }
@@ -92,7 +95,7 @@ CpuLibs cpu_libs() {
   CpuLibs l;
   l.mkl_bf16 = t.gemm_bf16 != nullptr;
   l.sgemm = t.sgemm != nullptr;
-  l.avx512bf16_kernel = avx512bf16_kernel_compiled();
+  l.avx512_kernels = avx512_kernels_compiled();
   return l;
 }
 
@@ -126,11 +129,25 @@ CpuGemmPath choose_cpu_path(DType dt, const CpuFeatures& f, const CpuLibs& l) {
   if (dt == DType::BF16) {
     if (f.amx_bf16 && l.mkl_bf16) return CpuGemmPath::MklBf16;
     if (!missing(CpuGemmPath::Avx512Bf16, f, l)) return CpuGemmPath::Avx512Bf16;
+    return l.sgemm ? CpuGemmPath::BlasF32 : CpuGemmPath::Portable;
   }
+  // fp32/fp16: our triangle kernel beat sgemm's recursive triangle where it was measured (AVX-512 without
+  // AMX: 1.35-1.5x on Zen 4); the AMX machine keeps the sgemm path it was measured on.
+  const bool avx512 = !missing(CpuGemmPath::Avx512, f, l);
+  if (avx512 && (!f.amx_bf16 || !l.sgemm)) return CpuGemmPath::Avx512;
   return l.sgemm ? CpuGemmPath::BlasF32 : CpuGemmPath::Portable;
 }
 
 bool cpu_path_available(CpuGemmPath p, const CpuFeatures& f, const CpuLibs& l) { return missing(p, f, l) == nullptr; }
+
+bool cpu_path_takes(CpuGemmPath p, DType dt) {
+  switch (p) {
+    case CpuGemmPath::MklBf16:
+    case CpuGemmPath::Avx512Bf16: return dt == DType::BF16;
+    case CpuGemmPath::Avx512: return dt != DType::BF16;
+    default: return true;
+  }
+}
 
 void cpu_paths_available(const CpuFeatures& f, const CpuLibs& l, char* buf, int64_t buflen) {
   std::string s;
@@ -154,11 +171,11 @@ bool resolve_cpu_path(DType dt, const char* forced, const CpuFeatures& f, const 
       std::snprintf(err, static_cast<size_t>(errlen), "%s (available here: auto, %s)", why, avail);
       return false;
     }
-    if (dt == DType::BF16 || !bf16_only(p)) *out = p;
+    if (cpu_path_takes(p, dt)) *out = p;
     return true;
   }
   std::snprintf(err, static_cast<size_t>(errlen),
-                "not a CPU path (auto, avx512bf16, mkl-bf16, blas-sgemm, portable; available here: auto, %s)", avail);
+                "not a CPU path (auto, avx512bf16, mkl-bf16, avx512, blas-sgemm, portable; available here: auto, %s)", avail);
   return false;
 }
 

@@ -14,11 +14,12 @@ enum class CpuGemmPath : int {
   Portable = 0,    // blocked, packed fp32 micro-kernel in vector extensions (any CPU)
   MklBf16 = 1,     // MKL's cblas_gemm_bf16bf16f32 (bf16 only): AMX tiles on Sapphire Rapids and newer
   BlasF32 = 2,     // sgemm_ of the BLAS in the process; bf16/fp16 widened to fp32 in row chunks
-  Avx512Bf16 = 3,  // our vdpbf16ps micro-kernel (bf16 only; gram_avx512bf16.h)
+  Avx512Bf16 = 3,  // our vdpbf16ps micro-kernel (bf16 only; gram_avx512.h)
+  Avx512 = 4,      // our FMA micro-kernel (fp32 and fp16, widened; gram_avx512.h)
 };
-constexpr int kCpuGemmPathCount = 4;
+constexpr int kCpuGemmPathCount = 5;
 
-// "portable", "mkl-bf16", "blas-sgemm", "avx512bf16".
+// "portable", "mkl-bf16", "blas-sgemm", "avx512bf16", "avx512".
 const char* cpu_gemm_path_name(CpuGemmPath p);
 
 // What the CPU can run, each only when the OS also saves the registers it needs (XCR0).
@@ -33,7 +34,7 @@ struct CpuFeatures {
 struct CpuLibs {
   bool mkl_bf16 = false;           // cblas_gemm_bf16bf16f32 found (blas_cpu.h)
   bool sgemm = false;              // sgemm_ found
-  bool avx512bf16_kernel = false;  // this build contains gram_avx512bf16
+  bool avx512_kernels = false;  // this build contains the kernels of gram_avx512.h
 };
 
 CpuFeatures detect_cpu_features();  // cpuid now (all false off x86)
@@ -45,16 +46,22 @@ void cpu_features_summary(const CpuFeatures& f, char* buf, int64_t buflen);
 // The CPU's brand string (cpuid 0x80000002..4), or "unknown".
 void cpu_model_name(char* buf, int64_t buflen);
 
-// The automatic path for inputs of type dt: MKL's bf16 GEMM only with AMX (without it, MKL's bf16 GEMM is
-// slower than torch's own bf16 GEMM and than widening + sgemm), our vdpbf16ps kernel with AVX512-BF16,
-// sgemm for everything else when there is one, the portable kernel otherwise.
+// The automatic path for inputs of type dt. bf16: MKL's bf16 GEMM only with AMX (without it, MKL's bf16
+// GEMM is slower than torch's own bf16 GEMM and than widening + sgemm), our vdpbf16ps kernel with
+// AVX512-BF16, else sgemm (widened), else portable. fp32/fp16: our FMA kernel on AVX-512 CPUs without
+// AMX, sgemm on the AMX machine (where it was measured) and elsewhere, else portable.
 CpuGemmPath choose_cpu_path(DType dt, const CpuFeatures& f, const CpuLibs& l);
 
-// Whether path p can run at all here (mkl-bf16 and avx512bf16 only ever take bf16 inputs).
+// Whether path p can run at all here (mkl-bf16 and avx512bf16 only ever take bf16 inputs, avx512 only
+// fp32 and fp16).
 bool cpu_path_available(CpuGemmPath p, const CpuFeatures& f, const CpuLibs& l);
 
+// Whether path p computes inputs of type dt (exactly: no path rounds its inputs).
+bool cpu_path_takes(CpuGemmPath p, DType dt);
+
 // The path for dt when `forced` names one (REGMEAN_FAST_CPU_PATH): portable and blas-sgemm take every
-// dtype; mkl-bf16 and avx512bf16 take bf16 and leave the other dtypes to the automatic choice. forced
+// dtype; mkl-bf16 and avx512bf16 take bf16, avx512 takes fp32 and fp16, and each leaves the other dtypes
+// to the automatic choice. forced
 // null, empty or "auto": the automatic choice. False, with the reason in err (one line, e.g. "this CPU has
 // no AVX512-BF16 (available here: auto, blas-sgemm, portable)"), when forced is not a path name or names
 // one this CPU/process cannot run.

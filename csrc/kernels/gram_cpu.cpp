@@ -1,11 +1,11 @@
 // CPU Gram accumulation: triu(G) += X^T X with fp32 accumulation.
 //
-// Three implementations behind one contract (which one runs: cpu_path.h):
+// Four implementations behind one contract (which one runs: cpu_path.h):
 //  * MKL (resolved at run time with dlsym; torch's x86 wheels export cblas_gemm_bf16bf16f32 and
 //    sgemm_): one GEMM per block row of the upper triangle, beta = 1,
 //    straight into G. The diagonal block goes through a scratch tile so the strict lower
 //    triangle of G stays untouched.
-//  * AVX512-BF16 (bf16 only): our vdpbf16ps micro-kernel, gram_avx512bf16.cpp.
+//  * AVX-512: our micro-kernels, vdpbf16ps for bf16 and FMA for fp32/fp16 (gram_avx512.cpp).
 //  * Portable: rows are packed (widened to fp32, zero-padded to the tile) one chunk at a time and
 //    every tile on or above the diagonal is computed with a register-blocked micro-kernel written
 //    with GCC/Clang vector extensions, so it vectorises on any ISA the compiler targets.
@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "blas_cpu.h"
-#include "gram_avx512bf16.h"
+#include "gram_avx512.h"
 #include "tiling.h"
 
 namespace regmean_fast {
@@ -268,10 +268,11 @@ void gram_update_cpu_path(float* G, int64_t d, const void* X, DType dt, int64_t 
                           const TaskRunner& runner, CpuGemmPath path) {
   if (d <= 0 || rows <= 0) return;
   // A path that does not fit the data or cannot run here falls back to the portable one.
-  const bool bf16_path = path == CpuGemmPath::MklBf16 || path == CpuGemmPath::Avx512Bf16;
-  const bool usable = cpu_path_available(path, cpu_features(), cpu_libs()) && (dt == DType::BF16 || !bf16_path);
+  const bool usable = cpu_path_available(path, cpu_features(), cpu_libs()) && cpu_path_takes(path, dt);
   if (usable && path == CpuGemmPath::Avx512Bf16) {
     gram_update_avx512bf16(G, d, static_cast<const uint16_t*>(X), rows, ldx, runner);
+  } else if (usable && path == CpuGemmPath::Avx512) {
+    gram_update_avx512f32(G, d, X, dt, rows, ldx, runner);
   } else if (usable && path != CpuGemmPath::Portable && d <= INT_MAX && ldx <= INT_MAX) {
     gram_update_blas(G, d, X, dt, rows, ldx, path, runner);
   } else {

@@ -12,6 +12,7 @@
 #include "check_cpu.h"
 #include "common.h"
 #include "cpu_path.h"
+#include "gram_avx512.h"
 #include "gram_cpu.h"
 #include "reduce_cpu.h"
 #include "tiling.h"
@@ -158,14 +159,23 @@ static Activations make_activations(DType dt, int64_t rows, int64_t d, int64_t l
   return a;
 }
 
+// block_bytes > 0: the avx512 kernels called directly with that packing budget (small budgets put block
+// boundaries inside small tests).
 static void check_gram(DType dt, int64_t d, int64_t rows, int64_t ldx, const TaskRunner& runner, CpuGemmPath path,
-                       std::mt19937& rng) {
+                       std::mt19937& rng, int64_t block_bytes = 0) {
   const Activations a = make_activations(dt, rows, d, ldx, rng);
   const float poison = 12345.f;
   std::vector<float> G(static_cast<size_t>(d * d), poison);
   // Two updates: accumulation on top of existing values is part of the contract.
-  gram_update_cpu_path(G.data(), d, a.data(dt), dt, rows, ldx, runner, path);
-  gram_update_cpu_path(G.data(), d, a.data(dt), dt, rows, ldx, runner, path);
+  for (int k = 0; k < 2; ++k) {
+    if (block_bytes && dt == DType::BF16) {
+      gram_update_avx512bf16(G.data(), d, static_cast<const uint16_t*>(a.data(dt)), rows, ldx, runner, block_bytes);
+    } else if (block_bytes) {
+      gram_update_avx512f32(G.data(), d, a.data(dt), dt, rows, ldx, runner, block_bytes);
+    } else {
+      gram_update_cpu_path(G.data(), d, a.data(dt), dt, rows, ldx, runner, path);
+    }
+  }
   double max_err = 0.0, scale = 1.0;
   bool lower_ok = true;
   for (int64_t i = 0; i < d; ++i) {
@@ -203,21 +213,27 @@ static void test_gram_portable() {
   }
 }
 
-static void test_gram_avx512bf16() {
-  if (!cpu_path_available(CpuGemmPath::Avx512Bf16, cpu_features(), cpu_libs())) {
-    std::printf("kernels_test: this CPU/build has no AVX512-BF16: the avx512bf16 Gram kernel is not run\n");
-    return;
-  }
+static void test_gram_avx512() {
   std::mt19937 rng(4321);
   SerialRunner serial;
   ThreadRunner threads(3);
-  for (int64_t d : {1, 3, 7, 33, 95, 96, 97, 130, 200, 257}) {
-    // Odd and even row counts on both sides of the 512-row chunk: the zero row that pairs an odd one.
-    for (int64_t rows : {0, 1, 2, 3, 5, 511, 512, 513, 1100}) {
-      const TaskRunner& runner = (d + rows) % 2 ? static_cast<const TaskRunner&>(threads) : serial;
-      check_gram(DType::BF16, d, rows, d, runner, CpuGemmPath::Avx512Bf16, rng);
+  for (DType dt : {DType::BF16, DType::F32, DType::F16}) {
+    const CpuGemmPath path = dt == DType::BF16 ? CpuGemmPath::Avx512Bf16 : CpuGemmPath::Avx512;
+    if (!cpu_path_available(path, cpu_features(), cpu_libs())) {
+      std::printf("kernels_test: this CPU/build cannot run the %s Gram kernel: not tested here\n", cpu_gemm_path_name(path));
+      continue;
     }
-    check_gram(DType::BF16, d, 37, d + 5, threads, CpuGemmPath::Avx512Bf16, rng);  // strided rows
+    for (int64_t d : {1, 3, 7, 33, 95, 96, 97, 130, 200, 257}) {
+      // Odd and even row counts around the 256-step sums (512 rows of bf16 pairs): the zero row that pairs
+      // an odd one.
+      for (int64_t rows : {0, 1, 2, 3, 5, 255, 257, 511, 512, 513, 1100}) {
+        const TaskRunner& runner = (d + rows) % 2 ? static_cast<const TaskRunner&>(threads) : serial;
+        check_gram(dt, d, rows, d, runner, path, rng);
+      }
+      check_gram(dt, d, 37, d + 5, threads, path, rng);  // strided rows
+      // Packing blocks of the smallest size (256 steps): block boundaries inside 1100 rows.
+      check_gram(dt, d, 1100, d + 3, threads, path, rng, /*block_bytes=*/1);
+    }
   }
 }
 
@@ -283,7 +299,9 @@ static void test_cuda_schedule_covers_once() {
 static void test_path_selection() {
   // This test binary does not load torch or MKL: no BLAS, so sgemm-based paths are out.
   const bool bf16_kernel = cpu_path_available(CpuGemmPath::Avx512Bf16, cpu_features(), cpu_libs());
-  CHECK(cpu_gemm_path(DType::F32) == CpuGemmPath::Portable, "no BLAS in process -> portable");
+  const bool f32_kernel = cpu_path_available(CpuGemmPath::Avx512, cpu_features(), cpu_libs());
+  CHECK(cpu_gemm_path(DType::F32) == (f32_kernel ? CpuGemmPath::Avx512 : CpuGemmPath::Portable),
+        "f32 without BLAS -> avx512 where the CPU has it, else portable");
   CHECK(cpu_gemm_path(DType::BF16) == (bf16_kernel ? CpuGemmPath::Avx512Bf16 : CpuGemmPath::Portable),
         "bf16 without BLAS -> avx512bf16 where the CPU has it, else portable");
   char buf[128];
@@ -291,6 +309,7 @@ static void test_path_selection() {
   CHECK(std::string(buf) == "none", "blas summary '%s'", buf);
   CHECK(std::string(cpu_gemm_path_name(CpuGemmPath::MklBf16)) == "mkl-bf16", "path name");
   CHECK(std::string(cpu_gemm_path_name(CpuGemmPath::Avx512Bf16)) == "avx512bf16", "path name");
+  CHECK(std::string(cpu_gemm_path_name(CpuGemmPath::Avx512)) == "avx512", "path name");
 }
 
 // The choice table with made-up CPUs and processes.
@@ -308,7 +327,7 @@ static void test_path_choice_table() {
     CpuLibs l;
     l.mkl_bf16 = mkl;
     l.sgemm = sgemm;
-    l.avx512bf16_kernel = kernel;
+    l.avx512_kernels = kernel;
     return l;
   };
   const CpuFeatures spr = cpu(true, true, true, true), zen4 = cpu(true, true, true, false),
@@ -325,10 +344,11 @@ static void test_path_choice_table() {
   const Row table[] = {
       {"AMX + MKL", spr, mkl, P::MklBf16, P::BlasF32, P::BlasF32},
       {"AMX, no MKL bf16", spr, openblas, P::Avx512Bf16, P::BlasF32, P::BlasF32},
-      {"Zen 4 + MKL", zen4, mkl, P::Avx512Bf16, P::BlasF32, P::BlasF32},
-      {"Zen 4, build without the kernel", zen4, no_kernel, P::BlasF32, P::BlasF32, P::BlasF32},
-      {"Zen 4, no BLAS", zen4, none, P::Avx512Bf16, P::Portable, P::Portable},
-      {"AVX-512 without bf16 + MKL", skx, mkl, P::BlasF32, P::BlasF32, P::BlasF32},
+      {"AMX, no BLAS", spr, none, P::Avx512Bf16, P::Avx512, P::Avx512},
+      {"Zen 4 + MKL", zen4, mkl, P::Avx512Bf16, P::Avx512, P::Avx512},
+      {"Zen 4, build without the kernels", zen4, no_kernel, P::BlasF32, P::BlasF32, P::BlasF32},
+      {"Zen 4, no BLAS", zen4, none, P::Avx512Bf16, P::Avx512, P::Avx512},
+      {"AVX-512 without bf16 + MKL", skx, mkl, P::BlasF32, P::Avx512, P::Avx512},
       {"AVX2 + MKL", zen3, mkl, P::BlasF32, P::BlasF32, P::BlasF32},
       {"AVX2, no BLAS", zen3, none, P::Portable, P::Portable, P::Portable},
       {"nothing", old, none, P::Portable, P::Portable, P::Portable},
@@ -357,11 +377,15 @@ static void test_path_choice_table() {
     CHECK(forced(dt, "blas-sgemm", zen4, mkl) && out == P::BlasF32, "blas-sgemm takes every dtype");
   }
   CHECK(forced(DType::BF16, "mkl-bf16", zen4, mkl) && out == P::MklBf16, "mkl-bf16 forced without AMX runs");
-  CHECK(forced(DType::F32, "mkl-bf16", zen4, mkl) && out == P::BlasF32, "bf16-only path leaves f32 to auto");
-  CHECK(forced(DType::F16, "avx512bf16", zen4, mkl) && out == P::BlasF32, "bf16-only path leaves f16 to auto");
+  CHECK(forced(DType::F32, "mkl-bf16", zen4, mkl) && out == P::Avx512, "bf16-only path leaves f32 to auto");
+  CHECK(forced(DType::F16, "avx512bf16", zen4, mkl) && out == P::Avx512, "bf16-only path leaves f16 to auto");
+  CHECK(forced(DType::BF16, "avx512", zen4, mkl) && out == P::Avx512Bf16, "avx512 leaves bf16 to auto");
+  CHECK(forced(DType::F32, "avx512", spr, mkl) && out == P::Avx512, "avx512 forced on AMX");
+  CHECK(!forced(DType::F32, "avx512", zen3, mkl) && std::string(err).find("no AVX-512") != std::string::npos,
+        "avx512 on an AVX2 CPU: %s", err);
   CHECK(forced(DType::BF16, "avx512bf16", spr, mkl) && out == P::Avx512Bf16, "avx512bf16 forced on AMX");
   CHECK(!forced(DType::BF16, "avx512bf16", skx, mkl), "avx512bf16 on a CPU without it is refused");
-  CHECK(std::string(err) == "this CPU has no AVX512-BF16 (available here: auto, mkl-bf16, blas-sgemm, portable)",
+  CHECK(std::string(err) == "this CPU has no AVX512-BF16 (available here: auto, mkl-bf16, avx512, blas-sgemm, portable)",
         "message: %s", err);
   CHECK(!forced(DType::F32, "avx512bf16", skx, mkl), "refused for every dtype, not only bf16");
   CHECK(!forced(DType::BF16, "avx512bf16", zen4, no_kernel) && std::string(err).find("this build") == 0,
@@ -724,7 +748,7 @@ int main() {
   test_conversions();
   test_gram_portable();
   test_lane_mask();
-  test_gram_avx512bf16();
+  test_gram_avx512();
   test_symmetrize();
   test_cuda_schedule_covers_once();
   test_path_selection();
