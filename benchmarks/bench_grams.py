@@ -130,7 +130,8 @@ def main() -> None:
     info = build_info()
     print(f"model: BERT {args.layers} layers, hidden {args.hidden}; batch {args.batch} x {args.seq} tokens "
           f"({int(sum(int(b['attention_mask'].sum()) for b in batches[1:]) / args.batches)} real per batch); "
-          f"device {args.device}; threads {torch.get_num_threads()}; "
+          f"device {args.device}; CPU {info.get('cpu_model', '?')} ({info.get('cpu_features', '?')}), "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; "
           f"forward {args.dtype}; gram_update CPU path "
           f"{info.get('cpu_gemm_path', {}).get({'fp32': 'float32', 'bf16': 'bfloat16'}[args.dtype], '?')}")
     print(f"plain forward      : {med['plain']:.4f} s/batch")

@@ -219,8 +219,12 @@ def main():
     inter = args.intermediate or int(hidden * 2.75)
     root = tempfile.mkdtemp(prefix="bench_merge_", dir=args.workdir)
     try:
-        print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-              f"interpreter + imports alone: {baseline_rss_mb():.0f} MB RSS")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from common import cpu_description
+
+        model, flags = cpu_description()
+        print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({model}; "
+              f"{flags}); interpreter + imports alone: {baseline_rss_mb():.0f} MB RSS")
         if args.mode == "layers":
             print(f"# regmean_fast merge of {args.models} synthetic Llama models, hidden {hidden}, "
                   f"intermediate {inter}, vocab {args.vocab}, bf16 weights, fp32 Grams")

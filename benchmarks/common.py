@@ -17,6 +17,69 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median time of each function, the functions taking turns within every repeat: on a shared machine
+    a burst of load then slows each of them alike, and their ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def cpu_description() -> tuple[str, str]:
+    """(the CPU's model name, the flags among amx_bf16/avx512_bf16/avx512f/avx2/fma it has), from
+    /proc/cpuinfo, without importing anything heavy (bench_merge's parent must stay small)."""
+    import platform
+
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+                elif key.strip() == "model name" and not model:
+                    model = value.strip()
+    except OSError:
+        pass
+    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
+    return model or platform.processor() or "unknown", " ".join(f for f in wanted if f in flags) or "?"
+
+
+def machine() -> dict:
+    """Where a benchmark ran: the CPU's model, the flags that decide the CPU paths, cores and threads,
+    and the gram_update path per dtype."""
+    import os
+
+    import torch
+
+    import regmean_fast as rf
+
+    info = rf.build_info()
+    model, flags = cpu_description()
+    return {
+        "cpu": model,
+        "flags": flags,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_blas": info.get("cpu_blas", "none"),
+        "gram_update_path": info.get("cpu_gemm_path", {}),
+    }
+
+
+def print_machine(m: dict) -> None:
+    paths = ", ".join(f"{k} -> {v}" for k, v in m["gram_update_path"].items())
+    print(f"CPU: {m['cpu']}; flags: {m['flags']}; {m['cores']} cores, torch {m['torch']} with "
+          f"{m['torch_threads']} threads; BLAS: {m['cpu_blas']}; gram_update: {paths}")
+
+
 def print_table(rows, headers) -> None:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
     line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))

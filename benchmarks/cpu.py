@@ -1,11 +1,17 @@
 """Fast CPU ops against the pure-PyTorch way of doing the same thing, measured in the same run.
 
-    python -m benchmarks.cpu [--quick] [--json out.json]
+    python -m benchmarks.cpu [--quick] [--repeats N] [--json out.json]
 
-gram_update: `G.addmm_(X.float().T, X.float())` (the published codes' fp32 upcast) is the
-baseline; at the collector's shapes (a few hundred rows, many Grams in turn) the full product
-`torch.mm(X.T, X)` in the input dtype is (the triangle should take about half its time); the reduction: the tensor expression sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)).
-Times are medians; the machine is noisy, so read the ratios.
+Prints (and writes into the JSON) where it ran first: the CPU's model, the flags that decide the CPU
+path (amx/avx512_bf16/avx2), cores, threads and the gram_update path per dtype.
+
+gram_update: two baselines of the same shape, each taking turns with the fast op within every repeat:
+`G.addmm_(X32.T, X32)` (the published codes' fp32 Gram; X already fp32) and torch's own full bf16
+`torch.mm(Xb.T, Xb)` (oneDNN; the rate this CPU offers anyone for bf16; the triangle should take about
+half its time). Each bf16 path this machine can run is timed (forced with REGMEAN_FAST_CPU_PATH). At the
+collector's shapes (a few hundred rows, many Grams in turn) the full product `torch.mm(X.T, X)` in the
+input dtype is the baseline; the reduction: the tensor expression sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)).
+Times are medians; the machine may be shared, so read the ratios.
 """
 
 from __future__ import annotations
@@ -19,29 +25,49 @@ import torch
 import regmean_fast as rf
 from regmean_fast import ops
 
-from .common import median_time, print_table
+from .common import interleaved_medians, machine, print_machine, print_table
+
+
+def forced(path: str | None, fn):
+    """fn with REGMEAN_FAST_CPU_PATH=path set around each call (None: the automatic path)."""
+    def run():
+        old = os.environ.get("REGMEAN_FAST_CPU_PATH")
+        if path:
+            os.environ["REGMEAN_FAST_CPU_PATH"] = path
+        else:
+            os.environ.pop("REGMEAN_FAST_CPU_PATH", None)
+        try:
+            fn()
+        finally:
+            os.environ.pop("REGMEAN_FAST_CPU_PATH", None)
+            if old is not None:
+                os.environ["REGMEAN_FAST_CPU_PATH"] = old
+    return run
+
+
+def path_label(dtype: torch.dtype, path: str | None) -> str:
+    auto = rf.build_info()["cpu_gemm_path"].get(str(dtype).replace("torch.", ""), "?")
+    return auto if path is None else path
 
 
 def bench_gram(d: int, rows: int, dtype: torch.dtype, repeats: int, path: str | None = None):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(rows, d, generator=g).to(dtype)
-    G = torch.zeros(d, d)
-    old = os.environ.pop("REGMEAN_FAST_CPU_GEMM", None)
-    if path:
-        os.environ["REGMEAN_FAST_CPU_GEMM"] = path
-    try:
-        fast = median_time(lambda: ops.gram_update(G, X), repeats)
-        label = rf.build_info()["cpu_gemm_path"].get(str(dtype).replace("torch.", ""), "?")
-    finally:
-        os.environ.pop("REGMEAN_FAST_CPU_GEMM", None)
-        if old is not None:
-            os.environ["REGMEAN_FAST_CPU_GEMM"] = old
-    base = median_time(lambda: G.addmm_(X.float().T, X.float()), repeats)
+    X32, Xb = X.float(), X.bfloat16()
+    G, G32 = torch.zeros(d, d), torch.zeros(d, d)
+    out = torch.empty(d, d, dtype=torch.bfloat16)  # preallocated: no page faults timed
+    t = interleaved_medians({
+        "fast": forced(path, lambda: ops.gram_update(G, X)),
+        "addmm": lambda: G32.addmm_(X32.T, X32),
+        "bf16mm": lambda: torch.mm(Xb.T, Xb, out=out),
+    }, repeats)
     flops = 2.0 * rows * d * d  # of the full product, for comparable GFLOP/s
     return {
-        "op": "gram_update", "shape": f"d={d} rows={rows} {str(dtype)[6:]}", "path": label,
-        "fast_s": fast, "torch_s": base, "speedup": base / fast,
-        "fast_gflops_equiv": flops / fast / 1e9, "torch_gflops": flops / base / 1e9,
+        "op": "gram_update", "shape": f"rows={rows} d={d} {str(dtype)[6:]}", "path": path_label(dtype, path),
+        "fast_s": t["fast"], "torch_s": t["addmm"], "speedup": t["addmm"] / t["fast"],
+        "torch_bf16_mm_s": t["bf16mm"], "time_over_bf16_mm": t["fast"] / t["bf16mm"],
+        "fast_gflops_equiv": flops / t["fast"] / 1e9, "torch_gflops": flops / t["addmm"] / 1e9,
+        "torch_bf16_mm_gflops": flops / t["bf16mm"] / 1e9,
     }
 
 
@@ -63,8 +89,8 @@ def bench_gram_activations(d: int, rows: int, dtype: torch.dtype, repeats: int, 
         for XT, X, out in zip(XTs, Xs, outs):
             torch.mm(XT, X, out=out)
 
-    t_fast = median_time(fast, repeats) / grams
-    t_full = median_time(full, repeats) / grams
+    t = interleaved_medians({"fast": fast, "full": full}, repeats)
+    t_fast, t_full = t["fast"] / grams, t["full"] / grams
     label = rf.build_info()["cpu_gemm_path"].get(str(dtype).replace("torch.", ""), "?")
     return {
         "op": "gram_update vs mm", "shape": f"d={d} rows={rows} {str(dtype)[6:]}, {grams} Grams", "path": label,
@@ -77,8 +103,9 @@ def bench_reduce(d: int, k: int, repeats: int, packed: bool = False):
     grams = [torch.randn(d, d, generator=g) for _ in range(k)]
     factors = [1.0 / k] * k
     inputs = [ops.pack_triu(G) for G in grams] if packed else grams
-    fast = median_time(lambda: ops.gram_reduce(inputs, factors, 0.9), repeats)
-    base = median_time(lambda: ops.reduce_expression(grams, factors, 0.9, torch.float32), repeats)
+    t = interleaved_medians({"fast": lambda: ops.gram_reduce(inputs, factors, 0.9),
+                             "base": lambda: ops.reduce_expression(grams, factors, 0.9, torch.float32)}, repeats)
+    fast, base = t["fast"], t["base"]
     read_bytes = k * (d * (d + 1) // 2) * 4 + d * d * 4
     return {
         "op": "gram_reduce", "shape": f"K={k} d={d}{' packed' if packed else ''}", "path": "cpu",
@@ -92,27 +119,44 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    d, rows, dr = (1024, 2048, 1024) if args.quick else (4096, 8192, 4096)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {rf.build_info()['cpu_blas']}")
-    results = [
-        bench_gram(d, rows, torch.bfloat16, args.repeats),
-        bench_gram(d, rows, torch.bfloat16, max(1, args.repeats // 2), path="portable"),
-        bench_gram(d, rows, torch.float16, args.repeats),
-        bench_gram(d, rows, torch.float32, args.repeats),
+    shapes = [(2048, 1024)] if args.quick else [(4096, 2048), (8192, 4096)]
+    dr = 1024 if args.quick else 4096
+    where = machine()
+    print_machine(where)
+    available = [p for p in rf.build_info().get("cpu_paths", "").split(", ") if p]
+    # The other paths this machine can run for each dtype (for bf16 the portable one too, with fewer repeats:
+    # it is slow); the bf16-only paths and avx512 (fp32/fp16 only) are timed on the dtypes they take.
+    takes = {torch.bfloat16: ("mkl-bf16", "avx512bf16", "blas-sgemm", "portable"),
+             torch.float16: ("avx512", "blas-sgemm"), torch.float32: ("avx512", "blas-sgemm")}
+    results = []
+    for rows, d in shapes:
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            auto = where["gram_update_path"].get(str(dt).replace("torch.", ""))
+            results.append(bench_gram(d, rows, dt, args.repeats))
+            results += [bench_gram(d, rows, dt, max(1, args.repeats // 2) if p == "portable" else args.repeats, path=p)
+                        for p in takes[dt] if p in available and p != auto]
+    results += [
         # the shapes of statistics collection on BERT-base (benchmarks/bench_grams.py): ~755 real rows
         *(bench_gram_activations(da, 755, dt, args.repeats) for dt in (torch.bfloat16, torch.float32)
           for da in ((256,) if args.quick else (768, 3072))),
         bench_reduce(dr, 4, args.repeats),
         bench_reduce(dr, 4, args.repeats, packed=True),
     ]
+
+    def bf16mm(r, key):
+        return f"{r[key]:.2f}" if key in r else "-"
+
     print_table(
-        [(r["op"], r["shape"], r["path"], f"{r['fast_s'] * 1e3:.1f}", f"{r['torch_s'] * 1e3:.1f}", f"{r['speedup']:.1f}x")
+        [(r["op"], r["shape"], r["path"], f"{r['fast_s'] * 1e3:.1f}", f"{r['torch_s'] * 1e3:.1f}", f"{r['speedup']:.2f}x",
+          f"{r['torch_bf16_mm_s'] * 1e3:.1f}" if "torch_bf16_mm_s" in r else "-", bf16mm(r, "time_over_bf16_mm"))
          for r in results],
-        ["op", "shape", "path", "fast ms", "torch ms", "speed-up"],
+        ["op", "shape", "path", "fast ms", "torch ms", "speed-up", "bf16 mm ms", "fast/bf16 mm"],
     )
+    print("torch ms: fp32 G.addmm_(X.T, X) for gram_update (X already fp32), torch.mm(X.T, X) in X's dtype for the "
+          "collector's shapes, the tensor expression for gram_reduce; bf16 mm: torch's full bf16 X.T @ X, same shape.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"machine": where, "results": results}, f, indent=2)
     return 0
 
 
