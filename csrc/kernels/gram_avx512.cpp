@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <thread>
 #include <vector>
 
 #include "tiling.h"
@@ -50,33 +51,30 @@ inline T* panel(T* P, int64_t b, int64_t ns) { return P + b * ns * kPanel; }
 // The lanes of columns [col, col + 16) inside the matrix.
 inline __mmask16 column_mask(int64_t col, int64_t d) { return static_cast<__mmask16>(triangle_lane_mask(0, col, d)); }
 
-// Steps [sb, se) of the block starting at X, nr rows, into the packed panels. Kind: 0 bf16 pairs,
-// 1 fp32, 2 fp16.
-RF_TARGET_AVX512 void pack_steps(const void* X, int kind, int64_t ldx, int64_t nr, int64_t d, int64_t nb,
-                                 int64_t ns, int64_t sb, int64_t se, uint32_t* P) {
-  for (int64_t s = sb; s < se; ++s) {
-    for (int64_t b = 0; b < nb; ++b) {
-      uint32_t* dst = panel(P, b, ns) + s * kPanel;
-      for (int64_t c = 0; c < kPanel; c += 16) {
-        const int64_t col = b * kPanel + c;
-        const __mmask16 m = column_mask(col, d);
-        __m512i word;
-        if (kind == 1) {
-          word = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, static_cast<const float*>(X) + s * ldx + col));
-        } else if (kind == 2) {
-          const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(X) + s * ldx + col);
-          word = _mm512_castps_si512(_mm512_maskz_cvtph_ps(0xffff, h));  // exact
-        } else {
-          // The maskz forms with every lane set: the plain ones trip GCC 12's -Wmaybe-uninitialized.
-          const uint16_t* r0 = static_cast<const uint16_t*>(X) + 2 * s * ldx + col;
-          word = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_maskz_loadu_epi16(m, r0));
-          if (2 * s + 1 < nr) {
-            const __m512i hi = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_maskz_loadu_epi16(m, r0 + ldx));
-            word = _mm512_or_si512(word, _mm512_maskz_slli_epi32(0xffff, hi, 16));
-          }
+// Panel b of the block starting at X, nr rows (ns steps), packed. Kind: 0 bf16 pairs, 1 fp32, 2 fp16.
+RF_TARGET_AVX512 void pack_panel(const void* X, int kind, int64_t ldx, int64_t nr, int64_t d, int64_t ns,
+                                 int64_t b, uint32_t* P) {
+  for (int64_t s = 0; s < ns; ++s) {
+    uint32_t* dst = panel(P, b, ns) + s * kPanel;
+    for (int64_t c = 0; c < kPanel; c += 16) {
+      const int64_t col = b * kPanel + c;
+      const __mmask16 m = column_mask(col, d);
+      __m512i word;
+      if (kind == 1) {
+        word = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, static_cast<const float*>(X) + s * ldx + col));
+      } else if (kind == 2) {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(X) + s * ldx + col);
+        word = _mm512_castps_si512(_mm512_maskz_cvtph_ps(0xffff, h));  // exact
+      } else {
+        // The maskz forms with every lane set: the plain ones trip GCC 12's -Wmaybe-uninitialized.
+        const uint16_t* r0 = static_cast<const uint16_t*>(X) + 2 * s * ldx + col;
+        word = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_maskz_loadu_epi16(m, r0));
+        if (2 * s + 1 < nr) {
+          const __m512i hi = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_maskz_loadu_epi16(m, r0 + ldx));
+          word = _mm512_or_si512(word, _mm512_maskz_slli_epi32(0xffff, hi, 16));
         }
-        _mm512_storeu_si512(dst + c, word);
       }
+      _mm512_storeu_si512(dst + c, word);
     }
   }
 }
@@ -167,10 +165,9 @@ void tile_update(MicroTile micro, float* G, int64_t d, const uint32_t* P, int64_
   }
 }
 
-// kind: 0 bf16 pairs, 1 fp32, 2 fp16 (see pack_steps).
-// Rows are packed in blocks of up to block_bytes of packed words (at least kSubSteps steps): one parallel
-// region packs a block and one computes all of its tiles. Parallel regions are what costs on a machine
-// whose cores are shared (each waits for its slowest thread), so a call makes as few as it can.
+// kind: 0 bf16 pairs, 1 fp32, 2 fp16 (see pack_panel).
+// Rows are packed in blocks of up to block_bytes of packed words (at least kSubSteps steps), each packed
+// and computed in one parallel region.
 void gram_update_avx512_impl(float* G, int64_t d, const void* X, int kind, int64_t rows, int64_t ldx,
                              const TaskRunner& runner, int64_t block_bytes) {
   if (d <= 0 || rows <= 0) return;
@@ -191,16 +188,27 @@ void gram_update_avx512_impl(float* G, int64_t d, const void* X, int kind, int64
     const int64_t nr = std::min(block_rows, rows - r0);
     const int64_t ns = ceil_div(nr, rows_per_step);
     const void* x = static_cast<const char*>(X) + r0 * ldx * es;
-    runner.parallel_for(ns, [&](int64_t sb, int64_t se) { pack_steps(x, kind, ldx, nr, d, nb, ns, sb, se, P); });
-    // Tiles are handed out one at a time rather than in the runner's fixed ranges: on a machine whose
-    // cores are shared, one slowed thread would otherwise hold every other one at the end of the block
-    // (measured 2x slower than one thread alone on a loaded 2-core machine).
+    // One parallel region per block, its work handed out one piece at a time rather than in the
+    // runner's fixed ranges: first the panels to pack, then the tiles, each tile waiting for its two
+    // panels. On a machine whose cores are shared every region waits for its slowest thread to be
+    // scheduled, and fixed ranges would leave a slowed thread's share to it (measured: 2x slower than
+    // one thread alone on a loaded 2-core machine; a separate packing region cost 2x at d = 768).
     const int64_t ntiles = triangle_tile_count(nb);
-    std::atomic<int64_t> next{0};
+    std::vector<std::atomic<bool>> packed(static_cast<size_t>(nb));
+    for (auto& p : packed) p.store(false, std::memory_order_relaxed);
+    std::atomic<int64_t> next_panel{0}, next_tile{0};
     runner.parallel_for(ntiles, [&](int64_t, int64_t) {
-      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntiles;) {
+      for (int64_t b; (b = next_panel.fetch_add(1, std::memory_order_relaxed)) < nb;) {
+        pack_panel(x, kind, ldx, nr, d, ns, b, P);
+        packed[static_cast<size_t>(b)].store(true, std::memory_order_release);
+      }
+      for (int64_t t; (t = next_tile.fetch_add(1, std::memory_order_relaxed)) < ntiles;) {
         int64_t bi, bj;
         triangle_tile_coords(t, nb, &bi, &bj);
+        // Another thread is packing them (every panel is claimed before any tile is).
+        while (!packed[static_cast<size_t>(bi)].load(std::memory_order_acquire) ||
+               !packed[static_cast<size_t>(bj)].load(std::memory_order_acquire))
+          std::this_thread::yield();
         tile_update(micro, G, d, P, ns, bi, bj);
       }
     });
