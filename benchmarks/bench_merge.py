@@ -224,7 +224,7 @@ def main():
 
         model, flags = cpu_description()
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({model}; "
-              f"{flags}); interpreter + imports alone: {baseline_rss_mb():.0f} MB RSS")
+              f"{' '.join(flags)}); interpreter + imports alone: {baseline_rss_mb():.0f} MB RSS")
         if args.mode == "layers":
             print(f"# regmean_fast merge of {args.models} synthetic Llama models, hidden {hidden}, "
                   f"intermediate {inter}, vocab {args.vocab}, bf16 weights, fp32 Grams")

@@ -32,52 +32,32 @@ def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def cpu_description() -> tuple[str, str]:
-    """(the CPU's model name, the flags among amx_bf16/avx512_bf16/avx512f/avx2/fma it has), from
-    /proc/cpuinfo, without importing anything heavy (bench_merge's parent must stay small)."""
+def cpu_description() -> tuple[str, list]:
+    """(the CPU's model name, the flags among amx_bf16/amx_tile/avx512_bf16/avx512f/avx2/fma it has), from
+    /proc/cpuinfo, importing nothing heavy (bench_merge's parent must stay small)."""
     import platform
 
-    model, flags = "", set()
+    model, flags = platform.processor() or "unknown", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-                elif key.strip() == "model name" and not model:
+                if key.strip() == "model name" and model in ("unknown", "x86_64", ""):
                     model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
     except OSError:
         pass
-    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
-    return model or platform.processor() or "unknown", " ".join(f for f in wanted if f in flags) or "?"
-
-
-def machine() -> dict:
-    """Where a benchmark ran: the CPU's model, the flags that decide the CPU paths, cores and threads,
-    and the gram_update path per dtype."""
-    import os
-
-    import torch
-
-    import regmean_fast as rf
-
-    info = rf.build_info()
-    model, flags = cpu_description()
-    return {
-        "cpu": model,
-        "flags": flags,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cpu_blas": info.get("cpu_blas", "none"),
-        "gram_update_path": info.get("cpu_gemm_path", {}),
-    }
+    return model, sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma"})
 
 
 def print_machine(m: dict) -> None:
-    paths = ", ".join(f"{k} -> {v}" for k, v in m["gram_update_path"].items())
-    print(f"CPU: {m['cpu']}; flags: {m['flags']}; {m['cores']} cores, torch {m['torch']} with "
-          f"{m['torch_threads']} threads; BLAS: {m['cpu_blas']}; gram_update: {paths}")
+    """One line of machine_info(): the CPU, its flags, cores and threads, the BLAS and gram_update's paths."""
+    rf = m["regmean_fast"] if isinstance(m["regmean_fast"], dict) else {}
+    paths = ", ".join(f"{k} -> {v}" for k, v in rf.get("cpu_gemm_path", {}).items()) or "?"
+    print(f"CPU: {m['cpu']}; flags: {' '.join(m['flags']) or '-'}; {m['cpus']} cores, torch {m['torch']} with "
+          f"{m['torch_threads']} threads; BLAS: {rf.get('cpu_blas', '?')}; gram_update: {paths}")
 
 
 def print_table(rows, headers) -> None:
@@ -93,24 +73,11 @@ def machine_info() -> dict:
     """Where a figure was measured: CPU model, the flags that pick the fast paths, cores, torch, and the
     paths regmean_fast takes here (a speed figure from one CPU family is not a general claim)."""
     import os
-    import platform
 
     import torch
 
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("unknown", "x86_64", ""):
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    info = {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "flags": sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma"}),
+    model, flags = cpu_description()
+    info = {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "flags": flags,
             "torch": torch.__version__}
     try:
         import regmean_fast

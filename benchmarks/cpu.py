@@ -25,7 +25,7 @@ import torch
 import regmean_fast as rf
 from regmean_fast import ops
 
-from .common import interleaved_medians, machine, print_machine, print_table
+from .common import interleaved_medians, machine_info, print_machine, print_table
 
 
 def forced(path: str | None, fn):
@@ -121,8 +121,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shapes = [(2048, 1024)] if args.quick else [(4096, 2048), (8192, 4096)]
     dr = 1024 if args.quick else 4096
-    where = machine()
+    where = machine_info()
     print_machine(where)
+    auto_paths = rf.build_info().get("cpu_gemm_path", {})
     available = [p for p in rf.build_info().get("cpu_paths", "").split(", ") if p]
     # The other paths this machine can run for each dtype (for bf16 the portable one too, with fewer repeats:
     # it is slow); the bf16-only paths and avx512 (fp32/fp16 only) are timed on the dtypes they take.
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     results = []
     for rows, d in shapes:
         for dt in (torch.bfloat16, torch.float16, torch.float32):
-            auto = where["gram_update_path"].get(str(dt).replace("torch.", ""))
+            auto = auto_paths.get(str(dt).replace("torch.", ""))
             results.append(bench_gram(d, rows, dt, args.repeats))
             results += [bench_gram(d, rows, dt, max(1, args.repeats // 2) if p == "portable" else args.repeats, path=p)
                         for p in takes[dt] if p in available and p != auto]
