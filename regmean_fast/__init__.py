@@ -15,6 +15,6 @@ from ._ext import build_info
 from .solve import regmean_solve
 from .merge import merge, merge_modules, merge_state_dicts  # noqa: E402  (issue #4)
 from .grams import GramSet, collect_grams, load_grams
+from ._version import __version__
 
 __all__ = ["merge", "merge_modules", "merge_state_dicts", "ops", "build_info", "regmean_solve", "load_grams", "GramSet", "collect_grams"]
-__version__ = "0.1.0"

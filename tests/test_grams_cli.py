@@ -385,7 +385,7 @@ def test_ctrl_c_outside_the_loop_is_one_line(zoo, tmp_path, capsys, monkeypatch)
     """Ctrl-C while the model loads (nothing to save yet), or a second Ctrl-C that aborts the loop: status
     130, one line, no traceback, no Gram file; a checkpoint already written is kept and named."""
     from regmean_fast.grams import collect as C
-    from regmean_fast.grams import command as G
+    from regmean_fast.io import models as G
 
     root, models, texts, data = zoo
     out = tmp_path / "g.safetensors"

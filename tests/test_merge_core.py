@@ -301,7 +301,7 @@ def test_model_folder_reads_the_weights_transformers_reads(tmp_path):
     merge's reader and the statistics' file list both take model.safetensors alone, as transformers does."""
     from safetensors.torch import save_file
 
-    from regmean_fast.grams.command import check_model_dir
+    from regmean_fast.io.models import check_model_dir
 
     _, models = make_models("llama", k=1, seed=3)
     path = save_model(models[0], tmp_path / "m")

@@ -15,6 +15,9 @@ import sys
 import threading
 import time
 
+from .._version import __version__
+from ..io import models
+from ..io.models import ModelLoadError
 from ..io.resume import kill_point
 from .fileformat import GramsError, check_writable_folder, parse_size
 
@@ -128,7 +131,7 @@ def cmd_grams(args) -> int:
 
     try:
         return _run(args)
-    except GramsError as e:
+    except (GramsError, ModelLoadError) as e:
         _report_failure(DI, e)
         return _error(str(e).replace("\n", " "))
     except KeyboardInterrupt as e:  # before the loop, or a second Ctrl-C in it: no traceback
@@ -175,29 +178,6 @@ def check_output(out: str, force: bool, resume: bool) -> None:
     check_writable_folder(os.path.dirname(os.path.abspath(out)) or ".")
 
 
-def check_model_dir(model_dir: str) -> list[str]:
-    if not os.path.exists(model_dir):
-        raise GramsError(f"model folder not found: {model_dir}")
-    if not os.path.isdir(model_dir):
-        raise GramsError(f"model path is not a folder: {model_dir}")
-    if not os.access(model_dir, os.R_OK | os.X_OK):
-        raise GramsError(f"model folder is not readable: {model_dir}")
-    cfg = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(cfg):
-        raise GramsError(f"no config.json in model folder {model_dir}")
-    try:
-        with open(cfg) as f:
-            json.load(f)
-    except (OSError, ValueError) as e:
-        raise GramsError(f"unreadable config.json in {model_dir}: {e}") from None
-    from ..io.hf import ModelFolderError, weight_files
-
-    try:  # the weight files as transformers picks them: never our own Gram files or checkpoints kept there
-        return weight_files(model_dir)
-    except ModelFolderError as e:
-        raise GramsError(str(e)) from None
-
-
 def check_out_spares_inputs(out: str, model_dir: str, st_files: list[str], data: str) -> None:
     """--out (with --force) must not replace the model folder, one of its weight / index files or the data."""
     from ..io.hf import INDEX_NAME
@@ -226,79 +206,6 @@ def resolve_device(spec: str):
             raise GramsError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
         return dev
     raise GramsError(f"--device {spec!r}: use cpu, cuda or cuda:N")
-
-
-def model_limit(config) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(config, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def load_config(model_dir: str, trust: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "trust_remote_code" in str(e):
-            msg = "the model needs custom code; pass --trust-remote-code if you trust it"
-        raise GramsError(f"cannot load the model config from {model_dir}: {msg}") from None
-
-
-def model_class(config, trust: bool):
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    if getattr(config, "auto_map", None) and trust:
-        return transformers.AutoModel
-    return transformers.AutoModel
-
-
-def quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
-
-
-def meta_model(config, trust: bool, dtype=None):
-    """The model skeleton on the meta device: names and shapes, no memory, no weights read. dtype: what
-    buffers built from Python numbers get (Gemma-3's embed_scale), as from_pretrained(dtype=...) gives them;
-    by default the config's."""
-    import torch
-
-    cls = model_class(config, trust)
-    kw = {} if dtype is None else {"dtype": dtype}
-    try:
-        with torch.device("meta"):
-            if hasattr(cls, "_from_config"):
-                return cls._from_config(config, trust_remote_code=trust, **kw) if cls.__name__.startswith("Auto") \
-                    else cls._from_config(config, **kw)
-            return cls.from_config(config, trust_remote_code=trust, **kw)
-    except Exception as e:
-        raise GramsError(f"cannot build the model from its config: {str(e).splitlines()[0] if str(e) else e}") \
-            from None
-
-
-def load_model(model_dir: str, config, dtype, device, trust: bool):
-    quiet_transformers()
-    cls = model_class(config, trust)
-    try:
-        model = cls.from_pretrained(model_dir, config=config, dtype=dtype, local_files_only=True,
-                                    trust_remote_code=trust)
-    except Exception as e:
-        raise GramsError(f"cannot load the model from {model_dir}: {str(e).splitlines()[0] if str(e) else e}") \
-            from None
-    return model.to(device).eval()
 
 
 def _signature(args, model_dir: str, st_files: list[str], max_length: int, batches, world: int) -> str:
@@ -523,7 +430,7 @@ def _run(args) -> int:
     from .. import distributed as DI
 
     model_dir = args.model_dir
-    st_files = check_model_dir(model_dir)
+    st_files = models.check_model_dir(model_dir)
     check_out_spares_inputs(out, model_dir, st_files, args.data)
     check_output(out, args.force, args.resume)
     kill_point("grams.start")
@@ -538,27 +445,20 @@ def _run(args) -> int:
 
     import torch
 
-    quiet_transformers()
-    config = load_config(model_dir, args.trust_remote_code)
+    models.quiet_transformers()
+    config = models.load_config(model_dir, args.trust_remote_code)
     from .collect import find_linear_modules
 
-    skeleton = meta_model(config, args.trust_remote_code)
+    skeleton = models.meta_model(config, args.trust_remote_code)
     if not find_linear_modules(skeleton, args.include, args.exclude)[0]:
         flags = [f"--{f} {p!r}" for f in ("include", "exclude") for p in getattr(args, f) or []]
         raise GramsError("no nn.Linear / Conv1D modules matched" + (f" ({' '.join(flags)})" if flags else ""))
     del skeleton
-    limit = model_limit(config)
+    limit = models.model_limit(config)
     if args.max_length is not None and limit is not None and args.max_length > limit:
         raise GramsError(f"--max-length {args.max_length} is beyond the model's limit of {limit} positions")
     max_length = args.max_length or min(512, limit or 512)
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
-                                                  trust_remote_code=args.trust_remote_code)
-    except Exception as e:
-        raise GramsError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0] if str(e) else e}") \
-            from None
+    tokenizer = models.load_tokenizer(model_dir, args.trust_remote_code)
     examples = D.select(examples, args.max_examples, args.shuffle, args.seed)
     ids = D.tokenize(tokenizer, examples, max_length, args.data)
     labels = None
@@ -580,7 +480,7 @@ def _run(args) -> int:
 
     metadata = {
         "tool": "regmean_fast",
-        "tool_version": _version(),
+        "tool_version": __version__,
         "model": os.path.basename(os.path.abspath(model_dir)),
         "data": os.path.basename(args.data),
         "max_length": max_length,
@@ -619,7 +519,7 @@ def _run(args) -> int:
 
     from .collect import GramCollector
 
-    model = load_model(model_dir, config, dtype, device, args.trust_remote_code)
+    model = models.load_model(model_dir, config, dtype, device, args.trust_remote_code)
     collector = GramCollector(model, include=args.include, exclude=args.exclude,
                               include_padding=args.include_padding, share_inputs=not args.no_share)
     fisher_acc = None
@@ -750,12 +650,3 @@ def _finish(args, collector, out, metadata, shard_size, fisher, ctx=None) -> int
     if ctx is not None and ctx.enabled:
         ctx.sync(None, "the writing of the Gram file")
     return 0
-
-
-def _version() -> str:
-    try:
-        from .. import __version__
-
-        return __version__
-    except Exception:
-        return "unknown"

@@ -114,8 +114,8 @@ class SequentialRun:
 
     def __init__(self, model_dir, config, batches, device, dtype, include=None, exclude=None,
                  include_padding=False, share_inputs=True, trust_remote_code=False):
+        from ..io.models import meta_model
         from .collect import GramCollector
-        from .command import meta_model
 
         self.model = meta_model(config, trust_remote_code, dtype).eval()
         prefix = getattr(self.model, "base_model_prefix", "model")

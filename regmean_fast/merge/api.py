@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .._version import __version__
 from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, copy_model_code, write_config, write_index
 from ..io.resume import CONTINUE, DONE, FRESH, Found, ResumeError, kill_point, resume_action
 from ..io.shards import (MANIFEST_GLOB, ShardedOutput, ShardLayout, manifests_mismatch, rank_manifest_name,
@@ -299,7 +300,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                 return ctx.broadcast_object(None, "the report")
         # finalise inside the temporary folder, then one rename
         if len(layout.shards) > 1:
-            write_index(tmp, layout.weight_map(), layout.total_bytes(), {"regmean_fast_version": _version()})
+            write_index(tmp, layout.weight_map(), layout.total_bytes(), {"regmean_fast_version": __version__})
         donor = base if base is not None else sources[0]
         out_dtype = cfg.torch_out_dtype() or _models_dtype(sources[0])
         write_config(donor.config, tmp, out_dtype)
@@ -384,11 +385,6 @@ def _combine_reports(plan, layout, parts):
     order = [f for f, _ in layout.shards]
     return ({n: tensors[n] for n, _, _ in plan.outputs if n in tensors},
             {f: records[f] for f in order if f in records}, [f for f in order if f in reused])
-
-
-def _version():
-    from .. import __version__
-    return __version__
 
 
 def _models_dtype(src) -> torch.dtype | None:

@@ -7,16 +7,12 @@ import os
 
 import yaml
 
-
-
-def _version():
-    from .. import __version__
-    return __version__
+from .._version import __version__
 
 
 def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float, reused: list, device: str) -> dict:
     return {
-        "tool": "regmean_fast", "version": _version(), "method": plan.method, "parameters": plan.params,
+        "tool": "regmean_fast", "version": __version__, "method": plan.method, "parameters": plan.params,
         "models": [m.model for m in cfg.models], "grams": [m.grams for m in cfg.models],
         "weights": plan.raw_weights, "coefficients": plan.coeffs, "base_model": cfg.base_model,
         "dtype": cfg.dtype, "solve_dtype": cfg.solve_dtype, "out_dtype": cfg.out_dtype, "device": device,
@@ -66,7 +62,7 @@ def model_card(cfg, plan) -> str:
     names = [os.path.basename(os.path.normpath(m.model)) for m in cfg.models]
     lines = ["---", "library_name: transformers", "tags:", "- merge", "- regmean_fast", f"- {plan.method}",
              "base_model:"] + [f"- {n}" for n in names] + ["---", "", "# Merged model", "",
-             f"Merged with [regmean_fast](https://github.com/) {_version()}, method `{plan.method}`"
+             f"Merged with [regmean_fast](https://github.com/) {__version__}, method `{plan.method}`"
              + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
                 if plan.method == "regmean" else "."), "", "## Models", ""]
     for m, c in zip(cfg.models, plan.coeffs):

@@ -1,0 +1,123 @@
+"""Hugging Face model folders as transformers sees them: the checks before any work, the config, the head
+class, the model on the meta device (names and shapes, nothing read) and the loaded model. Both jobs read the
+same folders; `io.hf.ModelFolder` reads their tensors without transformers.
+
+Every failure here is a ModelLoadError: one line for the user, which the jobs report as their own error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .hf import ModelFolderError, weight_files
+
+
+class ModelLoadError(ModelFolderError):
+    """A model folder that these checks refuse or transformers cannot load (one line for the user)."""
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def check_model_dir(model_dir: str) -> list[str]:
+    """The folder is there, readable, with a valid config.json -> its weight files, as transformers picks them
+    (never our own Gram files or checkpoints kept there)."""
+    if not os.path.exists(model_dir):
+        raise ModelLoadError(f"model folder not found: {model_dir}")
+    if not os.path.isdir(model_dir):
+        raise ModelLoadError(f"model path is not a folder: {model_dir}")
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise ModelLoadError(f"model folder is not readable: {model_dir}")
+    cfg = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg):
+        raise ModelLoadError(f"no config.json in model folder {model_dir}")
+    try:
+        with open(cfg) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"unreadable config.json in {model_dir}: {e}") from None
+    try:
+        return weight_files(model_dir)
+    except ModelFolderError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def model_limit(config) -> int | None:
+    """The most positions the model takes, when its config says."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_config(model_dir: str, trust: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "trust_remote_code" in str(e):
+            msg = "the model needs custom code; pass --trust-remote-code if you trust it"
+        raise ModelLoadError(f"cannot load the model config from {model_dir}: {msg}") from None
+
+
+def load_tokenizer(model_dir: str, trust: bool):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer from {model_dir}: {_first_line(e)}") from None
+
+
+def model_class(config, trust: bool):
+    """The class the config's architectures name (the head: causal LM, classifier), else AutoModel."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def meta_model(config, trust: bool, dtype=None):
+    """The model skeleton on the meta device: names and shapes, no memory, no weights read. dtype: what
+    buffers built from Python numbers get (Gemma-3's embed_scale), as from_pretrained(dtype=...) gives them;
+    by default the config's."""
+    import torch
+
+    cls = model_class(config, trust)
+    kw = {} if dtype is None else {"dtype": dtype}
+    try:
+        with torch.device("meta"):
+            if hasattr(cls, "_from_config"):
+                return cls._from_config(config, trust_remote_code=trust, **kw) if cls.__name__.startswith("Auto") \
+                    else cls._from_config(config, **kw)
+            return cls.from_config(config, trust_remote_code=trust, **kw)
+    except Exception as e:
+        raise ModelLoadError(f"cannot build the model from its config: {_first_line(e)}") from None
+
+
+def load_model(model_dir: str, config, dtype, device, trust: bool):
+    quiet_transformers()
+    cls = model_class(config, trust)
+    try:
+        model = cls.from_pretrained(model_dir, config=config, dtype=dtype, local_files_only=True,
+                                    trust_remote_code=trust)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the model from {model_dir}: {_first_line(e)}") from None
+    return model.to(device).eval()
