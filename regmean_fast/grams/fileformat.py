@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from typing import Iterable, Mapping
 
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .. import ops
+from ..io.output import OutputTransaction
 from ..io.resume import kill_point
 
 FORMAT_NAME = "regmean_fast.grams"
@@ -124,17 +124,14 @@ def check_writable_folder(folder: str) -> None:
     os.remove(probe)
 
 
-def _atomic_replace(tmp: str, final: str, overwrite: bool) -> None:
-    if os.path.lexists(final):
-        if not overwrite:
-            raise GramFileError(f"output already exists: {final}")
-        if os.path.isdir(final) and not os.path.islink(final):
-            old = final + f".old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.replace(tmp, final)
+def _refuse_existing(final: str, overwrite: bool) -> None:
+    if os.path.lexists(final) and not overwrite:
+        raise GramFileError(f"output already exists: {final}")
+
+
+def _write_error(e: BaseException, path: str) -> GramFileError | None:
+    """The output transaction's user errors: a full disk, a vanished folder -> one line, nothing left behind."""
+    return GramFileError(f"cannot write the Gram file {path}: {e.strerror or e}") if isinstance(e, OSError) else None
 
 
 def _shard_plan(names: list[str], sizes: dict[str, int], shard_size: int | None) -> list[list[str]]:
@@ -242,7 +239,9 @@ def save_grams(
         if os.path.lexists(path) and not overwrite:
             raise GramFileError(f"output already exists: {path}")
         work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    final = os.path.join(final_dir, os.path.basename(path)) if is_file else path
+    with OutputTransaction(final, work_dir, created=True, resumable=False, user_error=lambda e: _write_error(e, path),
+                           old_suffix=".old-", kill_prefix="grams-file") as tx:
         n = len(plan)
         files = []
         weight_map = {}
@@ -261,24 +260,21 @@ def save_grams(
         kill_point("grams-file.written")  # tests (io.resume): all in the temporary folder, nothing in place
         if is_file:
             for fname in files if n > 1 else []:
-                _atomic_replace(os.path.join(work_dir, fname), os.path.join(final_dir, fname), True)
+                tx.place(fname)
                 kill_point("grams-file.shard-placed")
             last = stem + ".safetensors" + (INDEX_SUFFIX if n > 1 else "")
-            _atomic_replace(os.path.join(work_dir, last), os.path.join(final_dir, last), overwrite)
-            shutil.rmtree(work_dir, ignore_errors=True)
+            _refuse_existing(os.path.join(final_dir, last), overwrite)
+            tx.place(last)
+            tx.discard()
             if overwrite:
                 _remove_replaced_files(final_dir, stem, keep=set(files) | {last})
             return os.path.join(final_dir, last) if n > 1 else path
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp made it private; the folder gets the modes mkdir gives
-        _atomic_replace(work_dir, path, overwrite)
+        _refuse_existing(path, overwrite)
+        tx.publish()
         return path
-    except BaseException as e:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, a vanished folder: one line, nothing left behind
-            raise GramFileError(f"cannot write the Gram file {path}: {e.strerror or e}") from None
-        raise
 
 
 def _remove_replaced_files(folder: str, stem: str, keep: set[str]) -> None:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import copy
-import errno
-import glob
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -16,9 +13,9 @@ import torch
 
 from .._version import __version__
 from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, copy_model_code, write_config, write_index
-from ..io.resume import CONTINUE, DONE, FRESH, Found, ResumeError, kill_point, resume_action
-from ..io.shards import (MANIFEST_GLOB, ShardedOutput, ShardLayout, manifests_mismatch, rank_manifest_name,
-                         read_manifests)
+from ..io.output import NO_SPACE, OutputError, OutputTransaction, free_space_shortfall
+from ..io.resume import CONTINUE, DONE, Found, kill_point
+from ..io.shards import ShardedOutput, ShardLayout, rank_manifest_name
 from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
 from .engine import Engine
 from .errors import MergeError, message_of
@@ -28,7 +25,7 @@ from .sources import DictGramSet, StateDictSource
 
 PARTIAL_SUFFIX = ".regmean-partial"
 REPORT_NAME = "merge_report.json"
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+OLD_SUFFIX = ".regmean-old-"  # --force: the earlier output, set aside until the merge is in place
 
 
 def _as_config(config, overrides: dict) -> MergeConfig:
@@ -108,46 +105,6 @@ def _plan_hash(cfg, plan, layout, sources, device) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _start_from(out: str, tmp: str, plan_hash: str, resume: bool, force: bool):
-    """Rank 0, before any shard: what this merge starts from, given what an earlier run left (io.resume's rule).
-    -> (FRESH | CONTINUE | DONE, the stored report when DONE, whether the partial folder was created now).
-    Prepares the partial folder: kept to continue, emptied to start afresh; a complete output is only tidied
-    (_finish_placing, which a kill may have cut short)."""
-    partial = None
-    if os.path.exists(tmp):
-        mans = read_manifests(tmp)
-        if mans:
-            partial = Found(tmp, manifests_mismatch(mans, plan_hash, tmp))
-        elif all(f.startswith("regmean-manifest") for f in os.listdir(tmp)):
-            shutil.rmtree(tmp)  # killed before its first manifest was written: nothing in it to keep
-        else:
-            raise MergeError(f"{tmp} exists and was not made by regmean_fast; remove it")
-    action, stored = FRESH, None
-    if resume:
-        output, stored = _found_output(out, plan_hash)
-        try:
-            action, note = resume_action(output, partial, tmp, force)
-        except ResumeError as e:
-            raise MergeError(str(e)) from None
-        if note:
-            print(f"regmean_fast: note: {note}", file=sys.stderr)
-    if action == DONE:
-        _finish_placing(out)
-        if partial is not None and partial.matches:  # a stale copy of the same merge
-            shutil.rmtree(tmp, ignore_errors=True)
-        return action, stored, False
-    if action == FRESH and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    created = not os.path.exists(tmp)
-    if created:
-        try:
-            os.mkdir(tmp)
-        except OSError as e:  # read-only, no permission: the user's to fix, before any work
-            raise MergeError(f"cannot write the output in {os.path.dirname(out)}: {e.strerror or e}") from None
-        kill_point("merge.partial-created")
-    return action, None, created
-
-
 def _found_output(out: str, plan_hash: str):
     """The folder at `out` as io.resume sees it -> (None when absent or empty, or Found: made by this merge or
     not, and why; its report when it is). Its merge_report.json records the plan's signature and every shard's
@@ -168,26 +125,6 @@ def _found_output(out: str, plan_hash: str):
         if not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
             return Found(out, f"its {fname} is missing or not the size {REPORT_NAME} records"), None
     return Found(out), report
-
-
-def _finish_placing(out: str) -> None:
-    """The merge is in place at `out`: drop its manifests and the earlier output --force set aside (also when
-    a kill came between the renames and here)."""
-    for man in glob.glob(os.path.join(glob.escape(out), MANIFEST_GLOB)):
-        os.remove(man)
-    for old in glob.glob(glob.escape(out) + ".regmean-old-*"):
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def merge(config=None, out: str | None = None, *, force: bool = False, resume: bool = False, progress: bool = False,
@@ -218,12 +155,14 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     if not os.path.isdir(parent):
         raise MergeError(f"the folder {parent} for the output does not exist")
     tmp = partial_path(out)
-    sources, base, created_tmp, output = [], None, False, None
+    sources, base = [], None
     from .. import distributed as DI
 
     ctx = DI.init_from_env(cfg.device)  # a world of one without torchrun
     if ctx.enabled and torch.device(cfg.device).type == "cuda":
         cfg.device = str(ctx.device)  # one rank per GPU: cuda -> cuda:LOCAL_RANK
+    tx = OutputTransaction(out, tmp, resumable=True, user_error=lambda e: _user_error(e, out), old_suffix=OLD_SUFFIX,
+                           kill_prefix="merge", set_aside_links=True, on_failure=ctx.fail)
     try:
         try:
             sources = [ModelFolder(m.model) for m in cfg.models]
@@ -247,7 +186,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
         ctx.sync(None, "the plan")  # torchrun: every rank has a plan (else every rank stops here)
         action, stored = None, None
         if ctx.is_main:  # rank 0 judges what an earlier run left, for every rank
-            action, stored, created_tmp = _start_from(out, tmp, plan_hash, resume, force)
+            action, stored = _start_from(tx, plan_hash, resume, force)
         ctx.sync(None, "the output folder")  # a refusal on rank 0 stops every rank here
         action, stored = ctx.broadcast_object((action, stored), "the resume decision")
         if action == DONE:
@@ -262,7 +201,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             if hook is not None:
                 on_shard_done = _chain(on_shard_done, hook)
         try:
-            output = ShardedOutput(tmp, layout, plan_hash, resume=action == CONTINUE, on_shard_done=on_shard_done,
+            output = tx.writer = ShardedOutput(tmp, layout, plan_hash, resume=action == CONTINUE, on_shard_done=on_shard_done,
                                    owned=owned, manifest_name=rank_manifest_name(ctx.rank, ctx.world))
         except ValueError as e:
             raise MergeError(str(e)) from None
@@ -270,10 +209,9 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
                      for fname, ents in layout.shards
                      if fname not in output.records and (owned is None or fname in owned))
         needed += 1 << 20  # config, tokenizer, report, manifest
-        free = shutil.disk_usage(parent).free
-        if needed > free:
-            raise MergeError(f"not enough free disk space for the output in {parent}: "
-                             f"need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+        short = free_space_shortfall(parent, needed)
+        if short:
+            raise MergeError(short)
         bar = None
         if progress and ctx.is_main:
             from tqdm import tqdm
@@ -315,45 +253,14 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
             f.write(config_yaml(cfg, plan))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(cfg, plan))
-        _fsync_dir(tmp)
-        kill_point("merge.finalised")
-        if os.path.exists(out):
-            old = out + f".regmean-old-{os.getpid()}"
-            os.rename(out, old)
-            kill_point("merge.swapping")
-            os.rename(tmp, out)  # a kill before this leaves the partial folder, manifest and all: resumable
-        else:
-            os.rename(tmp, out)
-        kill_point("merge.renamed")
-        _finish_placing(out)
-        _fsync_dir(out)
-        _fsync_dir(parent)
-        kill_point("merge.finished")
+        tx.publish()
         if ctx.enabled:
             ctx.sync(None, "the final output")
             ctx.broadcast_object(report, "the report")
         return report
-    except DI.DistributedError:  # another rank failed or died: keep the partial folder for --resume
-        if output is not None:
-            output.abort()
-        raise
-    except MergeError as e:
-        ctx.fail(e)  # first: the other ranks stop writing before rank 0 removes the folder
-        _cleanup(output, tmp, created_tmp)
-        raise
-    except OSError as e:
-        ctx.fail(e)
-        if e.errno in _NO_SPACE:
-            _cleanup(output, tmp, created_tmp)
-            raise MergeError(f"no space left on the device while writing {out}") from None
-        if output is not None:
-            output.abort()
-        raise
     except BaseException as e:
-        ctx.fail(e)
-        if output is not None:  # interrupted: keep the partial folder, resumable with --resume
-            output.abort()
-        raise
+        with tx:  # the output transaction's cleanup rule (io.output), then e or the error the user sees
+            raise e
     finally:
         for s in sources:
             s.close()
@@ -395,11 +302,35 @@ def _models_dtype(src) -> torch.dtype | None:
     return None
 
 
-def _cleanup(output, tmp: str, created: bool) -> None:
-    if output is not None:
-        output.abort()
-    if created and os.path.isdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
+def _user_error(e: BaseException, out: str) -> BaseException | None:
+    """What of a failure is the user's to fix (the partial folder goes), as they read it; None for an interruption,
+    a kill or another rank's failure (DistributedError: the partial folder stays for --resume)."""
+    from ..distributed import DistributedError
+
+    if isinstance(e, DistributedError):
+        return None
+    if isinstance(e, MergeError):
+        return e
+    if isinstance(e, OutputError):
+        return MergeError(str(e))
+    if isinstance(e, OSError) and e.errno in NO_SPACE:
+        return MergeError(f"no space left on the device while writing {out}")
+    return None
+
+
+def _start_from(tx: OutputTransaction, plan_hash: str, resume: bool, force: bool):
+    """Rank 0, before any shard: what this merge starts from (io.resume's rule, io.output's partial folder)
+    -> (FRESH | CONTINUE | DONE, the stored report when DONE)."""
+    stored = []
+
+    def found_output():
+        output, report = _found_output(tx.final, plan_hash)
+        stored.append(report)
+        return output
+
+    action = tx.start_partial(plan_hash, resume, force, found_output,
+                              lambda line: print(f"regmean_fast: note: {line}", file=sys.stderr))
+    return action, (stored[0] if action == DONE else None)
 
 
 # -- in memory -------------------------------------------------------------------------------------
