@@ -25,7 +25,7 @@ from test_merge_common import (make_activations, make_models, save_model, saved_
 from regmean_fast import load_grams  # noqa: E402
 from regmean_fast.cli import main  # noqa: E402
 from regmean_fast.distributed import assign_greedy, shard_indices  # noqa: E402
-from regmean_fast.grams.command import checkpoint_path  # noqa: E402
+from regmean_fast.grams.checkpoint import checkpoint_path  # noqa: E402
 from regmean_fast.merge import merge  # noqa: E402
 
 U = 2.0 ** -24  # fp32 unit roundoff

@@ -65,7 +65,7 @@ def test_fisher_classifier_labels(tmp_path, capsys):
 def test_fisher_resume_identical(tmp_path, capsys, monkeypatch):
     """Interrupted and resumed with --fisher: the same bytes as an uninterrupted run (the Fisher sums come
     back from the checkpoint in another order; the file must not depend on it)."""
-    from regmean_fast.grams.command import checkpoint_path
+    from regmean_fast.grams.checkpoint import checkpoint_path
 
     m = hf_tiny.save_tiny(tmp_path / "gpt2", "gpt2")
     data = tmp_path / "d.txt"

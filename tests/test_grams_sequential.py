@@ -9,7 +9,7 @@ import hf_tiny  # noqa: E402
 
 from regmean_fast import load_grams  # noqa: E402
 from regmean_fast.cli import main  # noqa: E402
-from regmean_fast.grams.command import checkpoint_path  # noqa: E402
+from regmean_fast.grams.checkpoint import checkpoint_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")

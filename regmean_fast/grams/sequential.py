@@ -149,7 +149,7 @@ class SequentialRun:
 
     # ---- checkpoints
     def checkpoint_extra(self) -> dict:
-        """The position and, unless complete, the hidden states (extra for command.write_checkpoint)."""
+        """The position and, unless complete, the hidden states (extra for checkpoint.write_checkpoint)."""
         hidden = {} if self.complete or self.hidden is None else \
             {f"hidden.{i}": h for i, h in enumerate(self.hidden)}
         return {"part": self.part, "batch": self.batch, "_tensors": hidden}

@@ -15,8 +15,9 @@ from .._version import __version__
 from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, copy_model_code, write_config, write_index
 from ..io.output import NO_SPACE, OutputError, OutputTransaction, free_space_shortfall
 from ..io.resume import CONTINUE, DONE, Found, kill_point
-from ..io.shards import ShardedOutput, ShardLayout, rank_manifest_name
+from ..io.shards import ShardedOutput, ShardLayout
 from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
+from .distribution import strategy
 from .engine import Engine
 from .errors import MergeError, message_of
 from .plan import build_plan, estimate_working_bytes
@@ -145,6 +146,44 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     """
     t_start = time.perf_counter()
     kill_point("merge.start")
+    cfg, out = _checked_config(config, out, overrides, force, resume)
+    from .. import distributed as DI
+
+    dist = strategy(DI.init_from_env(cfg.device))  # a world of one without torchrun
+    cfg.device = dist.device(cfg.device)  # one rank per GPU
+    tx = OutputTransaction(out, partial_path(out), resumable=True, user_error=lambda e: _user_error(e, out),
+                           old_suffix=OLD_SUFFIX, kill_prefix="merge", set_aside_links=True, on_failure=dist.fail)
+    job = _Job(cfg, out)
+    try:
+        with tx:
+            _prepare(job)
+            action, stored = dist.decide(lambda: _start_from(tx, job.signature, resume, force))
+            if action == DONE:
+                return dict(stored, already_complete=True)
+            results = _execute(job, tx, dist, action == CONTINUE, progress, on_shard_done)
+            return _publish(job, tx, dist, results, t_start)
+    finally:
+        job.close()
+
+
+class _Job:
+    """What the merge's phases share: the config, the inputs opened and the plan made by _prepare."""
+
+    def __init__(self, cfg: MergeConfig, out: str):
+        self.cfg, self.out = cfg, out
+        self.sources, self.base, self.gramsets = [], None, None
+        self.gram_paths = [m.grams for m in cfg.models]
+        self.plan = self.layout = self.signature = None
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+        if self.base is not None:
+            self.base.close()
+
+
+def _checked_config(config, out, overrides: dict, force: bool, resume: bool) -> tuple[MergeConfig, str]:
+    """The config and the output path, checked before anything is opened -> (config, absolute output path)."""
     cfg = _as_config(config, overrides)
     if out is None:
         raise MergeError("no output folder given")
@@ -154,144 +193,90 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise MergeError(f"the folder {parent} for the output does not exist")
-    tmp = partial_path(out)
-    sources, base = [], None
-    from .. import distributed as DI
+    return cfg, out
 
-    ctx = DI.init_from_env(cfg.device)  # a world of one without torchrun
-    if ctx.enabled and torch.device(cfg.device).type == "cuda":
-        cfg.device = str(ctx.device)  # one rank per GPU: cuda -> cuda:LOCAL_RANK
-    tx = OutputTransaction(out, tmp, resumable=True, user_error=lambda e: _user_error(e, out), old_suffix=OLD_SUFFIX,
-                           kill_prefix="merge", set_aside_links=True, on_failure=ctx.fail)
+
+def _prepare(job: _Job) -> None:
+    """Open the inputs, make the plan and the shard layout, check the memory budget, sign the plan."""
+    cfg = job.cfg
     try:
-        try:
-            sources = [ModelFolder(m.model) for m in cfg.models]
-            base = ModelFolder(cfg.base_model) if cfg.base_model else None
-        except ModelFolderError as e:
-            raise MergeError(str(e)) from None
-        gram_paths = [m.grams for m in cfg.models]
-        gramsets = None
-        from .methods import METHODS
-        if METHODS[cfg.method].needs_stats:
-            gramsets = [load_gramset(p) for p in gram_paths]
-        plan = build_plan(cfg, sources, gramsets, gram_paths, base)
-        layout = ShardLayout.build(plan.outputs, cfg.shard_bytes())
-        limit = cfg.max_memory_bytes()
-        if limit is not None:
-            need = estimate_working_bytes(plan, sources, cfg.torch_dtype(), cfg.torch_solve_dtype(), len(sources))
-            if need > limit:
-                raise MergeError(f"the largest tensor group needs about {need / 2**20:.0f} MiB of host memory, "
-                                 f"more than --max-memory {cfg.max_memory}")
-        plan_hash = _plan_hash(cfg, plan, layout, sources, cfg.device)
-        ctx.sync(None, "the plan")  # torchrun: every rank has a plan (else every rank stops here)
-        action, stored = None, None
-        if ctx.is_main:  # rank 0 judges what an earlier run left, for every rank
-            action, stored = _start_from(tx, plan_hash, resume, force)
-        ctx.sync(None, "the output folder")  # a refusal on rank 0 stops every rank here
-        action, stored = ctx.broadcast_object((action, stored), "the resume decision")
-        if action == DONE:
-            return dict(stored, already_complete=True)
-        owned = None
-        if ctx.enabled:
-            from .plan import shard_owners
-
-            owners = shard_owners(plan, layout, sources, ctx.world)
-            owned = {fname for j, (fname, _) in enumerate(layout.shards) if owners[j] == ctx.rank}
-            hook = DI.die_after_shards_hook(ctx)
-            if hook is not None:
-                on_shard_done = _chain(on_shard_done, hook)
-        try:
-            output = tx.writer = ShardedOutput(tmp, layout, plan_hash, resume=action == CONTINUE, on_shard_done=on_shard_done,
-                                   owned=owned, manifest_name=rank_manifest_name(ctx.rank, ctx.world))
-        except ValueError as e:
-            raise MergeError(str(e)) from None
-        needed = sum(sum(int(torch.empty((), dtype=d).element_size()) * int(torch.Size(s).numel()) for _, d, s in ents)
-                     for fname, ents in layout.shards
-                     if fname not in output.records and (owned is None or fname in owned))
-        needed += 1 << 20  # config, tokenizer, report, manifest
-        short = free_space_shortfall(parent, needed)
-        if short:
-            raise MergeError(short)
-        bar = None
-        if progress and ctx.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=len(plan.items), desc="merging", unit="group")
-        engine = Engine(plan, sources, base=base, gramsets=gramsets, gram_paths=gram_paths,
-                        compute_dtype=cfg.torch_dtype(), solve_dtype=cfg.torch_solve_dtype(), device=cfg.device,
-                        allow_missing=cfg.allow_missing_grams)
-        skip = output.is_done if owned is None else (lambda n: output.is_done(n) or not output.owns(n))
-        tensor_report = engine.run(output.write, skip=skip,
-                                   progress=(lambda item: bar.update(1)) if bar is not None else None)
-        if bar is not None:
-            bar.close()
-        if not output.complete():
-            raise RuntimeError("internal error: some shards were not written")
-        records, reused = dict(output.records), list(output.reused)
-        if ctx.enabled:  # the barrier: every rank's shards are written; rank 0 gathers the reports
-            ctx.sync(None, "the shards")
-            mine = {n: tensor_report[n] for n, _, _ in plan.outputs if output.owns(n)}
-            parts = ctx.all_gather_object({"tensors": mine, "records": records, "reused": reused,
-                                           "warnings": plan.warnings}, "the reports")
-            tensor_report, records, reused = _combine_reports(plan, layout, parts)
-            if not ctx.is_main:
-                ctx.sync(None, "the final output")  # rank 0 writes the index, config and report
-                return ctx.broadcast_object(None, "the report")
-        # finalise inside the temporary folder, then one rename
-        if len(layout.shards) > 1:
-            write_index(tmp, layout.weight_map(), layout.total_bytes(), {"regmean_fast_version": __version__})
-        donor = base if base is not None else sources[0]
-        out_dtype = cfg.torch_out_dtype() or _models_dtype(sources[0])
-        write_config(donor.config, tmp, out_dtype)
-        copy_model_code(donor.config, donor.path, tmp)
-        if cfg.copy_tokenizer:
-            copy_aux_files(donor.path, tmp)
-        report = build_report(cfg, plan, tensor_report, shards=records,
-                              total_s=time.perf_counter() - t_start, reused=reused, device=cfg.device)
-        report["signature"] = plan_hash  # what made this folder: --resume finds it complete (_found_output)
-        write_json(os.path.join(tmp, REPORT_NAME), report)
-        with open(os.path.join(tmp, "regmean_config.yml"), "w") as f:
-            f.write(config_yaml(cfg, plan))
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(cfg, plan))
-        tx.publish()
-        if ctx.enabled:
-            ctx.sync(None, "the final output")
-            ctx.broadcast_object(report, "the report")
-        return report
-    except BaseException as e:
-        with tx:  # the output transaction's cleanup rule (io.output), then e or the error the user sees
-            raise e
-    finally:
-        for s in sources:
-            s.close()
-        if base is not None:
-            base.close()
+        job.sources = [ModelFolder(m.model) for m in cfg.models]
+        job.base = ModelFolder(cfg.base_model) if cfg.base_model else None
+    except ModelFolderError as e:
+        raise MergeError(str(e)) from None
+    from .methods import METHODS
+    if METHODS[cfg.method].needs_stats:
+        job.gramsets = [load_gramset(p) for p in job.gram_paths]
+    job.plan = build_plan(cfg, job.sources, job.gramsets, job.gram_paths, job.base)
+    job.layout = ShardLayout.build(job.plan.outputs, cfg.shard_bytes())
+    limit = cfg.max_memory_bytes()
+    if limit is not None:
+        need = estimate_working_bytes(job.plan, job.sources, cfg.torch_dtype(), cfg.torch_solve_dtype(),
+                                      len(job.sources))
+        if need > limit:
+            raise MergeError(f"the largest tensor group needs about {need / 2**20:.0f} MiB of host memory, "
+                             f"more than --max-memory {cfg.max_memory}")
+    job.signature = _plan_hash(cfg, job.plan, job.layout, job.sources, cfg.device)
 
 
-def _chain(a, b):
-    if a is None:
-        return b
+def _execute(job: _Job, tx: OutputTransaction, dist, resume: bool, progress: bool, on_shard_done):
+    """This rank's shards through the engine into the partial folder -> the whole merge's (tensor report,
+    shard records, reused shards) on rank 0."""
+    cfg, plan, layout = job.cfg, job.plan, job.layout
+    owned = dist.owned_shards(plan, layout, job.sources)
+    try:
+        output = tx.writer = ShardedOutput(tx.tmp, layout, job.signature, resume=resume,
+                                           on_shard_done=dist.on_shard_done(on_shard_done), owned=owned,
+                                           manifest_name=dist.manifest_name)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    needed = sum(sum(int(torch.empty((), dtype=d).element_size()) * int(torch.Size(s).numel()) for _, d, s in ents)
+                 for fname, ents in layout.shards
+                 if fname not in output.records and (owned is None or fname in owned))
+    short = free_space_shortfall(os.path.dirname(job.out), needed + (1 << 20))  # + config, tokenizer, report
+    if short:
+        raise MergeError(short)
+    bar = None
+    if progress and dist.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=len(plan.items), desc="merging", unit="group")
+    engine = Engine(plan, job.sources, base=job.base, gramsets=job.gramsets, gram_paths=job.gram_paths,
+                    compute_dtype=cfg.torch_dtype(), solve_dtype=cfg.torch_solve_dtype(), device=cfg.device,
+                    allow_missing=cfg.allow_missing_grams)
+    skip = output.is_done if owned is None else (lambda n: output.is_done(n) or not output.owns(n))
+    tensor_report = engine.run(output.write, skip=skip,
+                               progress=(lambda item: bar.update(1)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    if not output.complete():
+        raise RuntimeError("internal error: some shards were not written")
+    return dist.meet(plan, layout, tensor_report, output)
 
-    def both(fname):
-        a(fname)
-        b(fname)
 
-    return both
-
-
-def _combine_reports(plan, layout, parts):
-    """Rank reports -> (tensor report in plan order, shard records and reused shards in layout order)."""
-    tensors, records, reused = {}, {}, set()
-    for p in parts:
-        tensors.update(p["tensors"])
-        records.update(p["records"])
-        reused.update(p["reused"])
-        for w in p["warnings"]:
-            if w not in plan.warnings:
-                plan.warnings.append(w)
-    order = [f for f, _ in layout.shards]
-    return ({n: tensors[n] for n, _, _ in plan.outputs if n in tensors},
-            {f: records[f] for f in order if f in records}, [f for f in order if f in reused])
+def _publish(job: _Job, tx: OutputTransaction, dist, results, t_start: float) -> dict:
+    """Rank 0: the index, config, model code, tokenizer, report and card into the partial folder, then the
+    folder into place (io.output); every rank returns the report."""
+    if not dist.is_main:
+        return dist.publish()
+    cfg, plan, layout, tmp = job.cfg, job.plan, job.layout, tx.tmp
+    tensor_report, records, reused = results
+    if len(layout.shards) > 1:
+        write_index(tmp, layout.weight_map(), layout.total_bytes(), {"regmean_fast_version": __version__})
+    donor = job.base if job.base is not None else job.sources[0]
+    write_config(donor.config, tmp, cfg.torch_out_dtype() or _models_dtype(job.sources[0]))
+    copy_model_code(donor.config, donor.path, tmp)
+    if cfg.copy_tokenizer:
+        copy_aux_files(donor.path, tmp)
+    report = build_report(cfg, plan, tensor_report, shards=records,
+                          total_s=time.perf_counter() - t_start, reused=reused, device=cfg.device)
+    report["signature"] = job.signature  # what made this folder: --resume finds it complete (_found_output)
+    write_json(os.path.join(tmp, REPORT_NAME), report)
+    with open(os.path.join(tmp, "regmean_config.yml"), "w") as f:
+        f.write(config_yaml(cfg, plan))
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(cfg, plan))
+    tx.publish()
+    return dist.publish(report)
 
 
 def _models_dtype(src) -> torch.dtype | None:
