@@ -352,11 +352,19 @@ def merge_state_dicts(
     c = normalize_coeffs(coeffs, k)
     conv1d = set(conv1d)
     exclude_res = [re.compile(p) for p in exclude]
-    name_set = set(names)
+    _check_grams(grams, counts, conv1d, set(names), k)
+    units = _solve_units(grams, counts, groups, k)
+    merged: dict[str, torch.Tensor] = {}
+    report: dict[str, dict] = {}
+    for key, members in units:
+        members = [m for m in members if not any(r.search(f"{m}.weight") for r in exclude_res)]
+        if members:
+            _merge_unit(key, members, state_dicts, grams, counts, conv1d, alpha, c, normalization, merged, report)
+    _average_the_rest(names, state_dicts, c, merged, report)
+    return {name: merged[name] for name in names}, report
 
-    def excluded(name: str) -> bool:
-        return any(r.search(name) for r in exclude_res)
 
+def _check_grams(grams, counts, conv1d: set, name_set: set, k: int) -> None:
     for module, per_model in grams.items():
         if f"{module}.weight" not in name_set:
             raise ValueError(f"Gram for module {module!r} but no parameter {module + '.weight'!r} in the models")
@@ -371,7 +379,9 @@ def merge_state_dicts(
         if f"{module}.weight" not in name_set:
             raise ValueError(f"conv1d module {module!r} has no parameter {module + '.weight'!r} in the models")
 
-    # The solve units: (group key or None, member modules), each with one shared Gram.
+
+def _solve_units(grams, counts, groups, k: int) -> list[tuple[str | None, list[str]]]:
+    """The solve units: (group key or None, member modules), each with one shared Gram."""
     units: list[tuple[str | None, list[str]]] = []
     grouped: set[str] = set()
     for key, members in (groups or {}).items():
@@ -392,36 +402,37 @@ def merge_state_dicts(
                     raise ValueError(f"group {key!r}: module {module!r} has a different token count than {members[0]!r} (model {i})")
         units.append((key, members))
     units += [(None, [module]) for module in grams if module not in grouped]
+    return units
 
-    merged: dict[str, torch.Tensor] = {}
-    report: dict[str, dict] = {}
-    for key, members in units:
-        members = [m for m in members if not excluded(f"{m}.weight")]
-        if not members:
-            continue
-        module_weights = []
-        for module in members:
-            ws = [sd[f"{module}.weight"] for sd in state_dicts]
-            if ws[0].dim() != 2:
-                raise ValueError(f"{module}.weight has shape {tuple(ws[0].shape)}; RegMean needs a matrix")
-            module_weights.append([w.T if module in conv1d else w for w in ws])
-        try:
-            solved, solve_report = regmean_solve_group(
-                module_weights,
-                list(grams[members[0]]),
-                alpha,
-                c,
-                None if counts is None else list(counts[members[0]]),
-                normalization,
-            )
-        except ValueError as exc:
-            raise ValueError(f"{key if key is not None else members[0]}: {exc}") from None
-        for module, w in zip(members, solved):
-            name = f"{module}.weight"
-            out = w.T if module in conv1d else w
-            merged[name] = out.contiguous().to(state_dicts[0][name].dtype)
-            report[name] = {"method": "regmean", "group": key, "solve": dict(solve_report)}
 
+def _merge_unit(key, members, state_dicts, grams, counts, conv1d, alpha, c, normalization, merged, report) -> None:
+    """One solve unit's weights by RegMean into merged / report."""
+    module_weights = []
+    for module in members:
+        ws = [sd[f"{module}.weight"] for sd in state_dicts]
+        if ws[0].dim() != 2:
+            raise ValueError(f"{module}.weight has shape {tuple(ws[0].shape)}; RegMean needs a matrix")
+        module_weights.append([w.T if module in conv1d else w for w in ws])
+    try:
+        solved, solve_report = regmean_solve_group(
+            module_weights,
+            list(grams[members[0]]),
+            alpha,
+            c,
+            None if counts is None else list(counts[members[0]]),
+            normalization,
+        )
+    except ValueError as exc:
+        raise ValueError(f"{key if key is not None else members[0]}: {exc}") from None
+    for module, w in zip(members, solved):
+        name = f"{module}.weight"
+        out = w.T if module in conv1d else w
+        merged[name] = out.contiguous().to(state_dicts[0][name].dtype)
+        report[name] = {"method": "regmean", "group": key, "solve": dict(solve_report)}
+
+
+def _average_the_rest(names, state_dicts, c, merged, report) -> None:
+    """Every parameter RegMean did not merge: floating ones averaged, the others equal across models, copied."""
     for name in names:
         if name in merged:
             continue
@@ -434,5 +445,3 @@ def merge_state_dicts(
                 raise ValueError(f"{name}: non-floating tensor differs across models and cannot be averaged")
             merged[name] = tensors[0].clone()
             report[name] = {"method": "copy"}
-
-    return {name: merged[name] for name in names}, report

@@ -70,32 +70,7 @@ def _iter_examples(path, fmt, text_field, label_field, messages_field):
     # text formats are read as "utf-8-sig": a byte-order mark (Windows editors) is not part of the first line
     try:
         if fmt == "jsonl":
-            with open(path, encoding="utf-8-sig") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise GramsError(f"{path}: line {i}: malformed JSON ({e.msg})") from None
-                    if not isinstance(obj, dict):
-                        raise GramsError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
-                    ex = Example(where=f"line {i}", label=obj.get(label_field) if label_field else None)
-                    if text_field in obj:
-                        if not isinstance(obj[text_field], str):
-                            raise GramsError(f"{path}: line {i}: field {text_field!r} is not a string")
-                        ex.text = obj[text_field]
-                    elif messages_field in obj:
-                        msgs = obj[messages_field]
-                        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-                            raise GramsError(f"{path}: line {i}: field {messages_field!r} is not a list of messages")
-                        ex.messages = msgs
-                    else:
-                        raise GramsError(
-                            f"{path}: line {i}: no {text_field!r} field (nor {messages_field!r}); "
-                            f"keys: {', '.join(sorted(obj)) or 'none'}; choose one with --text-field"
-                        )
-                    yield ex
+            yield from _jsonl_examples(path, text_field, label_field, messages_field)
         elif fmt == "text":
             with open(path, encoding="utf-8-sig") as f:
                 for i, line in enumerate(f, 1):
@@ -103,49 +78,86 @@ def _iter_examples(path, fmt, text_field, label_field, messages_field):
                     if line.strip():
                         yield Example(where=f"line {i}", text=line)
         elif fmt in ("csv", "tsv"):
-            old_limit = csv.field_size_limit(2**31 - 1)  # a long document is one field (the default: 128 KiB)
-            try:
-                with open(path, encoding="utf-8-sig", newline="") as f:
-                    reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-                    cols = reader.fieldnames or []
-                    if text_field not in cols:
-                        raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
-                    for row in reader:
-                        i = reader.line_num  # the row's last line
-                        txt = row.get(text_field)
-                        if txt is None:
-                            raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
-                        yield Example(where=f"line {i}", text=txt,
-                                      label=row.get(label_field) if label_field else None)
-            except csv.Error as e:
-                raise GramsError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({e})") from None
-            finally:
-                csv.field_size_limit(old_limit)
+            yield from _csv_examples(path, fmt, text_field, label_field)
         elif fmt == "parquet":
-            try:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise GramsError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") \
-                    from None
-            try:
-                pf = pq.ParquetFile(path)
-                cols = pf.schema_arrow.names
-                if text_field not in cols:
-                    raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
-                has_label = bool(label_field) and label_field in cols and label_field != text_field
-                table = pf.read(columns=[text_field, label_field] if has_label else [text_field])  # only these
-            except pa.ArrowException as e:  # empty, truncated or not Parquet at all
-                raise GramsError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-            labels = table.column(label_field).to_pylist() if has_label else None
-            for i, txt in enumerate(table.column(text_field).to_pylist(), 1):
-                if not isinstance(txt, str):
-                    raise GramsError(f"{path}: row {i}: column {text_field!r} is not a string")
-                yield Example(where=f"row {i}", text=txt, label=labels[i - 1] if labels else None)
+            yield from _parquet_examples(path, text_field, label_field)
     except UnicodeDecodeError as e:
         raise GramsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise GramsError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
+def _jsonl_examples(path, text_field, label_field, messages_field):
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GramsError(f"{path}: line {i}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise GramsError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
+            ex = Example(where=f"line {i}", label=obj.get(label_field) if label_field else None)
+            if text_field in obj:
+                if not isinstance(obj[text_field], str):
+                    raise GramsError(f"{path}: line {i}: field {text_field!r} is not a string")
+                ex.text = obj[text_field]
+            elif messages_field in obj:
+                msgs = obj[messages_field]
+                if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+                    raise GramsError(f"{path}: line {i}: field {messages_field!r} is not a list of messages")
+                ex.messages = msgs
+            else:
+                raise GramsError(
+                    f"{path}: line {i}: no {text_field!r} field (nor {messages_field!r}); "
+                    f"keys: {', '.join(sorted(obj)) or 'none'}; choose one with --text-field"
+                )
+            yield ex
+
+
+def _csv_examples(path, fmt, text_field, label_field):
+    old_limit = csv.field_size_limit(2**31 - 1)  # a long document is one field (the default: 128 KiB)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+            cols = reader.fieldnames or []
+            if text_field not in cols:
+                raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
+            for row in reader:
+                i = reader.line_num  # the row's last line
+                txt = row.get(text_field)
+                if txt is None:
+                    raise GramsError(f"{path}: line {i}: missing value in column {text_field!r}")
+                yield Example(where=f"line {i}", text=txt,
+                              label=row.get(label_field) if label_field else None)
+    except csv.Error as e:
+        raise GramsError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({e})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _parquet_examples(path, text_field, label_field):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GramsError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") \
+            from None
+    try:
+        pf = pq.ParquetFile(path)
+        cols = pf.schema_arrow.names
+        if text_field not in cols:
+            raise GramsError(f"{path}: no column {text_field!r} (columns: {', '.join(cols) or 'none'})")
+        has_label = bool(label_field) and label_field in cols and label_field != text_field
+        table = pf.read(columns=[text_field, label_field] if has_label else [text_field])  # only these
+    except pa.ArrowException as e:  # empty, truncated or not Parquet at all
+        raise GramsError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    labels = table.column(label_field).to_pylist() if has_label else None
+    for i, txt in enumerate(table.column(text_field).to_pylist(), 1):
+        if not isinstance(txt, str):
+            raise GramsError(f"{path}: row {i}: column {text_field!r} is not a string")
+        yield Example(where=f"row {i}", text=txt, label=labels[i - 1] if labels else None)
 
 
 def select(examples: list[Example], max_examples: int | None, shuffle: bool, seed: int) -> list[Example]:

@@ -179,10 +179,32 @@ def save_grams(
     missing = sorted(used - set(grams))
     if missing:
         raise GramFileError(f"module map refers to Grams that are not given: {missing[:5]}")
+    tensors, dims, cnts = _gram_tensors(mods, grams, counts, packed, symmetrize)
+    _check_input_sizes(mods, fingerprint, dims)
+    for pname, F in sorted((fisher or {}).items()):  # by name: the same Fisher gives the same bytes
+        tensors[FISHER_PREFIX + pname] = F.detach().to("cpu", torch.float32).contiguous()
+
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "layout": "packed" if packed else "full",
+        "modules": json.dumps(mods, sort_keys=False),
+        "counts": json.dumps(cnts),
+        "dims": json.dumps(dims),
+        "fingerprint": json.dumps(dict(fingerprint)),
+        "provenance": json.dumps(dict(metadata), default=str),
+    }
+    sizes = {n: tensors[n].numel() * 4 for n in tensors}
+    plan = _shard_plan(list(tensors), sizes, shard_size)
+    return _write_and_place(path, tensors, header, sizes, plan, overwrite)
+
+
+def _gram_tensors(mods: dict, grams, counts, packed: bool, symmetrize: bool):
+    """Each distinct Gram checked and stored in model order (deterministic files) -> (tensors, dims, counts)."""
     tensors: dict[str, torch.Tensor] = {}
     dims: dict[str, int] = {}
     cnts: dict[str, int] = {}
-    for key in dict.fromkeys(m["key"] for m in mods.values()):  # model order: deterministic files
+    for key in dict.fromkeys(m["key"] for m in mods.values()):
         G = grams[key]
         if G.dim() != 2 or G.size(0) != G.size(1):
             raise GramFileError(f"Gram {key!r} is not square: shape {tuple(G.shape)}")
@@ -197,6 +219,10 @@ def save_grams(
         dims[key] = G.size(0)
         cnts[key] = c
         tensors[GRAM_PREFIX + key] = (ops.pack_triu(G.contiguous()) if packed else G).contiguous()
+    return tensors, dims, cnts
+
+
+def _check_input_sizes(mods: dict, fingerprint: Mapping, dims: dict) -> None:
     for mod, v in mods.items():
         shape = (fingerprint.get("weights") or {}).get(mod)
         if shape is not None and len(shape) == 2:
@@ -205,24 +231,10 @@ def save_grams(
                 raise GramFileError(
                     f"module {mod!r} has input size {d_in} but its Gram {v['key']!r} is {dims[v['key']]}"
                 )
-    for pname, F in sorted((fisher or {}).items()):  # by name: the same Fisher gives the same bytes
-        tensors[FISHER_PREFIX + pname] = F.detach().to("cpu", torch.float32).contiguous()
 
-    header = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "layout": "packed" if packed else "full",
-        "modules": json.dumps(mods, sort_keys=False),
-        "counts": json.dumps(cnts),
-        "dims": json.dumps(dims),
-        "fingerprint": json.dumps(dict(fingerprint)),
-        "provenance": json.dumps(dict(metadata), default=str),
-    }
 
-    names = list(tensors)
-    sizes = {n: tensors[n].numel() * 4 for n in names}
-    plan = _shard_plan(names, sizes, shard_size)
-
+def _write_and_place(path: str, tensors: dict, header: dict, sizes: dict, plan: list, overwrite: bool) -> str:
+    """The files into a temporary folder beside the output, then into place (io.output's transaction)."""
     is_file = path.endswith(".safetensors")
     if is_file:
         final_dir = os.path.dirname(os.path.abspath(path))
@@ -242,39 +254,51 @@ def save_grams(
     final = os.path.join(final_dir, os.path.basename(path)) if is_file else path
     with OutputTransaction(final, work_dir, created=True, resumable=False, user_error=lambda e: _write_error(e, path),
                            old_suffix=".old-", kill_prefix="grams-file") as tx:
-        n = len(plan)
-        files = []
-        weight_map = {}
-        for i, shard in enumerate(plan):
-            fname = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
-            write_safetensors(os.path.join(work_dir, fname), {k: tensors[k] for k in shard}, header)
-            files.append(fname)
-            for k in shard:
-                weight_map[k] = fname
-        if n > 1:
-            index = {"metadata": dict(header, total_size=str(sum(sizes.values()))), "weight_map": weight_map}
-            with open(os.path.join(work_dir, stem + ".safetensors" + INDEX_SUFFIX), "w") as f:
-                json.dump(index, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
+        files = _write_files(work_dir, stem, tensors, header, sizes, plan)
         kill_point("grams-file.written")  # tests (io.resume): all in the temporary folder, nothing in place
         if is_file:
-            for fname in files if n > 1 else []:
-                tx.place(fname)
-                kill_point("grams-file.shard-placed")
-            last = stem + ".safetensors" + (INDEX_SUFFIX if n > 1 else "")
-            _refuse_existing(os.path.join(final_dir, last), overwrite)
-            tx.place(last)
-            tx.discard()
-            if overwrite:
-                _remove_replaced_files(final_dir, stem, keep=set(files) | {last})
-            return os.path.join(final_dir, last) if n > 1 else path
+            return _place_files(tx, path, final_dir, stem, files, overwrite)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp made it private; the folder gets the modes mkdir gives
         _refuse_existing(path, overwrite)
         tx.publish()
         return path
+
+
+def _write_files(work_dir: str, stem: str, tensors: dict, header: dict, sizes: dict, plan: list) -> list[str]:
+    """The shards (one file, or several and their index) into work_dir -> the shard file names."""
+    n = len(plan)
+    files = []
+    weight_map = {}
+    for i, shard in enumerate(plan):
+        fname = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+        write_safetensors(os.path.join(work_dir, fname), {k: tensors[k] for k in shard}, header)
+        files.append(fname)
+        for k in shard:
+            weight_map[k] = fname
+    if n > 1:
+        index = {"metadata": dict(header, total_size=str(sum(sizes.values()))), "weight_map": weight_map}
+        with open(os.path.join(work_dir, stem + ".safetensors" + INDEX_SUFFIX), "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    return files
+
+
+def _place_files(tx: OutputTransaction, path: str, final_dir: str, stem: str, files: list, overwrite: bool) -> str:
+    """X.safetensors: the shards beside it first, the file that names the output (X or its index) last."""
+    n = len(files)
+    for fname in files if n > 1 else []:
+        tx.place(fname)
+        kill_point("grams-file.shard-placed")
+    last = stem + ".safetensors" + (INDEX_SUFFIX if n > 1 else "")
+    _refuse_existing(os.path.join(final_dir, last), overwrite)
+    tx.place(last)
+    tx.discard()
+    if overwrite:
+        _remove_replaced_files(final_dir, stem, keep=set(files) | {last})
+    return os.path.join(final_dir, last) if n > 1 else path
 
 
 def _remove_replaced_files(folder: str, stem: str, keep: set[str]) -> None:
@@ -569,29 +593,7 @@ def load_grams(path, verify: bool = False) -> GramSet:
         weight_map = {k: single for k in shapes}
     else:
         where = index
-        try:
-            with open(index) as f:
-                idx = json.load(f)
-            meta = idx["metadata"]
-            wm = idx["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise GramFileError(f"{index}: unreadable Gram index: {e}") from None
-        if not (isinstance(meta, dict) and isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())):
-            raise GramFileError(f"{index}: malformed Gram index (expected metadata and a weight_map of file names)")
-        _check_meta(meta, where)
-        base = os.path.dirname(os.path.abspath(index))
-        shapes = {}
-        weight_map = {}
-        for fname in sorted(set(wm.values())):
-            full = os.path.join(base, fname)
-            smeta, sshapes = _read_header(full)
-            _check_meta(smeta, full)
-            for k, s in sshapes.items():
-                shapes[k] = s
-                weight_map[k] = full
-        lost = sorted(set(wm) - set(shapes))
-        if lost:
-            raise GramFileError(f"{index}: tensors listed in the index are missing from the shards: {lost[:5]}")
+        meta, shapes, weight_map = _read_index(index)
     modules = _loads(meta, "modules", where)
     counts = _loads(meta, "counts", where)
     dims = _loads(meta, "dims", where)
@@ -622,6 +624,41 @@ def load_grams(path, verify: bool = False) -> GramSet:
         where=path,
     )
     gs._validate_structure()
+    _check_gram_shapes(dims, shapes, layout, where)
+    if verify:
+        gs.verify()
+    return gs
+
+
+def _read_index(index: str):
+    """A sharded Gram file's index and its shards' headers -> (metadata, {tensor: shape}, {tensor: shard path})."""
+    try:
+        with open(index) as f:
+            idx = json.load(f)
+        meta = idx["metadata"]
+        wm = idx["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GramFileError(f"{index}: unreadable Gram index: {e}") from None
+    if not (isinstance(meta, dict) and isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())):
+        raise GramFileError(f"{index}: malformed Gram index (expected metadata and a weight_map of file names)")
+    _check_meta(meta, index)
+    base = os.path.dirname(os.path.abspath(index))
+    shapes = {}
+    weight_map = {}
+    for fname in sorted(set(wm.values())):
+        full = os.path.join(base, fname)
+        smeta, sshapes = _read_header(full)
+        _check_meta(smeta, full)
+        for k, s in sshapes.items():
+            shapes[k] = s
+            weight_map[k] = full
+    lost = sorted(set(wm) - set(shapes))
+    if lost:
+        raise GramFileError(f"{index}: tensors listed in the index are missing from the shards: {lost[:5]}")
+    return meta, shapes, weight_map
+
+
+def _check_gram_shapes(dims: dict, shapes: dict, layout: str, where: str) -> None:
     for key, d in dims.items():
         name = GRAM_PREFIX + key
         if name not in shapes:
@@ -629,9 +666,6 @@ def load_grams(path, verify: bool = False) -> GramSet:
         want = [d, d] if layout == "full" else [d * (d + 1) // 2]
         if shapes[name] != want:
             raise GramFileError(f"{where}: Gram {key!r} has shape {shapes[name]}, expected {want} ({layout} layout)")
-    if verify:
-        gs.verify()
-    return gs
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.I)

@@ -183,22 +183,7 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
         return os.path.join(base_dir, p) if base_dir and not os.path.isabs(p) else p
 
     cfg = MergeConfig()
-    models = d.get("models") or []
-    if not isinstance(models, list):
-        raise MergeError(f"{source}: models must be a list")
-    for i, m in enumerate(models):
-        if isinstance(m, str):
-            m = {"model": m}
-        if not isinstance(m, dict) or "model" not in m:
-            raise MergeError(f"{source}: models[{i}] needs a `model` path")
-        bad = sorted(set(m) - MODEL_KEYS)
-        if bad:
-            raise MergeError(f"{source}: models[{i}]: unknown key(s) {', '.join(bad)} (known: {', '.join(sorted(MODEL_KEYS))})")
-        w = m.get("weight", (m.get("parameters") or {}).get("weight", 1.0))
-        extra = sorted(set(m.get("parameters") or {}) - {"weight"})
-        if extra:
-            raise MergeError(f"{source}: models[{i}].parameters: unknown key(s) {', '.join(extra)}")
-        cfg.models.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w))
+    cfg.models += _model_specs(d.get("models") or [], source, path)
     cfg.method = d.get("method", d.get("merge_method", cfg.method))
     if not isinstance(cfg.method, str):
         raise MergeError(f"{source}: method must be a name, got {cfg.method!r}")
@@ -226,6 +211,27 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
     if "copy_tokenizer" in d:
         cfg.copy_tokenizer = _bool("copy_tokenizer", d["copy_tokenizer"])
     return cfg
+
+
+def _model_specs(models, source: str, path) -> list[ModelSpec]:
+    """The YAML's models list (paths through `path`)."""
+    if not isinstance(models, list):
+        raise MergeError(f"{source}: models must be a list")
+    specs = []
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise MergeError(f"{source}: models[{i}] needs a `model` path")
+        bad = sorted(set(m) - MODEL_KEYS)
+        if bad:
+            raise MergeError(f"{source}: models[{i}]: unknown key(s) {', '.join(bad)} (known: {', '.join(sorted(MODEL_KEYS))})")
+        w = m.get("weight", (m.get("parameters") or {}).get("weight", 1.0))
+        extra = sorted(set(m.get("parameters") or {}) - {"weight"})
+        if extra:
+            raise MergeError(f"{source}: models[{i}].parameters: unknown key(s) {', '.join(extra)}")
+        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w))
+    return specs
 
 
 def load_yaml(path: str) -> MergeConfig:

@@ -152,7 +152,6 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
     float_names = [n for n in names if ref.dtype(n).is_floating_point]
     warnings: list[str] = []
     gram_paths = gram_paths or [None] * k
-    excl = [re.compile(r) for r in cfg.regmean_exclude]
     group_of: dict[str, GroupItem] = {}
     per_tensor: dict[str, TensorItem] = {}
 
@@ -164,97 +163,134 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
             raise MergeError(f"got {len(gramsets)} Gram files for {k} models")
         shapes = {n: tuple(ref.shape(n)) for n in names}
         warnings += _pairing_warnings(sources, gramsets, gram_paths)
-        for i, gs in enumerate(gramsets):
-            lab = _gram_where(gs, i, gram_paths[i])
-            fp = getattr(gs, "fingerprint", None) or {}
-            mc = sources[i].config or {}
-            for key in ("model_type", "architectures"):
-                if fp.get(key) and mc.get(key) and fp.get(key) != mc.get(key):
-                    raise MergeError(f"{lab} was made on another model: {key} {fp.get(key)}, the model is {mc.get(key)}")
-            for mod, shp in (fp.get("weights") or {}).items():
-                p = f"{mod}.weight"
-                if p not in shapes and _tied(p, shp, shapes, mc, sources[i]):
-                    continue
-                if p not in shapes or tuple(shp) != shapes[p]:
-                    have = list(shapes[p]) if p in shapes else "absent"
-                    raise MergeError(f"{lab} was made on another model: {p} was {list(shp)}, the model has {have}")
+        _check_fingerprints(sources, gramsets, gram_paths, shapes)
         if cfg.method == "regmean":
-            mod_sets = [set(gs.modules()) for gs in gramsets]
-            all_mods = set().union(*mod_sets)
-            tied = set()
-            for i, gs in enumerate(gramsets):
-                fpw = (getattr(gs, "fingerprint", None) or {}).get("weights") or {}
-                for mod in mod_sets[i]:
-                    if f"{mod}.weight" not in shapes and _tied(f"{mod}.weight", fpw.get(mod), shapes,
-                                                               sources[i].config or {}, sources[i]):
-                        tied.add(mod)
-                        continue
-                    if f"{mod}.weight" not in shapes:
-                        raise MergeError(f"{_gram_where(gs, i, gram_paths[i])} was made on another model: "
-                                         f"{mod}.weight is not in the model")
-            groups: dict[tuple, GroupItem] = {}
-            for mod in sorted(tied, key=natural_key):
-                warnings.append(f"{mod}.weight is tied to the embeddings and not stored; its Gram is not used")
-            for mod in sorted(all_mods - tied, key=natural_key):
-                p = f"{mod}.weight"
-                if any(r.search(p) for r in excl):
-                    per_tensor[p] = TensorItem(p, "average", "regmean_exclude")
-                    continue
-                lacking = [i for i in range(k) if mod not in mod_sets[i]]
-                if lacking:
-                    i = lacking[0]
-                    where = _gram_where(gramsets[i], i, gram_paths[i])
-                    if not cfg.allow_missing_grams:
-                        raise MergeError(f"{where} has no Gram for {mod} (pass --allow-missing-grams to average it)")
-                    warnings.append(f"{p}: no Gram in {where}; averaged instead of RegMean")
-                    per_tensor[p] = TensorItem(p, "average", "missing Gram")
-                    continue
-                shp = shapes[p]
-                if len(shp) != 2:
-                    raise MergeError(f"{p}: RegMean needs a 2-D weight, got shape {list(shp)}")
-                conv = [bool(gs.is_conv1d(mod)) for gs in gramsets]
-                if len(set(conv)) > 1:
-                    raise MergeError(f"Gram files disagree on whether {mod} is a Conv1D")
-                d_in = shp[0] if conv[0] else shp[1]
-                keys = []
-                for i, gs in enumerate(gramsets):
-                    key = gs.gram_key(mod)
-                    where = _gram_where(gs, i, gram_paths[i])
-                    d = int(gs.dim(key))
-                    if d != d_in:
-                        raise MergeError(f"{where}: the Gram for {mod} has size {d}, but {p} takes inputs of size {d_in}")
-                    n = int(gs.count(key))
-                    if n <= 0:
-                        raise MergeError(f"{where}: the Gram for {mod} has token count {n}")
-                    keys.append(key)
-                g = groups.get(tuple(keys))
-                if g is None:
-                    g = groups[tuple(keys)] = GroupItem([], [], [], tuple(keys), d_in)
-                g.members.append(p)
-                g.modules.append(mod)
-                g.conv1d.append(conv[0])
-                group_of[p] = g
+            _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_tensor, group_of)
         elif cfg.method == "fisher":
-            for i, gs in enumerate(gramsets):
-                if not getattr(gs, "has_fisher", False):
-                    raise MergeError(f"{_gram_where(gs, i, gram_paths[i])} has no Fisher information")
-            known = [_fisher_names(gs) for gs in gramsets]
-            if all(s is not None for s in known):
-                for n in float_names:
-                    have = [n in s for s in known]
-                    if all(have):
-                        continue
-                    if not any(have):
-                        per_tensor[n] = TensorItem(n, "average", "no Fisher")
-                    elif cfg.allow_missing_grams:
-                        i = have.index(False)
-                        warnings.append(f"{n}: no Fisher in {_gram_where(gramsets[i], i, gram_paths[i])}; averaged")
-                        per_tensor[n] = TensorItem(n, "average", "missing Fisher")
-                    else:
-                        i = have.index(False)
-                        raise MergeError(f"{_gram_where(gramsets[i], i, gram_paths[i])} has no Fisher for {n} "
-                                         f"(pass --allow-missing-grams to average it)")
+            _fisher_items(cfg, gramsets, gram_paths, float_names, warnings, per_tensor)
+    items, outputs = _items_and_outputs(cfg, names, ref, group_of, per_tensor)
+    return Plan(items, outputs, cfg.method, params, coeffs, raw, warnings)
 
+
+def _check_fingerprints(sources, gramsets, gram_paths, shapes: dict) -> None:
+    """Each Gram file was made on its model: model type, architectures and the weights' shapes."""
+    for i, gs in enumerate(gramsets):
+        lab = _gram_where(gs, i, gram_paths[i])
+        fp = getattr(gs, "fingerprint", None) or {}
+        mc = sources[i].config or {}
+        for key in ("model_type", "architectures"):
+            if fp.get(key) and mc.get(key) and fp.get(key) != mc.get(key):
+                raise MergeError(f"{lab} was made on another model: {key} {fp.get(key)}, the model is {mc.get(key)}")
+        for mod, shp in (fp.get("weights") or {}).items():
+            p = f"{mod}.weight"
+            if p not in shapes and _tied(p, shp, shapes, mc, sources[i]):
+                continue
+            if p not in shapes or tuple(shp) != shapes[p]:
+                have = list(shapes[p]) if p in shapes else "absent"
+                raise MergeError(f"{lab} was made on another model: {p} was {list(shp)}, the model has {have}")
+
+
+def _tied_modules(sources, gramsets, gram_paths, shapes: dict, mod_sets: list) -> set:
+    """Modules with a Gram whose weight is tied to the embeddings (not stored); any other module with a Gram
+    must have its weight in the model."""
+    tied = set()
+    for i, gs in enumerate(gramsets):
+        fpw = (getattr(gs, "fingerprint", None) or {}).get("weights") or {}
+        for mod in mod_sets[i]:
+            if f"{mod}.weight" not in shapes and _tied(f"{mod}.weight", fpw.get(mod), shapes,
+                                                       sources[i].config or {}, sources[i]):
+                tied.add(mod)
+                continue
+            if f"{mod}.weight" not in shapes:
+                raise MergeError(f"{_gram_where(gs, i, gram_paths[i])} was made on another model: "
+                                 f"{mod}.weight is not in the model")
+    return tied
+
+
+def _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_tensor, group_of) -> None:
+    """Every weight with a Gram in every file joins the group of its shared inputs (group_of); the others are
+    averaged (per_tensor), with a warning or an error for a missing Gram."""
+    k = len(sources)
+    excl = [re.compile(r) for r in cfg.regmean_exclude]
+    mod_sets = [set(gs.modules()) for gs in gramsets]
+    all_mods = set().union(*mod_sets)
+    tied = _tied_modules(sources, gramsets, gram_paths, shapes, mod_sets)
+    groups: dict[tuple, GroupItem] = {}
+    for mod in sorted(tied, key=natural_key):
+        warnings.append(f"{mod}.weight is tied to the embeddings and not stored; its Gram is not used")
+    for mod in sorted(all_mods - tied, key=natural_key):
+        p = f"{mod}.weight"
+        if any(r.search(p) for r in excl):
+            per_tensor[p] = TensorItem(p, "average", "regmean_exclude")
+            continue
+        lacking = [i for i in range(k) if mod not in mod_sets[i]]
+        if lacking:
+            i = lacking[0]
+            where = _gram_where(gramsets[i], i, gram_paths[i])
+            if not cfg.allow_missing_grams:
+                raise MergeError(f"{where} has no Gram for {mod} (pass --allow-missing-grams to average it)")
+            warnings.append(f"{p}: no Gram in {where}; averaged instead of RegMean")
+            per_tensor[p] = TensorItem(p, "average", "missing Gram")
+            continue
+        keys, d_in, conv = _gram_keys(mod, p, shapes[p], gramsets, gram_paths)
+        g = groups.get(keys)
+        if g is None:
+            g = groups[keys] = GroupItem([], [], [], keys, d_in)
+        g.members.append(p)
+        g.modules.append(mod)
+        g.conv1d.append(conv)
+        group_of[p] = g
+
+
+def _gram_keys(mod: str, p: str, shp: tuple, gramsets, gram_paths):
+    """The Grams of one weight, checked against it -> (per-file Gram keys, d_in, whether it is a Conv1D)."""
+    if len(shp) != 2:
+        raise MergeError(f"{p}: RegMean needs a 2-D weight, got shape {list(shp)}")
+    conv = [bool(gs.is_conv1d(mod)) for gs in gramsets]
+    if len(set(conv)) > 1:
+        raise MergeError(f"Gram files disagree on whether {mod} is a Conv1D")
+    d_in = shp[0] if conv[0] else shp[1]
+    keys = []
+    for i, gs in enumerate(gramsets):
+        key = gs.gram_key(mod)
+        where = _gram_where(gs, i, gram_paths[i])
+        d = int(gs.dim(key))
+        if d != d_in:
+            raise MergeError(f"{where}: the Gram for {mod} has size {d}, but {p} takes inputs of size {d_in}")
+        n = int(gs.count(key))
+        if n <= 0:
+            raise MergeError(f"{where}: the Gram for {mod} has token count {n}")
+        keys.append(key)
+    return tuple(keys), d_in, conv[0]
+
+
+def _fisher_items(cfg, gramsets, gram_paths, float_names, warnings, per_tensor) -> None:
+    """Every file holds a Fisher; a tensor without one in every file is averaged (or refused)."""
+    for i, gs in enumerate(gramsets):
+        if not getattr(gs, "has_fisher", False):
+            raise MergeError(f"{_gram_where(gs, i, gram_paths[i])} has no Fisher information")
+    known = [_fisher_names(gs) for gs in gramsets]
+    if not all(s is not None for s in known):
+        return
+    for n in float_names:
+        have = [n in s for s in known]
+        if all(have):
+            continue
+        if not any(have):
+            per_tensor[n] = TensorItem(n, "average", "no Fisher")
+        elif cfg.allow_missing_grams:
+            i = have.index(False)
+            warnings.append(f"{n}: no Fisher in {_gram_where(gramsets[i], i, gram_paths[i])}; averaged")
+            per_tensor[n] = TensorItem(n, "average", "missing Fisher")
+        else:
+            i = have.index(False)
+            raise MergeError(f"{_gram_where(gramsets[i], i, gram_paths[i])} has no Fisher for {n} "
+                             f"(pass --allow-missing-grams to average it)")
+
+
+def _items_and_outputs(cfg, names, ref, group_of, per_tensor):
+    """The work items in the model's tensor order (a group where its first member stands) and the output
+    tensors (name, dtype, shape) in the order the items produce them."""
     items, outputs, emitted = [], [], set()
     out_dtype = cfg.torch_out_dtype()
     for n in names:
@@ -276,7 +312,7 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
         for n in it.outputs():
             dt = out_dtype if (out_dtype is not None and ref.dtype(n).is_floating_point) else ref.dtype(n)
             outputs.append((n, dt, tuple(ref.shape(n))))
-    return Plan(items, outputs, cfg.method, params, coeffs, raw, warnings)
+    return items, outputs
 
 
 def estimate_working_bytes(plan: Plan, sources, compute_dtype: torch.dtype, solve_dtype: torch.dtype, k: int) -> int:
