@@ -31,8 +31,11 @@ from . import ops
 NORMALIZATIONS = ("mean", "sum")
 EPS32 = torch.finfo(torch.float32).eps
 # The merged weights' relative error the solve must reach: above it (as estimated), an fp32 solve is redone
-# in fp64, and an fp64 solve that cannot reach it says so.
+# in fp64, and an fp64 solve that cannot reach it says so. Weights written in a narrower dtype get
+# solve_tolerance's looser bound: an error far below their own rounding changes nothing a reader sees.
 PRECISION_TOL = 1e-5
+# ... that bound: this fraction of the output dtype's unit roundoff (bf16: 2.4e-4, fp16: 3.1e-5).
+OUTPUT_ROUNDING_FRACTION = 1.0 / 16.0
 # A Gram is stored in fp32: entry (i, j) of the sum is exact only to about EPS32 sqrt(a_ii a_jj) (times a small
 # factor), so a sum that is not positive definite as stored is repaired by raising each a_jj by rel * a_jj,
 # rel = these multiples of EPS32 ||D^-1/2 A D^-1/2||_1 (up to beyond sqrt(d) times it), before any ridge
@@ -65,12 +68,17 @@ class SolveReport:
     dtype: str = "float32"
     escalated: bool = False
     fp32_error: float | None = None
+    tol: float | None = None  # the tolerance it was held to (None: PRECISION_TOL)
     notes: list = field(default_factory=list)
 
     @property
+    def tolerance(self) -> float:
+        return PRECISION_TOL if self.tol is None else self.tol
+
+    @property
     def precise(self) -> bool:
-        """The expected error is within PRECISION_TOL (unknown, for least squares, counts as not)."""
-        return self.error is not None and self.error <= PRECISION_TOL
+        """The expected error is within the tolerance (unknown, for least squares, counts as not)."""
+        return self.error is not None and self.error <= self.tolerance
 
     def as_dict(self) -> dict:
         d = {"method": self.method, "ridge": self.ridge, "attempts": self.attempts, "cond": self.cond,
@@ -78,6 +86,16 @@ class SolveReport:
         if self.escalated:
             d["fp32_error"] = self.fp32_error
         return d
+
+
+def solve_tolerance(out_dtype: torch.dtype | None) -> float:
+    """The relative error a group solve must reach for weights written in out_dtype: PRECISION_TOL, or
+    OUTPUT_ROUNDING_FRACTION of out_dtype's unit roundoff when that is larger (bf16, fp16): the merged weights
+    as written then differ from an exact solve of the stored Grams by a small fraction of their own rounding,
+    and an fp32 solve that reaches this is not redone in fp64 for nothing."""
+    if out_dtype is None or not out_dtype.is_floating_point or out_dtype.itemsize >= 4:
+        return PRECISION_TOL
+    return max(PRECISION_TOL, torch.finfo(out_dtype).eps / 2 * OUTPUT_ROUNDING_FRACTION)
 
 
 def normalized_coeffs(coeffs: Sequence[float] | None, k: int) -> list[float]:
@@ -334,7 +352,7 @@ def _scratch_or_new(scratch):
 
 
 class _Escalate(Exception):
-    """An fp32 group solve whose expected error exceeds PRECISION_TOL (carries its report)."""
+    """An fp32 group solve whose expected error exceeds its tolerance (carries its report)."""
 
     def __init__(self, report):
         super().__init__("escalate")
@@ -343,7 +361,7 @@ class _Escalate(Exception):
 
 def solve_group(k: int, load_gram, load_weights, factors: Sequence[float], coeffs: Sequence[float], alpha: float,
                 dtype: torch.dtype = torch.float32, *, check_gram=None, scratch=None,
-                terms_first: bool = False) -> tuple[torch.Tensor, list[int], SolveReport]:
+                terms_first: bool = False, tol: float | None = None) -> tuple[torch.Tensor, list[int], SolveReport]:
     """RegMean for one shared-input group, relative to model 0 (the anchor):
 
         (A + lambda I) X^T = sum_i S_i (W_i - W_0)^T + lambda (W_avg - W_0)^T,   W* = W_0 + X
@@ -360,12 +378,13 @@ def solve_group(k: int, load_gram, load_weights, factors: Sequence[float], coeff
     terms_first: solve each model's d x d term against the factored A and multiply (fewer flops when the
     group has more rows than K d; float32 only; falls back to the streaming solve for least squares).
 
-    When the expected relative error of an fp32 solve (SolveReport.error) exceeds PRECISION_TOL, the group is
-    solved again in fp64 (report.escalated). Returns (W* stacked [sum widths, d] in the solve dtype, widths,
+    When the expected relative error of an fp32 solve (SolveReport.error) exceeds tol (default PRECISION_TOL;
+    solve_tolerance(out dtype) for weights written narrower), the group is solved again in fp64
+    (report.escalated). Returns (W* stacked [sum widths, d] in the solve dtype, widths,
     report)."""
     check_gram = check_gram or (lambda i, stats: None)
     scratch = _scratch_or_new(scratch)
-    args = (k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch)
+    args = (k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch, tol)
     try:
         if terms_first and dtype == torch.float32 and alpha != 0.0:
             res = _solve_terms_first(*args)
@@ -382,7 +401,7 @@ def solve_group(k: int, load_gram, load_weights, factors: Sequence[float], coeff
 
 
 def _finish(report, dtype, sq, w0s) -> None:
-    """The report's expected error; _Escalate for an fp32 solve above PRECISION_TOL."""
+    """The report's expected error; _Escalate for an fp32 solve above its tolerance."""
     scale = math.sqrt(sum(float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2 for w in w0s))
     report.error = expected_error(report, dtype, math.sqrt(max(sq)), scale)
     if dtype == torch.float32 and not report.precise:
@@ -396,7 +415,7 @@ def _add_anchor(Bt, w0s) -> None:
         off += W0.size(0)
 
 
-def _solve_streaming(k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch, dtype):
+def _solve_streaming(k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch, tol, dtype):
     """One pass over the models (one Gram and one model's weights in memory besides model 0's): A and the
     right-hand side together, then one factorisation."""
     A = Bt = w0s = None
@@ -422,6 +441,7 @@ def _solve_streaming(k, load_gram, load_weights, factors, coeffs, alpha, check_g
             sq[i] = add_delta_rhs(Bt, ws, w0s, S, scratch)
         del S, ws
     fac, shift, report = robust_factor_(symmetrize_upper_(A))
+    report.tol = tol
     if fac is not None:
         _finish(report, dtype, sq, w0s)
     if shift is not None:  # toward the average: + diag(shift) sum_i c_i (W_i - W_0), the weights read again
@@ -436,7 +456,7 @@ def _solve_streaming(k, load_gram, load_weights, factors, coeffs, alpha, check_g
     return Bt, widths, report
 
 
-def _solve_terms_first(k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch):
+def _solve_terms_first(k, load_gram, load_weights, factors, coeffs, alpha, check_gram, scratch, tol):
     """W* = W_0 + sum_{i>0} (W_i - W_0) M_i with M_i = (S_i + lambda c_i I) (A + lambda I)^-1: every Gram read
     (and checked) into A, A factored once, then per model i > 0 its S_i read again, solved against the factor
     (one d x d right-hand side) and multiplied. The same solution as the streaming one; None when A needs
@@ -450,6 +470,7 @@ def _solve_terms_first(k, load_gram, load_weights, factors, coeffs, alpha, check
         del G
     d, device = A.size(0), A.device
     fac, shift, report = robust_factor_(symmetrize_upper_(A))
+    report.tol = tol
     if fac is None:
         return None
     w0s, widths = load_weights(0, d, "W0")
@@ -474,12 +495,13 @@ def _solve_terms_first(k, load_gram, load_weights, factors, coeffs, alpha, check
 def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[torch.Tensor], *,
                   alpha: float = 1.0, coeffs: Sequence[float] | None = None,
                   counts: Sequence[int] | None = None, normalization: str = "mean",
-                  solve_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], SolveReport]:
+                  solve_dtype: torch.dtype = torch.float32,
+                  tol: float | None = None) -> tuple[list[torch.Tensor], SolveReport]:
     """Merge every module of one shared-input group with one factorisation (solve_group, in memory).
 
     weights[m][i]: module m's weight in model i, oriented [d_out_m, d_in] (callers transpose
     transformers Conv1D weights). grams[i]: model i's raw symmetric Gram [d_in, d_in];
-    counts[i]: its token count (needed for normalization="mean"). Returns the merged weights
+    counts[i]: its token count (needed for normalization="mean"); tol: as solve_group's. Returns the merged weights
     ([d_out_m, d_in] each, in the solve dtype, or float64 when the solve escalated) and what the solve needed.
     """
     k = len(grams)
@@ -507,7 +529,7 @@ def regmean_group(weights: Sequence[Sequence[torch.Tensor]], grams: Sequence[tor
         ws = [per_model[i].to(device) for per_model in weights]
         return ws, [w.size(0) for w in ws]
 
-    Bt, widths, report = solve_group(k, load_gram, load_weights, factors, coeffs, alpha, solve_dtype)
+    Bt, widths, report = solve_group(k, load_gram, load_weights, factors, coeffs, alpha, solve_dtype, tol=tol)
     return list(torch.split(Bt, widths, dim=0)), report
 
 
@@ -516,9 +538,9 @@ def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     """Merge one layer: K weights [d_out, d_in] and their already normalised Grams [d_in, d_in].
 
     Solved in float64 when any input is float64, else float32 (float64 when its expected error calls for
-    it); returned in the weights' dtype.
+    it, at the tolerance of the weights' dtype: solve_tolerance); returned in the weights' dtype.
     """
     wide = torch.float64 if any(t.dtype == torch.float64 for t in [*weights, *grams]) else torch.float32
     merged, _ = regmean_group([list(weights)], list(grams), alpha=alpha, coeffs=coeffs, normalization="sum",
-                              solve_dtype=wide)
+                              solve_dtype=wide, tol=solve_tolerance(weights[0].dtype))
     return merged[0].to(weights[0].dtype)

@@ -17,7 +17,7 @@ import torch
 from fp64_oracle import gram_merge, lstsq_merge, rel_err
 
 from regmean_fast import solve
-from regmean_fast.solve import PRECISION_TOL, regmean_group
+from regmean_fast.solve import PRECISION_TOL, regmean_group, solve_tolerance
 
 ALPHAS = (0.0, 0.5, 0.9, 1.0)
 CONDS = (1e2, 1e4, 1e6, 1e8, 1e10)
@@ -182,10 +182,8 @@ def test_a_solve_that_cannot_reach_the_tolerance_warns(monkeypatch):
     from test_merge_common import grams_from_acts, make_activations, make_models
 
     from regmean_fast import merge_state_dicts
-    from regmean_fast.merge import engine
 
     monkeypatch.setattr(solve, "PRECISION_TOL", 1e-300)
-    monkeypatch.setattr(engine, "PRECISION_TOL", 1e-300)
     _, models = make_models("llama", k=2, seed=6)
     mods, acts = make_activations(models[0], 2, seed=6)
     grams = []
@@ -198,3 +196,51 @@ def test_a_solve_that_cannot_reach_the_tolerance_warns(monkeypatch):
     groups = {e["group"][0] for e in regmean.values()}
     lines = [w for w in report["warnings"] if "could not reach" in w]
     assert len(lines) == len(groups) and all("\n" not in w for w in lines)
+
+
+def test_tolerance_follows_the_output_dtype():
+    """fp32 and fp64 weights are held to PRECISION_TOL; bf16 and fp16 ones to 1/16 of their unit roundoff."""
+    assert solve_tolerance(torch.float32) == solve_tolerance(torch.float64) == solve_tolerance(None) == PRECISION_TOL
+    assert solve_tolerance(torch.bfloat16) == pytest.approx(2.0 ** -8 / 16)
+    assert solve_tolerance(torch.float16) == pytest.approx(2.0 ** -11 / 16)
+
+
+def test_bf16_output_keeps_an_fp32_solve_below_its_rounding():
+    """A group whose fp32 estimate is above PRECISION_TOL but below the bf16 tolerance: escalated for fp32
+    weights, kept in fp32 for bf16 ones, and those, rounded to bf16, are as close to the fp64 solve as the
+    fp64 solve's own bf16 rounding (plus the tolerance)."""
+    grams = grams_with_cond(96, 1e4, 3, massive=4)
+    ws = bf16_weights(3, 40, 96, 0.2)
+    oracle = gram_merge(grams, ws, 0.9)
+    (m32,), r32 = regmean_group([ws], grams, alpha=0.9, normalization="sum")
+    (m16,), r16 = regmean_group([ws], grams, alpha=0.9, normalization="sum", tol=solve_tolerance(torch.bfloat16))
+    est = r32.fp32_error if r32.escalated else r32.error
+    assert PRECISION_TOL < est <= solve_tolerance(torch.bfloat16), (r32, r16)  # the case this test is about
+    assert r32.escalated and not r16.escalated and r16.dtype == "float32" and r16.precise
+    assert rel_err(m16, oracle) <= solve_tolerance(torch.bfloat16)
+    assert rel_err(m16.bfloat16(), oracle) <= rel_err(oracle.bfloat16(), oracle) + solve_tolerance(torch.bfloat16)
+
+
+def test_merge_report_holds_bf16_weights_to_their_tolerance(tmp_path):
+    """Through the merge: bf16 output weights are held to solve_tolerance(bf16), recorded per tensor and in
+    the summary, and a group is escalated exactly when its fp32 estimate is above that."""
+    from test_merge_common import make_activations, make_models, save_model, write_gram_files
+
+    from regmean_fast import merge
+
+    _, models = make_models("llama", k=2, seed=5, noise=0.002)
+    mods, acts = make_activations(models[0], 2, seed=5)
+    key = "model.layers.0.self_attn.o_proj"
+    for i, a in enumerate(acts):
+        a[key] = _ill_conditioned_acts(a[key].shape[0] * 4, a[key].shape[1], seed=i)
+    paths = [save_model(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
+    report = merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)], "parameters": {"alpha": 1.0},
+                    "out_dtype": "bfloat16"}, out=str(tmp_path / "out"))
+    tol = solve_tolerance(torch.bfloat16)
+    entries = [e for e in report["tensors"].values() if e["method"] == "regmean"]
+    assert entries and all(e["tolerance"] == pytest.approx(tol, rel=1e-2) for e in entries)
+    assert report["solve"]["tolerance"] == pytest.approx(tol, rel=1e-2)
+    for e in entries:
+        first = e.get("fp32_expected_error", e["expected_error"])
+        assert e["escalated"] == (first > e["tolerance"]), e

@@ -72,7 +72,8 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("numerics and output")
     g.add_argument("--dtype", help="compute dtype: float32 (default) or float64")
     g.add_argument("--solve-dtype", help="RegMean solve dtype: float32 (default; a group whose expected relative "
-                   "error is above 1e-5 is solved again in float64, and the report says so) or float64 (every group)")
+                   "error is above 1e-5, or 1/16 of a bf16/fp16 output's rounding, is solved again in float64, and the report "
+                   "says so) or float64 (every group)")
     g.add_argument("--out-dtype", help="output dtype (default: the models' dtype)")
     g.add_argument("--shard-size", help="output shard size, e.g. 5GB (default), 500MB")
     g.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", default=None,

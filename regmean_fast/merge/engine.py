@@ -11,7 +11,7 @@ import time
 import torch
 
 from .. import ops
-from ..solve import PRECISION_TOL
+from ..solve import solve_tolerance
 from .errors import MergeError, message_of
 from .methods import METHODS, GroupInputs, TensorInputs
 from .plan import GroupItem, Plan
@@ -53,6 +53,7 @@ class Engine:
         self.k = len(sources)
         self.allow_missing = allow_missing
         self._buffers: dict[str, torch.Tensor] = {}
+        self._out_dtypes = {n: d for n, d, _ in plan.outputs}
 
     # -- loading, with the checks that name the tensor -------------------------------------------
     def _src_label(self, i):
@@ -146,21 +147,23 @@ class Engine:
                 check_gram=lambda i, stats: self._check_gram(i, item.keys[i], item.modules[0], stats),
                 scratch=self._scratch,
                 count=lambda i: int(self.gramsets[i].count(item.keys[i])),
-                coeffs=plan.coeffs)
+                coeffs=plan.coeffs,
+                tol=min(solve_tolerance(self._out_dtypes.get(m)) for m in item.members))
             try:
                 outs, rep = METHODS["regmean"].merge_group(g, plan.params, self.solve_dtype)
             except FloatingPointError as e:
                 raise MergeError(f"{item.members[0]}: {e}") from None
             info = {"method": "regmean", "gram": str(item.keys[0]), "group": list(item.members), "solve": rep.method,
                     "ridge": rep.ridge, "attempts": rep.attempts, "cond": _round(rep.cond),
-                    "expected_error": _round(rep.error), "solve_dtype": rep.dtype, "escalated": rep.escalated}
+                    "expected_error": _round(rep.error), "tolerance": _round(rep.tolerance), "solve_dtype": rep.dtype,
+                    "escalated": rep.escalated}
             if rep.escalated:
                 info["fp32_expected_error"] = _round(rep.fp32_error)
             if not rep.precise:
                 why = (f"expected relative error {rep.error:.1e} (condition ~{rep.cond:.1e})" if rep.error is not None
                        else "least squares (the summed Gram is not positive semi-definite)")
                 rep.notes.append(f"the {rep.dtype} solve could not reach the relative tolerance "
-                                 f"{PRECISION_TOL:g}: {why}")
+                                 f"{rep.tolerance:g}: {why}")
                 self.plan.warnings.append(f"{item.members[0]} (group of {len(item.members)}): {rep.notes[-1]}")
             if rep.notes:
                 info["notes"] = list(rep.notes)
@@ -195,7 +198,6 @@ class Engine:
         """write(name, cpu tensor in the output dtype) for every output, in plan order.
         skip(name) -> True for outputs already written (resume); their items are not recomputed
         unless a sibling in the same item still needs writing. Returns {name: report entry}."""
-        out_dtypes = {n: d for n, d, _ in self.plan.outputs}
         report = {}
         for item in self.plan.items:
             names = item.outputs()
@@ -218,7 +220,7 @@ class Engine:
                     continue
                 # A group's outputs may live in the scratch buffers: always a copy of those. Checked as
                 # written (half the bytes for bf16; an fp32 value that overflows the output dtype is caught).
-                t = outs[n].to(device="cpu", dtype=out_dtypes[n], copy=group)
+                t = outs[n].to(device="cpu", dtype=self._out_dtypes[n], copy=group)
                 _finite_or_raise(t, f"merged tensor {n}")
                 write(n, t)
             del outs

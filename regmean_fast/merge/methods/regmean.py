@@ -41,6 +41,7 @@ class GroupInputs:
     weight_shape: Callable | None = None  # m -> member m's stored shape
     d_in: int | None = None  # the Grams' size, when known up front
     device: object = None  # where load_gram puts the Grams, when known up front
+    tol: float | None = None  # the solve's tolerance (solve.solve_tolerance of the output dtype; None: PRECISION_TOL)
 
 
 class RegMean(MergeMethod):
@@ -63,7 +64,7 @@ class RegMean(MergeMethod):
     def merge_group(self, g: GroupInputs, params: dict, solve_dtype: torch.dtype):
         """-> (merged members, each [d_out, d_in] or stored [in, out] for Conv1D; SolveReport). The outputs
         may be views of g.scratch buffers, valid until the next group (solve.solve_group: relative to model 0,
-        escalated to fp64 when the fp32 solve's expected error is above solve.PRECISION_TOL)."""
+        escalated to fp64 when the fp32 solve's expected error is above g.tol)."""
         alpha = params["alpha"]
         counts = [g.count(i) for i in range(g.k)]
         factors = [c * s for c, s in zip(g.coeffs, gram_scales(counts, g.k, params["normalization"]))]
@@ -83,7 +84,8 @@ class RegMean(MergeMethod):
             return self._load_weights(g, i, d, scratch, name)
 
         Bt, widths, report = solve_group(g.k, g.load_gram, load_weights, factors, g.coeffs, alpha, solve_dtype,
-                                         check_gram=g.check_gram, scratch=scratch, terms_first=terms_first)
+                                         check_gram=g.check_gram, scratch=scratch, terms_first=terms_first,
+                                         tol=g.tol)
         return self._outputs(g, Bt, widths), report
 
     @staticmethod
