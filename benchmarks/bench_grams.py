@@ -2,6 +2,8 @@
 
     python benchmarks/bench_grams.py                       # BERT-base shape, batch 8 x 128 tokens, CPU
     python benchmarks/bench_grams.py --layers 2 --batches 2  # quick look
+    python benchmarks/bench_grams.py --model ~/.cache/regmean_fast/models/smollm2-135m-instruct --dtype bf16
+        # a real causal LM folder (benchmarks/llm_models.py makes them), random tokens of its vocabulary
 
 Three runs on the same random-weight model and the same batches (with padding):
   plain      model(**batch) under no_grad
@@ -9,7 +11,9 @@ Three runs on the same random-weight model and the same batches (with padding):
              dropped, fp32 upper-triangle update through regmean_fast.ops.gram_update
   published  bloomberg/dataless-model-merging's hook: x.view(-1, d), fp32 upcast, full x^T x, running mean,
              one Gram per module, padding kept
-The three alternate batch by batch. Prints the median seconds per batch and the medians of the
+A causal LM's statistics need no logits (collect.logits_free_forward): for those a fourth run, the plain
+forward without them (logits_to_keep=1), is the floor the statistics add to.
+The runs alternate batch by batch. Prints the median seconds per batch and the medians of the
 per-batch ratios ours/plain (goal <= 1.25 on CPU for BERT-base at seq 128) and published/plain.
 """
 
@@ -54,6 +58,7 @@ def published_hooks(model):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a causal LM folder instead of the random BERT (--layers etc. ignored)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
@@ -69,18 +74,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import BertConfig, BertModel
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel
     from transformers.utils import logging as hf_logging
 
     from regmean_fast import build_info
     from regmean_fast.grams.collect import GramCollector
 
     hf_logging.set_verbosity_error()
-    cfg = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                     intermediate_size=4 * args.hidden, max_position_embeddings=max(512, args.seq))
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = BertModel(cfg).to(device=args.device, dtype=dtype).eval()
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(args.model), dtype=dtype).to(args.device).eval()
+        cfg = model.config
+        described = (f"{cfg.model_type} {os.path.basename(os.path.normpath(args.model))}, {cfg.num_hidden_layers} "
+                     f"layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    else:
+        cfg = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         intermediate_size=4 * args.hidden, max_position_embeddings=max(512, args.seq))
+        model = BertModel(cfg).to(device=args.device, dtype=dtype).eval()
+        described = f"BERT {args.layers} layers, hidden {args.hidden}"
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.batches + 1):
@@ -101,8 +113,11 @@ def main() -> None:
 
     def ours(b):
         with col:
-            model(**b)
+            model(**b, **col.forward_kwargs)
         col.finish()
+
+    def plain_nologits(b):
+        model(**b, **col.forward_kwargs)
 
     def published(b):
         handles = published_hooks(model)
@@ -115,9 +130,13 @@ def main() -> None:
     # overhead (or hide). An untimed plain forward first, so that the timed one does not start in the
     # caches the published hook left (that made it ~15% slower).
     times = {"plain": [], "ours": [], "published": []}
+    runs = [("settle", plain), ("plain", plain), ("ours", ours), ("published", published)]
+    if col.forward_kwargs:
+        times["no logits"] = []
+        runs.append(("no logits", plain_nologits))
     with torch.no_grad():
         for i, b in enumerate(batches):
-            for name, fn in (("settle", plain), ("plain", plain), ("ours", ours), ("published", published)):
+            for name, fn in runs:
                 sync()
                 t = time.perf_counter()
                 fn(b)
@@ -128,7 +147,7 @@ def main() -> None:
     r_ours = statistics.median(o / p for o, p in zip(times["ours"], times["plain"]))
     r_pub = statistics.median(o / p for o, p in zip(times["published"], times["plain"]))
     info = build_info()
-    print(f"model: BERT {args.layers} layers, hidden {args.hidden}; batch {args.batch} x {args.seq} tokens "
+    print(f"model: {described}; batch {args.batch} x {args.seq} tokens "
           f"({int(sum(int(b['attention_mask'].sum()) for b in batches[1:]) / args.batches)} real per batch); "
           f"device {args.device}; CPU {info.get('cpu_model', '?')} ({info.get('cpu_features', '?')}), "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; "
@@ -139,6 +158,10 @@ def main() -> None:
     print(f"published hook     : {med['published']:.4f} s/batch")
     print(f"ratio ours/plain      = {r_ours:.3f}   (goal <= 1.25; median of the per-batch ratios)")
     print(f"ratio published/plain = {r_pub:.3f}")
+    if "no logits" in times:
+        r_nl = statistics.median(o / p for o, p in zip(times["ours"], times["no logits"]))
+        print(f"plain forward without logits: {statistics.median(times['no logits']):.4f} s/batch; "
+              f"ratio ours/that = {r_nl:.3f} (what the statistics themselves add)")
     print(f"speed-up of the statistics over the published hook = {(r_pub - 1) / max(r_ours - 1, 1e-9):.2f}x")
 
 

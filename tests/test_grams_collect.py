@@ -176,3 +176,21 @@ def test_saved_file_matches(tmp_path):
     assert gs.modules() == mem.modules() and gs.metadata["note"] == "x"
     for k in mem.keys():
         assert torch.equal(gs.gram(k), mem.gram(k)) and gs.count(k) == mem.count(k)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "gpt2", "bert-cls", "llama-cls"])
+def test_causal_lms_skip_the_logits_and_keep_the_head_gram(kind):
+    """A causal LM's statistics forward computes one position's logits (the head reads a [B, 1, d] slice),
+    yet the head's Gram (untied heads) covers every real token: equal to the fp64 capture of a full forward.
+    Classifiers and encoders run as they are."""
+    model, batches = _data(kind)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen = []
+    if head is not None:
+        head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    _check_against_oracle(model, batches)  # the oracle's own forwards append full shapes after ours
+    causal = kind in ("llama", "qwen2", "gemma3", "gpt2")
+    assert bool(GramCollector(model).forward_kwargs) == causal
+    if causal:
+        assert all(s[1] == 1 for s in seen[:len(batches)]), seen
+        assert all(s[1] > 1 for s in seen[len(batches):]), seen

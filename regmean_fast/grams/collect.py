@@ -27,6 +27,10 @@ except Exception:  # pragma: no cover
     _HFConv1D = None
 
 _RECENT = 8  # distinct inputs remembered for sharing detection (q/k/v, gate/up are called back to back)
+# Causal LMs whose head reads the base model's last hidden state as it is (head(hidden[:, kept positions])):
+# the Grams need no logits, a vocabulary-wide product per token (a fifth of SmolLM2-135M's forward, 60% of
+# gemma-3-270m's), so their forward keeps one position; an untied head's Gram is fed the whole last hidden state.
+_HEAD_READS_LAST_HIDDEN = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
 
 
 class NonFiniteActivationError(GramsError):
@@ -39,6 +43,22 @@ class SharingChangedError(GramsError):
 
 def is_conv1d(module: nn.Module) -> bool:
     return _HFConv1D is not None and isinstance(module, _HFConv1D)
+
+
+def logits_free_forward(model: nn.Module, targets) -> tuple[dict, str | None, nn.Module | None]:
+    """-> (extra forward kwargs, the head's name when it is a target, the base model to read its input from):
+    ({"logits_to_keep": 1}, ...) for a causal LM of _HEAD_READS_LAST_HIDDEN, else ({}, None, None)."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if (getattr(config, "model_type", None) not in _HEAD_READS_LAST_HIDDEN or not isinstance(base, nn.Module)
+            or head is None or "logits_to_keep" not in inspect.signature(model.forward).parameters):
+        return {}, None, None
+    head_name = next((n for n, m in targets if m is head), None)
+    return {"logits_to_keep": 1}, head_name, base
 
 
 def find_linear_modules(model: nn.Module, include=None, exclude=None, skip_tied: bool = True):
@@ -132,6 +152,8 @@ class GramCollector:
                 + (f" (include={_as_list(include)}, exclude={_as_list(exclude)})" if include or exclude else "")
             )
         self.order = [n for n, _ in self.targets]
+        # forward_kwargs: what a forward that only feeds the Grams passes (no logits; logits_free_forward)
+        self.forward_kwargs, self._head_name, self._head_base = logits_free_forward(model, self.targets)
         self.conv1d = {n for n, m in self.targets if is_conv1d(m)}
         self.fingerprint = model_fingerprint(model, self.targets)
         self.grams: dict[str, torch.Tensor] = {}  # key -> fp32 [d, d], upper triangle valid
@@ -153,8 +175,16 @@ class GramCollector:
             return self
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         for name, mod in self.targets:
-            self._handles.append(mod.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
+            if name != self._head_name:
+                self._handles.append(mod.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
+        if self._head_name is not None:  # the head sees one position: its Gram reads the whole last hidden state
+            self._handles.append(self._head_base.register_forward_hook(self._head_input_hook))
         return self
+
+    def _head_input_hook(self, module, args, output):
+        if self.enabled:
+            hidden = getattr(output, "last_hidden_state", None)
+            self._observe(self._head_name, hidden if hidden is not None else output[0])
 
     def detach(self) -> None:
         for h in self._handles:
@@ -348,7 +378,7 @@ class GramCollector:
                 if device is not None:
                     batch = _to_device(batch, device)
                 if isinstance(batch, Mapping):
-                    self.model(**batch)
+                    self.model(**batch, **self.forward_kwargs)
                 elif isinstance(batch, (tuple, list)):
                     self.model(*batch)
                 else:

@@ -329,7 +329,7 @@ def _forward(job: _Job, model, collector, fisher_acc, start: int, stop: Stop, sa
             break
         b = batches[i]
         kw = {k: v.to(device) for k, v in b.model_kwargs().items()}
-        model(**kw)
+        model(**kw, **collector.forward_kwargs)
         collector.finish()
         if fisher_acc is not None:
             with torch.enable_grad(), collector.paused():
