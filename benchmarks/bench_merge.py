@@ -41,8 +41,9 @@ def llama_names(layers: int):
 
 
 def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, vocab: int, kv_heads: int = 0,
-                gram_rank: int = 0, seed: int = 0):
-    """n_models synthetic Llama folders (bf16) and one Gram file per model; returns (paths, grams).
+                gram_rank: int = 0, seed: int = 0, with_grams: bool = True):
+    """n_models synthetic Llama folders (bf16) and one Gram file per model; returns (paths, grams: [] without
+    with_grams).
     kv_heads: grouped-query k/v (0: as many as the query heads). gram_rank: Grams A A^T + dim I with A
     [dim, gram_rank] (0: a square A, as before; a 14336-wide square A costs 6 TFLOP to square)."""
     heads = hidden // 64
@@ -54,7 +55,7 @@ def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, 
 
     cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
-                         dtype="bfloat16")
+                         dtype="bfloat16", architectures=["LlamaForCausalLM"])
     g = torch.Generator().manual_seed(seed)
 
     def shape(n):
@@ -83,6 +84,9 @@ def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, 
               for i, n in enumerate(names)}
         save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
         del sd
+        paths.append(d)
+        if not with_grams:
+            continue
         gr, counts, mm = {}, {}, {}
         for i in range(layers):
             p = f"model.layers.{i}."
@@ -101,7 +105,6 @@ def make_inputs(root: str, n_models: int, hidden: int, inter: int, layers: int, 
         gp = os.path.join(root, f"grams{m}.safetensors")
         save_grams(gp, gr, counts, mm, fp, {"synthetic": True})
         del gr
-        paths.append(d)
         grams.append(gp)
     return paths, grams
 

@@ -363,3 +363,22 @@ def test_gram_update_d1000_both_paths(cpu_path, dtype):
     G = torch.zeros(1000, 1000)
     ops.gram_update(G, X)
     assert rel_err(G, expected_update(torch.zeros(1000, 1000), X, None)) < 1e-5
+
+
+def test_info_measures_each_dtypes_path(capsys):
+    """`info` times gram_update's path per dtype beside torch's own X^T X (positive rates), and --no-measure
+    skips it."""
+    import json
+
+    from regmean_fast.cli import main
+
+    if not rf.build_info()["extension"]:
+        pytest.skip("no extension")
+    assert main(["info", "--json"]) == 0
+    rates = json.loads(capsys.readouterr().out)["measured_gflops"]
+    assert set(rates) == {"float32", "bfloat16"}
+    assert all(r["gram_update"] > 0 and r["torch_full"] > 0 for r in rates.values())
+    assert main(["info", "--json", "--no-measure"]) == 0
+    assert "measured_gflops" not in json.loads(capsys.readouterr().out)
+    assert main(["info"]) == 0
+    assert "GFLOP/s here" in capsys.readouterr().out
