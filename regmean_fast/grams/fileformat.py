@@ -76,15 +76,30 @@ _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", 
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def write_safetensors(fname: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+class Deferred:
+    """A tensor made when its turn to be written comes (make() -> a CPU tensor of this shape and dtype), so a
+    file of many Grams holds one derived copy in memory at a time, not one per Gram."""
+
+    def __init__(self, shape, dtype: torch.dtype, make):
+        self.shape, self.dtype, self.make = tuple(shape), dtype, make
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def write_safetensors(fname: str, tensors: Mapping, metadata: Mapping[str, str]) -> None:
     """A safetensors file with a deterministic header (keys in the given order, metadata sorted), so the
-    same Grams always give the same bytes; fsync'ed."""
+    same Grams always give the same bytes; fsync'ed. A value may be a Deferred, made as it is written."""
     header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
     off = 0
     items = []
     for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
+        if not isinstance(t, Deferred):
+            t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.dtype.itemsize
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
         items.append(t)
         off += nbytes
@@ -94,8 +109,15 @@ def write_safetensors(fname: str, tensors: Mapping[str, torch.Tensor], metadata:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for t in items:
+            if isinstance(t, Deferred):
+                made = t.make()
+                if tuple(made.shape) != t.shape or made.dtype != t.dtype:
+                    raise RuntimeError(f"deferred tensor made {tuple(made.shape)} {made.dtype}, announced "
+                                       f"{t.shape} {t.dtype}")
+                t = made.contiguous()
             if t.numel():
                 f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            del t
         f.flush()
         os.fsync(f.fileno())
 
@@ -200,26 +222,48 @@ def save_grams(
 
 
 def _gram_tensors(mods: dict, grams, counts, packed: bool, symmetrize: bool):
-    """Each distinct Gram checked and stored in model order (deterministic files) -> (tensors, dims, counts)."""
-    tensors: dict[str, torch.Tensor] = {}
+    """Each distinct Gram checked and stored in model order (deterministic files) -> (tensors, dims, counts).
+    Every Gram is checked here, before anything is written; the stored form (symmetric copy, or packed
+    triangle) is Deferred: one Gram's copy at a time while writing (an 8B model's Grams are ~30 GB)."""
+    tensors: dict = {}
     dims: dict[str, int] = {}
     cnts: dict[str, int] = {}
     for key in dict.fromkeys(m["key"] for m in mods.values()):
         G = grams[key]
         if G.dim() != 2 or G.size(0) != G.size(1):
             raise GramFileError(f"Gram {key!r} is not square: shape {tuple(G.shape)}")
-        G = G.detach().to("cpu", torch.float32)
-        if symmetrize:
-            G = torch.triu(G) + torch.triu(G, diagonal=1).T
-        if not ops.all_finite(G):
+        d = G.size(0)
+        stored_part_finite = ops.all_finite(G.detach()) if not (symmetrize or packed) else _upper_finite(G)
+        if not stored_part_finite:
             raise GramFileError(f"Gram {key!r} has non-finite values")
         c = int(counts[key])
         if c <= 0:
             raise GramFileError(f"Gram {key!r} has count {c}; counts must be > 0")
-        dims[key] = G.size(0)
+        dims[key] = d
         cnts[key] = c
-        tensors[GRAM_PREFIX + key] = (ops.pack_triu(G.contiguous()) if packed else G).contiguous()
+        shape = (d * (d + 1) // 2,) if packed else (d, d)
+        tensors[GRAM_PREFIX + key] = Deferred(shape, torch.float32,
+                                              lambda G=G: _stored_gram(G, packed, symmetrize))
     return tensors, dims, cnts
+
+
+def _upper_finite(G: torch.Tensor, rows: int = 256) -> bool:
+    """No inf or NaN in the upper triangle of G (what is stored), a band of rows at a time (no d x d copy)."""
+    G = G.detach()
+    for r in range(0, G.size(0), rows):
+        if not bool(torch.isfinite(torch.triu(G[r:r + rows, r:])).all()):
+            return False
+    return True
+
+
+def _stored_gram(G: torch.Tensor, packed: bool, symmetrize: bool) -> torch.Tensor:
+    """G as the file stores it: its packed upper triangle, or full (the upper triangle mirrored down)."""
+    G = G.detach().to("cpu", torch.float32)
+    if packed:
+        return ops.pack_triu(G.contiguous())
+    if not symmetrize:
+        return G.contiguous()
+    return ops.symmetrize_(G.clone(memory_format=torch.contiguous_format))  # one d x d copy, mirrored in place
 
 
 def _check_input_sizes(mods: dict, fingerprint: Mapping, dims: dict) -> None:
