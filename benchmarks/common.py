@@ -6,15 +6,7 @@ import statistics
 import time
 
 
-def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from regmean_fast._timing import median_time  # noqa: E402,F401  (one definition, shared with `info`)
 
 
 def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:

@@ -40,28 +40,17 @@ def cmd_info(args) -> int:
 def _measured_rates(n: int = 2048, d: int = 1024, repeats: int = 5) -> dict:
     """{dtype name: (gram_update GFLOP/s, torch X.T @ X GFLOP/s)} on this CPU, for fp32 and bf16 (about a
     second): the rate the chosen path reaches, beside the one torch's own GEMM offers anyone."""
-    import statistics
-    import time
-
     import torch
 
     from . import ops
-
-    def median_s(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+    from ._timing import median_time
 
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         X = torch.randn(n, d).to(dtype)
         G = torch.zeros(d, d)
-        ours = median_s(lambda: ops.gram_update(G, X))
-        full = median_s(lambda: X.T @ X)
+        ours = median_time(lambda: ops.gram_update(G, X), repeats)
+        full = median_time(lambda: X.T @ X, repeats)
         out[name] = (n * d * (d + 1) / ours / 1e9, 2 * n * d * d / full / 1e9)
     return out
 

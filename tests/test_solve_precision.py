@@ -145,23 +145,36 @@ def _ill_conditioned_acts(n, d, seed):
     return torch.randn(n, d, generator=g, dtype=torch.float64) @ (Q * sv) @ Q.T
 
 
-def test_merge_report_names_escalated_groups(tmp_path):
-    """Through the CLI's merge: the ill-conditioned group is solved again in fp64, named in merge_report.json
-    (solve.escalated, and its tensors' entries), and its result matches an fp64 solve of the stored Grams."""
-    from test_merge_common import make_activations, make_models, read_folder, save_model, write_gram_files
+ILL_KEY = "model.layers.0.self_attn.o_proj"
 
-    from regmean_fast import load_grams, merge
+
+def _merge_with_an_ill_conditioned_group(tmp_path, out_dtype):
+    """Two tiny Llamas whose o_proj Grams (ILL_KEY) have a condition of about 1e7, merged at alpha 1 into
+    tmp_path/out -> (the models, their Gram files, the merge report)."""
+    from test_merge_common import make_activations, make_models, save_model, write_gram_files
+
+    from regmean_fast import merge
 
     _, models = make_models("llama", k=2, seed=5, noise=0.002)
     mods, acts = make_activations(models[0], 2, seed=5)
-    key = "model.layers.0.self_attn.o_proj"
     for i, a in enumerate(acts):
-        a[key] = _ill_conditioned_acts(a[key].shape[0] * 4, a[key].shape[1], seed=i)
+        a[ILL_KEY] = _ill_conditioned_acts(a[ILL_KEY].shape[0] * 4, a[ILL_KEY].shape[1], seed=i)
     paths = [save_model(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
     gpaths = write_gram_files(models[0], mods, acts, tmp_path)
-    out = tmp_path / "out"
-    merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)], "parameters": {"alpha": 1.0},
-           "out_dtype": "float32"}, out=str(out))
+    report = merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)],
+                    "parameters": {"alpha": 1.0}, "out_dtype": out_dtype}, out=str(tmp_path / "out"))
+    return models, gpaths, report
+
+
+def test_merge_report_names_escalated_groups(tmp_path):
+    """Through the CLI's merge: the ill-conditioned group is solved again in fp64, named in merge_report.json
+    (solve.escalated, and its tensors' entries), and its result matches an fp64 solve of the stored Grams."""
+    from test_merge_common import read_folder
+
+    from regmean_fast import load_grams
+
+    models, gpaths, _ = _merge_with_an_ill_conditioned_group(tmp_path, "float32")
+    key, out = ILL_KEY, tmp_path / "out"
     report = json.load(open(out / "merge_report.json"))
     name = key + ".weight"
     entry = report["tensors"][name]
@@ -224,19 +237,7 @@ def test_bf16_output_keeps_an_fp32_solve_below_its_rounding():
 def test_merge_report_holds_bf16_weights_to_their_tolerance(tmp_path):
     """Through the merge: bf16 output weights are held to solve_tolerance(bf16), recorded per tensor and in
     the summary, and a group is escalated exactly when its fp32 estimate is above that."""
-    from test_merge_common import make_activations, make_models, save_model, write_gram_files
-
-    from regmean_fast import merge
-
-    _, models = make_models("llama", k=2, seed=5, noise=0.002)
-    mods, acts = make_activations(models[0], 2, seed=5)
-    key = "model.layers.0.self_attn.o_proj"
-    for i, a in enumerate(acts):
-        a[key] = _ill_conditioned_acts(a[key].shape[0] * 4, a[key].shape[1], seed=i)
-    paths = [save_model(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
-    gpaths = write_gram_files(models[0], mods, acts, tmp_path)
-    report = merge({"models": [{"model": p, "grams": g} for p, g in zip(paths, gpaths)], "parameters": {"alpha": 1.0},
-                    "out_dtype": "bfloat16"}, out=str(tmp_path / "out"))
+    _, _, report = _merge_with_an_ill_conditioned_group(tmp_path, "bfloat16")
     tol = solve_tolerance(torch.bfloat16)
     entries = [e for e in report["tensors"].values() if e["method"] == "regmean"]
     assert entries and all(e["tolerance"] == pytest.approx(tol, rel=1e-2) for e in entries)
