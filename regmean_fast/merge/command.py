@@ -102,8 +102,9 @@ def config_from_args(args) -> MergeConfig:
     cfg = load_yaml(args.config) if args.config else MergeConfig()
     if args.models:
         old = cfg.models
-        cfg.models = [ModelSpec(model=m, grams=old[i].grams if i < len(old) and len(old) == len(args.models) else None,
-                                weight=old[i].weight if i < len(old) and len(old) == len(args.models) else 1.0)
+        same = len(old) == len(args.models)  # the file's per-model settings apply to the same positions
+        cfg.models = [ModelSpec(model=m, grams=old[i].grams if same else None, weight=old[i].weight if same else None,
+                                parameters=dict(old[i].parameters) if same else {})
                       for i, m in enumerate(args.models)]
     if not cfg.models:
         raise MergeError("no models: give --models or a CONFIG.yaml with models")
