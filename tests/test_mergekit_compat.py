@@ -238,7 +238,7 @@ def test_relative_paths_are_taken_from_the_working_directory(fx, tmp_path, capsy
     for n in got:
         _close(got[n], mk.linear([s[n] for s in fx["sds"]], [1.0] * K), n)
     monkeypatch.chdir(tmp_path)  # the same relative paths do not exist from here: not taken from the YAML's folder
-    _refused({"merge_method": "linear", "models": rel}, ydir, capsys, f"model folder {rel[0]} does not exist")
+    _refused({"merge_method": "linear", "models": rel}, ydir, capsys, f"model folder not found: {rel[0]}")
 
 
 def test_accepted_keys_that_change_nothing(fx, tmp_path, capsys):

@@ -67,6 +67,7 @@ class ModelSpec:
     grams: str | None = None
     weight: object = None  # a number or a mergekit setting (gradient, filters); None: 1
     parameters: dict = field(default_factory=dict)  # the other per-model parameters (density)
+    hub_id: str | None = None  # the name as given when `model` was found in the Hugging Face cache
 
 
 @dataclass
@@ -86,6 +87,7 @@ class MergeConfig:
     copy_tokenizer: bool = True
     seed: int = 0  # dare_ties, dare_linear: the random drop
     tokenizer_source: str | None = None  # mergekit's; only "base" (our behaviour) is accepted
+    base_hub_id: str | None = None  # as ModelSpec.hub_id, for base_model
     notes: list = field(default_factory=list)  # one line each, said once when the merge starts
 
     def as_dict(self) -> dict:
@@ -131,6 +133,8 @@ class MergeConfig:
         meth = METHODS[self.method]
         if len(self.models) < 1:
             raise MergeError("no models to merge")
+        if require_paths:
+            self._resolve_models()
         self._check_parameters(meth)
         self._check_dtypes()
         if meth.needs_base and not self.base_model:
@@ -173,14 +177,25 @@ class MergeConfig:
             if idx >= torch.cuda.device_count():
                 raise MergeError(f"device {self.device} does not exist ({torch.cuda.device_count()} CUDA devices)")
         if require_paths:
-            paths = [m.model for m in self.models] + ([self.base_model] if self.base_model else [])
-            for p in paths:
-                if not os.path.isdir(p):
-                    raise MergeError(f"model folder {p} does not exist")
             for m in self.models:
                 if m.grams and not os.path.exists(m.grams):
                     raise MergeError(f"Gram file {m.grams} does not exist")
         return self
+
+    def _resolve_models(self) -> None:
+        """Each model (and the base) as a local folder: a folder, or a Hub id found in the Hugging Face cache."""
+        from ..io.models import resolve_model
+        from ..io.hf import ModelFolderError
+
+        try:
+            for m in self.models:
+                m.model, hub = resolve_model(m.model)
+                m.hub_id = hub or m.hub_id
+            if self.base_model:
+                self.base_model, hub = resolve_model(self.base_model)
+                self.base_hub_id = hub or self.base_hub_id
+        except ModelFolderError as e:
+            raise MergeError(str(e)) from None
 
     def _check_parameters(self, meth) -> None:
         """Every parameter at every level: known to the method, of mergekit's forms, each value it can take

@@ -43,8 +43,8 @@ def config_yaml(cfg, plan) -> str:
     """The merge as a YAML file that reproduces it: every parameter resolved, paths as in cfg (absolute)."""
     d = {"method": cfg.method}
     if cfg.base_model:
-        d["base_model"] = cfg.base_model
-    d["models"] = [{k: v for k, v in (("model", m.model), ("grams", m.grams), ("weight", m.weight),
+        d["base_model"] = cfg.base_hub_id or cfg.base_model
+    d["models"] = [{k: v for k, v in (("model", m.hub_id or m.model), ("grams", m.grams), ("weight", m.weight),
                                       ("parameters", m.parameters or None)) if v is not None}
                    for m in cfg.models]
     if plan.params:
@@ -63,14 +63,17 @@ def config_yaml(cfg, plan) -> str:
 
 
 def model_card(cfg, plan) -> str:
-    names = [os.path.basename(os.path.normpath(m.model)) for m in cfg.models]
-    lines = ["---", "library_name: transformers", "tags:", "- merge", "- regmean_fast", f"- {plan.method}",
-             "base_model:"] + [f"- {n}" for n in names] + ["---", "", "# Merged model", "",
-             f"Merged with [regmean_fast](https://github.com/) {__version__}, method `{plan.method}`"
-             + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
-                if plan.method == "regmean" else "."), "", "## Models", ""]
+    # base_model: the Hub ids where the models came from the Hub (a local folder's name is no Hub link)
+    hub = [i for i in [cfg.base_hub_id] + [m.hub_id for m in cfg.models] if i]
+    hub = list(dict.fromkeys(i.partition("@")[0] for i in hub))
+    lines = (["---", "library_name: transformers", "tags:", "- merge", "- regmean_fast", f"- {plan.method}"]
+             + (["base_model:"] + [f"- {n}" for n in hub] if hub else [])
+             + ["---", "", "# Merged model", "",
+                f"Merged with regmean_fast {__version__}, method `{plan.method}`"
+                + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
+                   if plan.method == "regmean" else "."), "", "## Models", ""])
     for i, m in enumerate(cfg.models):
-        lines.append(f"- `{m.model}` (" + (f"coefficient {plan.coeffs[i]:.4g})" if plan.coeffs is not None
+        lines.append(f"- `{m.hub_id or m.model}` (" + (f"coefficient {plan.coeffs[i]:.4g})" if plan.coeffs is not None
                                            else f"weight {plan.raw_weights[i]})"))
     if plan.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
