@@ -184,6 +184,10 @@ def test_gradients_and_filters_for_any_parameter(fx, tmp_path, capsys):
         _close(got[n], exp, n)
         seen.add((t, round(ws[1], 6)))
     assert {round(t, 3) for t, _ in seen} == {0.0, 0.5, 1.0}  # the middle layer interpolated
+    # the saved regmean_config.yml keeps the settings as given: rerunning it writes the same bytes
+    assert main(["merge", str(tmp_path / "grad" / "regmean_config.yml"), "--out", str(tmp_path / "again")]) == 0
+    again = read_folder(tmp_path / "again")
+    assert set(again) == set(got) and all(torch.equal(again[n], got[n]) for n in got)
 
 
 def test_regmean_alpha_by_layer_and_module(fx, tmp_path, capsys):

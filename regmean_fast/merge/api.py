@@ -188,8 +188,11 @@ def _checked_config(config, out, overrides: dict, force: bool, resume: bool) -> 
     if out is None:
         raise MergeError("no output folder given")
     cfg.validate().absolute_paths()
-    for line in cfg.notes:
-        print(f"regmean_fast: note: {line}", file=sys.stderr)
+    from ..distributed import env_world
+
+    if env_world()[1] == 0:  # torchrun: said once, by rank 0
+        for line in cfg.notes:
+            print(f"regmean_fast: note: {line}", file=sys.stderr)
     out = os.path.abspath(os.path.expanduser(str(out)))
     _check_output_path(cfg, out, force, resume)
     parent = os.path.dirname(out)

@@ -77,6 +77,7 @@ class Plan:
 
     def describe(self):
         return {"method": self.method, "params": self.params, "coeffs": self.coeffs, "raw_weights": self.raw_weights,
+                "seed": self.seed,
                 "items": [it.describe() for it in self.items],
                 "outputs": [[n, str(d), list(s)] for n, d, s in self.outputs]}
 

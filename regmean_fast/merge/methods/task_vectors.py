@@ -38,7 +38,9 @@ def magnitude_keep(x: torch.Tensor, k: int) -> torch.Tensor:
     short = k - int(keep.sum())
     if short > 0:
         at = mag == threshold
-        keep |= at & (torch.cumsum(at, 0) <= short)
+        # the first `short` of them (int32 running count: half the memory of the default int64)
+        count_dtype = torch.int32 if n < 2**31 else torch.int64
+        keep |= at & (torch.cumsum(at, 0, dtype=count_dtype) <= short)
     return keep.view_as(x)
 
 
