@@ -332,6 +332,23 @@ def test_dare_ties_and_linear_equal_the_definition(fx, tmp_path, capsys):
             _close(got[n], exp, n, tol=1e-12)
 
 
+def test_dare_and_slerp_flags_equal_yaml(fx, tmp_path, capsys):
+    """--seed, --density and --param t=... on the command line write what the same YAML writes."""
+    y = {"merge_method": "dare_ties", "base_model": fx["base"], "models": fx["paths"], "seed": 3,
+         "parameters": {"density": 0.5}}
+    a, _ = _run(y, tmp_path, "dare_yaml", capsys)
+    assert main(["merge", "--method", "dare_ties", "--base-model", fx["base"], "--models", *fx["paths"],
+                 "--seed", "3", "--density", "0.5", "--out", str(tmp_path / "dare_flags")]) == 0
+    b = read_folder(tmp_path / "dare_flags")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    y = {"merge_method": "slerp", "base_model": fx["base"], "models": fx["paths"][:1], "parameters": {"t": [0.2, 0.8]}}
+    a, _ = _run(y, tmp_path, "slerp_yaml", capsys)
+    assert main(["merge", "--method", "slerp", "--base-model", fx["base"], "--models", fx["paths"][0],
+                 "--param", "t=[0.2, 0.8]", "--out", str(tmp_path / "slerp_flags")]) == 0
+    b = read_folder(tmp_path / "slerp_flags")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_slerp_with_gradients_and_the_parallel_fallback(fx, tmp_path, capsys):
     """mergekit's classic slerp config (t by module, a gradient over the layers); a model nearly parallel to
     the base for some tensors takes the linear interpolation there."""

@@ -2,7 +2,7 @@
 
     method: regmean              # regmean (default), average (linear), task_arithmetic, ties, dare_ties,
                                  # dare_linear, slerp, fisher
-    base_model: path             # needed by task_arithmetic and ties
+    base_model: path             # task_arithmetic, ties, dare_*, slerp (under models: too, it is the base)
     models:                      # paths relative to the working directory (as mergekit)
       - model: path/to/model_a
         grams: path/to/grams_a.safetensors
