@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from test_mergekit_compat import NUM_LAYERS, _llama, _save_like  # noqa: F401 - the same tiny models
+from test_mergekit_compat import _llama  # the same tiny models
 from test_merge_common import read_folder
 
 from regmean_fast.cli import main

@@ -36,7 +36,8 @@ def load_weights_only(path: str) -> dict:
         first = str(e).splitlines()[0] if str(e) else ""
         if "GLOBAL" in str(e) or "global" in first.lower():  # a callable or class it would import and run
             raise TorchBinError(f"{path}: refused: the pickle holds code or objects other than tensors (read with "
-                                f"torch.load(weights_only=True)); convert it to safetensors where you trust it") from None
+                                "torch.load(weights_only=True)); convert it to safetensors where you trust it") \
+                from None
         raise TorchBinError(f"{path}: not a readable PyTorch checkpoint (its pickle does not load weights-only)") \
             from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:

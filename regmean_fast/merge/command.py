@@ -33,7 +33,8 @@ EPILOG = """example CONFIG.yaml (mergekit's format; paths relative to the workin
 
 methods: regmean (one Gram file per model), average, task_arithmetic, ties, dare_ties, dare_linear and slerp
 (--base-model; as mergekit defines them), fisher (Gram files collected with --fisher). Parameters may be
-gradients over the layers or filtered by tensor name, as in mergekit. OUT gets model*.safetensors (+ index), config.json, the tokenizer
+gradients over the layers or filtered by tensor name, as in mergekit.
+OUT gets model*.safetensors (+ index), config.json, the tokenizer
 and generation files, merge_report.json (per tensor: method, ridge, condition, expected error, time),
 regmean_config.yml (rerun it to reproduce the merge) and README.md. Interrupted or killed at any moment:
 rerun the same command with --resume.

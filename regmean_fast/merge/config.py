@@ -47,8 +47,8 @@ REFUSED_KEYS = {
     "modules": "modules (per-module slices) are not supported; list whole models under models:",
     "tokenizer": "tokenizer (a merged vocabulary) is not supported; the tokenizer is copied from the base (or first) "
                  "model, as tokenizer_source: base",
-    "chat_template": "chat_template is not supported; the chat template of the base (or first) model is copied with its "
-                     "tokenizer files (edit tokenizer_config.json in the output to change it)",
+    "chat_template": "chat_template is not supported; the chat template of the base (or first) model is copied with "
+                     "its tokenizer files (edit tokenizer_config.json in the output to change it)",
 }
 NEAREST_METHOD = {"passthrough": "none (layer stacking); for whole models use linear", "breadcrumbs": "ties",
                   "breadcrumbs_ties": "ties", "della": "dare_ties", "della_linear": "dare_linear",
