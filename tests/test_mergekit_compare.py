@@ -86,3 +86,36 @@ def test_same_tensors_as_mergekit(folders, tmp_path, name):
     for n, t in theirs.items():
         assert ours[n].dtype == t.dtype, n
         torch.testing.assert_close(ours[n], t, atol=2e-6, rtol=2e-5, msg=lambda s: f"{name} {n}: {s}")
+
+
+def test_dare_drop_and_rescale_as_mergekit(folders, tmp_path):
+    """mergekit's dare_linear (its own random draws) and ours: for one model of weight 1, the output minus the
+    base is the delta on the kept entries times ||delta||_1 / ||kept||_1, with about density of them kept."""
+    from safetensors.torch import load_file
+
+    base = load_file(f"{folders['base']}/model.safetensors")
+    model = load_file(f"{folders['paths'][0]}/model.safetensors")
+    cfg = {"merge_method": "dare_linear", "base_model": folders["base"], "dtype": "float32",
+           "parameters": {"density": 0.4}, "models": [{"model": folders["paths"][0], "parameters": {"weight": 1.0}}]}
+    for name, got in (("mergekit", _mergekit(cfg, str(tmp_path / "mk"))), ("ours", _ours(cfg, tmp_path, "ours"))):
+        kept = n_all = 0
+        for n, b in base.items():
+            delta = model[n].double() - b.double()
+            out = got[n].double() - b.double()
+            mask = out != 0
+            kept, n_all = kept + int(mask.sum()), n_all + mask.numel()
+            exp = delta * mask * (delta.abs().sum() / (delta * mask).abs().sum())
+            torch.testing.assert_close(out, exp, atol=1e-6, rtol=1e-4, msg=lambda s: f"{name} {n}: {s}")
+        assert abs(kept / n_all - 0.4) < 5 * (0.24 / n_all) ** 0.5, (name, kept / n_all)
+
+
+def test_dtype_bfloat16_within_bf16_rounding_of_mergekit(folders, tmp_path):
+    """dtype: bfloat16 - mergekit adds in bf16, we in fp32 then round: the same merge to a few bf16 steps."""
+    cfg = {"merge_method": "linear", "dtype": "bfloat16",
+           "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(folders["paths"], [1, 2, 3])]}
+    theirs = _mergekit(cfg, str(tmp_path / "mk"))
+    ours = _ours(cfg, tmp_path, "ours")
+    assert theirs and set(theirs) == set(ours)
+    for n, t in theirs.items():
+        assert ours[n].dtype == t.dtype == torch.bfloat16, n
+        torch.testing.assert_close(ours[n].double(), t.double(), atol=1e-3, rtol=2 ** -6, msg=lambda s: f"{n}: {s}")
