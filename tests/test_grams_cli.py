@@ -174,7 +174,7 @@ def _bad_inputs(root, models, data, tmp):
     L = models["llama"]
     return [
         ([tmp / "nope", "--data", data, "--out", out], "model folder not found"),
-        ([nost, "--data", data, "--out", out], "no safetensors"),
+        ([nost, "--data", data, "--out", out], "not a readable PyTorch checkpoint"),
         ([L, "--data", tmp / "missing.jsonl", "--out", out], "data file not found"),
         ([L, "--data", empty, "--out", out], "no examples"),
         ([L, "--data", malformed, "--out", out], "line 2: malformed JSON"),

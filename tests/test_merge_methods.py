@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+import mergekit_fp64 as mk
 from test_merge_common import make_activations, make_models, read_folder, save_model, write_gram_files
 
 from regmean_fast.merge import DictGramSet, MergeError, merge, merge_state_dicts
@@ -41,27 +40,12 @@ def test_task_arithmetic(sds):
     torch.testing.assert_close(got[n].double(), exp, atol=1e-6, rtol=1e-6)
 
 
-def _ties_formula(base, tensors, weights, density, scaling):
-    b = base.double()
-    taus = []
-    for t, w in zip(tensors, weights):
-        tau = (t.double() - b).flatten()
-        k = max(1, math.ceil(density * tau.numel()))
-        keep = torch.zeros_like(tau, dtype=torch.bool)
-        keep[torch.argsort(tau.abs(), descending=True)[:k]] = True
-        taus.append(torch.where(keep, tau, torch.zeros_like(tau)) * w)
-    stack = torch.stack(taus)
-    sign = torch.sign(stack.sum(0))
-    agree = (torch.sign(stack) == sign) & (stack != 0)
-    merged = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
-    return (b.flatten() + scaling * merged).reshape(base.shape)
-
-
 def test_ties(sds):
     base, ms, _ = sds
     got = merge_state_dicts(ms, method="ties", base=base, density=0.3, scaling=0.8, weights=[1.0, 1.0, 0.5])
     for n in ms[0]:
-        exp = _ties_formula(base[n], [m[n] for m in ms], [1.0, 1.0, 0.5], 0.3, 0.8)
+        exp = mk.task_vectors(base[n], [m[n] for m in ms], [1.0, 1.0, 0.5], [0.3] * 3, consensus=True,
+                              sparsify="magnitude", normalize=True, rescale=False, lam=0.8)
         torch.testing.assert_close(got[n].double(), exp, atol=1e-6, rtol=1e-5, msg=lambda s: f"{n}: {s}")
 
 

@@ -46,8 +46,9 @@ def register_grams(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="local Hugging Face model folder: config.json, safetensors weights (sharded or not), "
-                        "tokenizer files")
+                   help="Hugging Face model folder (config.json, safetensors weights, sharded or not, or "
+                        "pytorch_model.bin read weights-only; tokenizer files), or a Hub id org/name[@revision] "
+                        "already in the Hugging Face cache (nothing is downloaded)")
     p.add_argument("--data", required=True, metavar="FILE",
                    help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet, by extension "
                         "(or --format)")

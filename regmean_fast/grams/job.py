@@ -84,6 +84,7 @@ def _check_inputs(args) -> _Job:
             shard_size = parse_size(args.shard_size)
         except ValueError as e:
             raise GramsError(str(e)) from None
+    args.model_dir, args.model_hub_id = models.resolve_model(args.model_dir)  # a folder, or a Hub id in the cache
     st_files = models.check_model_dir(args.model_dir)
     check_out_spares_inputs(args.out, args.model_dir, st_files, args.data)
     check_output(args.out, args.force, args.resume)
@@ -158,6 +159,7 @@ def _metadata(args, max_length: int, signature: str) -> dict:
         "tool": "regmean_fast",
         "tool_version": __version__,
         "model": os.path.basename(os.path.abspath(args.model_dir)),
+        **({"hub_id": args.model_hub_id} if getattr(args, "model_hub_id", None) else {}),
         "data": os.path.basename(args.data),
         "max_length": max_length,
         "batch_size": args.batch_size,

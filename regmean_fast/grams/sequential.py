@@ -10,7 +10,6 @@ A run stops and resumes at any (part, batch) position: see SequentialRun.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -31,33 +30,19 @@ def sequential_supported(config) -> tuple[bool, str]:
 
 
 class _WeightReader:
-    """Tensor name -> tensor, read from the (possibly sharded) safetensors of a model folder by mmap."""
+    """Tensor name -> tensor, read from a model folder (sharded safetensors, or pytorch_model.bin read
+    weights-only) through io.hf.ModelFolder."""
 
     def __init__(self, model_dir: str):
-        from safetensors import safe_open
+        from ..io.hf import ModelFolder
 
-        from ..io.hf import weight_files, weight_index
-
-        wm = weight_index(model_dir)
-        if wm is not None:
-            self.where = {k: os.path.join(model_dir, v) for k, v in wm.items()}
-        else:
-            self.where = {}
-            for fn in weight_files(model_dir):
-                with safe_open(fn, framework="pt") as f:
-                    for k in f.keys():
-                        self.where[k] = fn
-        self._open = {}
+        self.folder = ModelFolder(model_dir)
+        self.where = set(self.folder.names())
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        fn = self.where.get(name)
-        if fn is None:
-            raise GramsError(f"--sequential: weight {name!r} is not in the model's safetensors")
-        if fn not in self._open:
-            self._open[fn] = safe_open(fn, framework="pt")
-        return self._open[fn].get_tensor(name)
+        if name not in self.where:
+            raise GramsError(f"--sequential: weight {name!r} is not in the model's checkpoint")
+        return self.folder.get(name)
 
 
 def _materialize(module: torch.nn.Module, prefix: str, reader: _WeightReader, device, dtype, init=None) -> None:

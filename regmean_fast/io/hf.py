@@ -9,9 +9,12 @@ import shutil
 import torch
 
 from .safetensors_file import SafetensorsError, SafetensorsReader, TensorInfo
+from .torch_bin import TorchBinError, TorchBinReader, is_bin
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"  # checkpoints without safetensors: read weights-only
+BIN_SINGLE_NAME = "pytorch_model.bin"
 # Files copied from the donor model (the base model, or the first one) next to the merged weights.
 AUX_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
@@ -26,7 +29,9 @@ class ModelFolderError(ValueError):
 
 class ModelFolder:
     """A Hugging Face model folder read lazily: tensor names, shapes and dtypes from the headers,
-    tensors read from the shards on request (pread, nothing mapped). One open handle per shard."""
+    tensors read from the shards on request (pread, nothing mapped). One open handle per shard.
+    A folder with only pytorch_model.bin (or its shards) is read with torch.load(weights_only=True), one
+    file loaded at a time."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(str(path))
@@ -40,8 +45,9 @@ class ModelFolder:
                     self.config = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise ModelFolderError(f"{cfg}: unreadable config.json ({e})") from None
-        self._readers: dict[str, SafetensorsReader] = {}
+        self._readers: dict[str, SafetensorsReader | TorchBinReader] = {}
         self._where: dict[str, str] = {}
+        self._bin_loaded: TorchBinReader | None = None
         try:
             self._open()
         except BaseException:
@@ -55,14 +61,18 @@ class ModelFolder:
             if not os.path.exists(full):
                 raise ModelFolderError(f"{self.path}: shard {fname} is missing")
             try:
-                r = SafetensorsReader(full)
-            except SafetensorsError as e:
+                r = TorchBinReader(full) if is_bin(fname) else SafetensorsReader(full)
+            except (SafetensorsError, TorchBinError) as e:
                 raise ModelFolderError(str(e)) from None
+            if is_bin(fname):  # its names and shapes are known: let the file go until it is read
+                r.release()
             self._readers[fname] = r
         return r
 
     def _open(self) -> None:
         weight_map = weight_index(self.path)
+        if weight_map is None and not _has_safetensors(self.path):
+            weight_map = weight_index(self.path, BIN_INDEX_NAME)
         if weight_map is not None:
             for name, fname in weight_map.items():
                 r = self._reader(fname)
@@ -92,7 +102,15 @@ class ModelFolder:
 
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """A copy of tensor `name`, fresh or in `out` (see SafetensorsReader.get)."""
-        return self._readers[self._where[name]].get(name, out)
+        r = self._readers[self._where[name]]
+        if isinstance(r, TorchBinReader) and r is not self._bin_loaded:
+            if self._bin_loaded is not None:
+                self._bin_loaded.release()  # one .bin file loaded at a time
+            self._bin_loaded = r
+        try:
+            return r.get(name, out)
+        except TorchBinError as e:
+            raise ModelFolderError(str(e)) from None
 
     def files(self) -> list[str]:
         return [os.path.join(self.path, f) for f in sorted(self._readers)]
@@ -109,10 +127,10 @@ class ModelFolder:
         self.close()
 
 
-def weight_index(path: str) -> dict[str, str] | None:
-    """The weight_map (tensor name -> shard file name) of the folder's model.safetensors.index.json, checked;
-    None when there is no index."""
-    index = os.path.join(path, INDEX_NAME)
+def weight_index(path: str, index_name: str = INDEX_NAME) -> dict[str, str] | None:
+    """The weight_map (tensor name -> shard file name) of the folder's model.safetensors.index.json (or another
+    index), checked; None when there is no index."""
+    index = os.path.join(path, index_name)
     if not os.path.exists(index):
         return None
     try:
@@ -140,14 +158,22 @@ def weight_files(path: str) -> list[str]:
         names = [SINGLE_NAME]
     else:
         names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not names:  # as transformers: the PyTorch checkpoint (read weights-only here)
+        bin_map = weight_index(path, BIN_INDEX_NAME)
+        if bin_map is not None:
+            names = sorted(set(bin_map.values()))
+        elif os.path.isfile(os.path.join(path, BIN_SINGLE_NAME)):
+            names = [BIN_SINGLE_NAME]
     if not names:
-        extra = " (only PyTorch .bin weights; convert them to safetensors)" if any(
-            f.endswith(".bin") for f in os.listdir(path)) else ""
-        raise ModelFolderError(f"{path}: no safetensors weights found{extra}")
+        raise ModelFolderError(f"{path}: no safetensors or pytorch_model.bin weights found")
     for fname in names:
         if not os.path.isfile(os.path.join(path, fname)):
             raise ModelFolderError(f"{path}: shard {fname} is missing")
     return [os.path.join(path, f) for f in names]
+
+
+def _has_safetensors(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, SINGLE_NAME)) or any(f.endswith(".safetensors") for f in os.listdir(path))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

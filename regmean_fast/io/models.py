@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .hf import ModelFolderError, weight_files
+from .torch_bin import TorchBinError, is_bin, load_weights_only
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hugging Face Hub names a model
 
 
 class ModelLoadError(ModelFolderError):
@@ -18,6 +22,45 @@ class ModelLoadError(ModelFolderError):
 
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
+
+
+def hub_cache_dir() -> str:
+    """huggingface_hub's cache folder, from the environment as it is now (HF_HUB_CACHE, HF_HOME)."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return os.path.expanduser(env)
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def resolve_model(ref: str) -> tuple[str, str | None]:
+    """A model as users name it -> (its local folder, its Hub id when it came from the Hub cache, else None).
+    A folder that exists is that folder (relative paths from the working directory); else `org/name` or
+    `org/name@revision` is looked up in huggingface_hub's cache, offline (nothing is downloaded)."""
+    path = os.path.expanduser(str(ref))
+    if os.path.exists(path):  # a folder (or something else there, which check_model_dir names)
+        return path, None
+    if "+" in str(ref):  # mergekit's model+adapter
+        raise ModelLoadError(f"model {ref}: LoRA adapters (model+adapter) are not supported yet; merge the adapter "
+                             "into its base first (peft's merge_and_unload) and name that folder")
+    repo, _, revision = str(ref).partition("@")
+    if not HUB_ID.fullmatch(repo) or (not revision and "@" in str(ref)):
+        raise ModelLoadError(f"model folder not found: {ref}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        cache = hub_cache_dir()
+        folder = snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=True)
+    except ImportError:
+        raise ModelLoadError(f"model folder not found: {ref} (and huggingface_hub, to look it up as a Hub id, "
+                             "is not installed)") from None
+    except Exception:  # noqa: BLE001 - not in the cache (LocalEntryNotFoundError) or the cache unreadable
+        raise ModelLoadError(f"model {ref} is not a folder and not in the Hugging Face cache ({cache}); get it with: "
+                             f"hf download {repo}" + (f" --revision {revision}" if revision else "")) from None
+    return folder, str(ref)
 
 
 def check_model_dir(model_dir: str) -> list[str]:
@@ -38,8 +81,12 @@ def check_model_dir(model_dir: str) -> list[str]:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"unreadable config.json in {model_dir}: {e}") from None
     try:
-        return weight_files(model_dir)
-    except ModelFolderError as e:
+        files = weight_files(model_dir)
+        for f in files:  # a pickle is refused here, before transformers loads it
+            if is_bin(f):
+                load_weights_only(f)
+        return files
+    except (ModelFolderError, TorchBinError) as e:
         raise ModelLoadError(str(e)) from None
 
 

@@ -188,6 +188,11 @@ def _checked_config(config, out, overrides: dict, force: bool, resume: bool) -> 
     if out is None:
         raise MergeError("no output folder given")
     cfg.validate().absolute_paths()
+    from ..distributed import env_world
+
+    if env_world()[1] == 0:  # torchrun: said once, by rank 0
+        for line in cfg.notes:
+            print(f"regmean_fast: note: {line}", file=sys.stderr)
     out = os.path.abspath(os.path.expanduser(str(out)))
     _check_output_path(cfg, out, force, resume)
     parent = os.path.dirname(out)
@@ -331,23 +336,23 @@ def _as_gramset(g, conv1d=()):
 
 def merge_state_dicts(state_dicts, grams=None, *, method: str = "regmean", weights=None, base=None,
                       parameters: dict | None = None, regmean_exclude=(), allow_missing_grams: bool = False,
-                      dtype: str = "float32", solve_dtype: str = "float32", out_dtype: str | None = None,
-                      device: str = "cpu", conv1d=(), return_report: bool = False, **params):
+                      dtype: str | None = None, solve_dtype: str = "float32", out_dtype: str | None = None,
+                      device: str = "cpu", conv1d=(), return_report: bool = False, seed: int = 0, **params):
     """Merge K state dicts (same keys and shapes) in memory, one tensor group at a time.
 
     grams: per model, a GramSet (regmean_fast.load_grams), a path to a Gram file, or a dict
     {module name: Gram} (already normalised, or raw with DictGramSet counts); conv1d: module names
     stored [in, out] (GPT-2's Conv1D) when grams are dicts. Extra keyword arguments are method
-    parameters (alpha=..., normalization=..., scaling=..., density=...). Returns the merged state
-    dict (and the per-tensor report when return_report=True); tensors keep their dtype unless
-    out_dtype is given."""
+    parameters (alpha=..., normalization=..., scaling=..., density=..., t=...), numbers or mergekit's
+    settings (gradients, filters). Returns the merged state dict (and the per-tensor report when
+    return_report=True); tensors keep their dtype unless out_dtype (or dtype, as in mergekit) is given."""
     k = len(state_dicts)
     cfg = MergeConfig(models=[ModelSpec(model=f"<state dict {i}>", grams="<memory>" if grams is not None else None,
                                         weight=1.0 if weights is None else weights[i]) for i in range(k)],
                       method=method, base_model="<memory>" if base is not None else None,
                       parameters={**(parameters or {}), **params}, dtype=dtype, solve_dtype=solve_dtype,
                       out_dtype=out_dtype, regmean_exclude=list(regmean_exclude),
-                      allow_missing_grams=allow_missing_grams, device=device)
+                      allow_missing_grams=allow_missing_grams, device=device, seed=seed)
     if weights is not None and len(weights) != k:
         raise MergeError(f"got {len(weights)} weights for {k} models")
     cfg.validate(require_paths=False)

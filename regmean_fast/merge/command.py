@@ -1,4 +1,5 @@
-"""`python -m regmean_fast merge`: merge model folders with RegMean (or average, task_arithmetic, ties, fisher).
+"""`python -m regmean_fast merge`: merge model folders with RegMean (or average, task_arithmetic, ties, dare_ties,
+dare_linear, slerp, fisher).
 
     python -m regmean_fast merge --models A B C --grams GA GB GC --out OUT [--alpha 0.9 ...]
     python -m regmean_fast merge CONFIG.yaml --out OUT [flags override the file]
@@ -16,9 +17,10 @@ from .config import MergeConfig, ModelSpec, load_yaml
 from .errors import MergeError
 from .methods import METHODS
 
-EPILOG = """example CONFIG.yaml (mergekit-like; paths relative to the file; unknown keys are errors):
+EPILOG = """example CONFIG.yaml (mergekit's format; paths relative to the working directory; unknown keys are errors):
 
-  method: regmean                 # regmean | average | task_arithmetic | ties | fisher
+  method: regmean                 # regmean | average (linear) | task_arithmetic | ties | dare_ties | dare_linear
+                                  # | slerp | fisher
   models:
     - model: ft/task_a
       grams: grams/task_a.safetensors   # python -m regmean_fast grams ft/task_a --data a.jsonl --out ...
@@ -29,8 +31,10 @@ EPILOG = """example CONFIG.yaml (mergekit-like; paths relative to the file; unkn
   out_dtype: bfloat16             # default: the models' dtype
   regmean_exclude: [".*classifier.*"]   # averaged instead
 
-methods: regmean (one Gram file per model), average, task_arithmetic and ties (--base-model), fisher
-(Gram files collected with --fisher). OUT gets model*.safetensors (+ index), config.json, the tokenizer
+methods: regmean (one Gram file per model), average, task_arithmetic, ties, dare_ties, dare_linear and slerp
+(--base-model; as mergekit defines them), fisher (Gram files collected with --fisher). Parameters may be
+gradients over the layers or filtered by tensor name, as in mergekit.
+OUT gets model*.safetensors (+ index), config.json, the tokenizer
 and generation files, merge_report.json (per tensor: method, ridge, condition, expected error, time),
 regmean_config.yml (rerun it to reproduce the merge) and README.md. Interrupted or killed at any moment:
 rerun the same command with --resume.
@@ -46,10 +50,10 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g.add_argument("--models", nargs="+", metavar="DIR", help="model folders (replace the file's models)")
     g.add_argument("--grams", nargs="+", metavar="GRAMS", help="one Gram file per model, in the same order")
     g.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)")
-    g.add_argument("--base-model", metavar="DIR", help="base model (task_arithmetic, ties)")
+    g.add_argument("--base-model", metavar="DIR", help="base model (task_arithmetic, ties, dare_*, slerp)")
     g = p.add_argument_group("method")
     g.add_argument("--method", help=f"{', '.join(METHODS)} (default regmean)")
-    rm, ties = METHODS["regmean"].params, METHODS["ties"].params
+    rm, ties, ties_model = METHODS["regmean"].params, METHODS["ties"].params, METHODS["ties"].model_params
     g.add_argument("--alpha", type=float,
                    help=f"RegMean: scale of the off-diagonal Gram entries, in [0, 1] (default {rm['alpha']}: on the "
                    "quality benchmarks in docs/quality.md 0.9 and 1.0 are level on the sentiment LMs (83.8%% both) "
@@ -58,19 +62,23 @@ def register_merge(sub) -> argparse.ArgumentParser:
                    "real LLM Grams are singular to fp32 rounding)")
     g.add_argument("--normalization", choices=("mean", "sum"),
                    help=f"RegMean: Grams divided by their token count (mean) or not (default {rm['normalization']})")
-    g.add_argument("--scaling", type=float, help="task_arithmetic, ties: lambda on the merged task vector "
+    g.add_argument("--scaling", type=float, help="task_arithmetic, ties, dare_*: lambda on the merged task vector "
                    f"(default {ties['scaling']})")
     g.add_argument("--density", type=float,
-                   help=f"ties: fraction of entries kept per task vector (default {ties['density']})")
+                   help=f"ties, dare_*: fraction of entries kept per task vector, for every model (default "
+                   f"{ties_model['density']}: all, as mergekit)")
+    g.add_argument("--seed", type=int, help="dare_*: seed of the random drop (default 0)")
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other method parameter, as JSON: normalize=true (task_arithmetic), "
-                   f"fisher_floor=1e-5 (fisher, default {METHODS['fisher'].params['fisher_floor']})")
+                   help="any other method parameter, as JSON: normalize=true (task_arithmetic), t=0.5 (slerp), "
+                   f"fisher_floor=1e-5 (fisher, default {METHODS['fisher'].params['fisher_floor']}); "
+                   "gradients too: alpha=[0.5,0.9]")
     g.add_argument("--regmean-exclude", nargs="+", metavar="REGEX", help="tensors averaged instead of RegMean")
     g.add_argument("--allow-missing-grams", action=argparse.BooleanOptionalAction, default=None,
                    help="average (with a warning) a weight whose Gram is missing in some file, instead of failing "
                         "(default: fail; --no-allow-missing-grams overrides a YAML's allow_missing_grams: true)")
     g = p.add_argument_group("numerics and output")
-    g.add_argument("--dtype", help="compute dtype: float32 (default) or float64")
+    g.add_argument("--dtype", help="as mergekit's dtype: the arithmetic's and the output's (default: float32 "
+                   "arithmetic, the models' dtype out); bfloat16/float16: float32 arithmetic, written in that dtype")
     g.add_argument("--solve-dtype", help="RegMean solve dtype: float32 (default; a group whose expected relative "
                    "error is above 1e-5, or 1/16 of a bf16/fp16 output's rounding, is solved again in float64, and the report "
                    "says so) or float64 (every group)")
@@ -96,8 +104,9 @@ def config_from_args(args) -> MergeConfig:
     cfg = load_yaml(args.config) if args.config else MergeConfig()
     if args.models:
         old = cfg.models
-        cfg.models = [ModelSpec(model=m, grams=old[i].grams if i < len(old) and len(old) == len(args.models) else None,
-                                weight=old[i].weight if i < len(old) and len(old) == len(args.models) else 1.0)
+        same = len(old) == len(args.models)  # the file's per-model settings apply to the same positions
+        cfg.models = [ModelSpec(model=m, grams=old[i].grams if same else None, weight=old[i].weight if same else None,
+                                parameters=dict(old[i].parameters) if same else {})
                       for i, m in enumerate(args.models)]
     if not cfg.models:
         raise MergeError("no models: give --models or a CONFIG.yaml with models")
@@ -112,7 +121,7 @@ def config_from_args(args) -> MergeConfig:
         for m, w in zip(cfg.models, args.weights):
             m.weight = w
     for key in ("method", "base_model", "dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory",
-                "allow_missing_grams", "copy_tokenizer"):
+                "allow_missing_grams", "copy_tokenizer", "seed"):
         v = getattr(args, key)
         if v is not None:
             setattr(cfg, key, v)
@@ -123,6 +132,8 @@ def config_from_args(args) -> MergeConfig:
         v = getattr(args, key)
         if v is not None:
             params[key] = v
+            for m in cfg.models:  # the flag overrides the file's per-model values too
+                m.parameters.pop(key, None)
     for kv in args.param:
         if "=" not in kv:
             raise MergeError(f"--param expects KEY=VALUE, got {kv!r}")

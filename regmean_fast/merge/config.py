@@ -1,15 +1,16 @@
 """Merge configuration: a mergekit-like YAML file and/or command-line flags, validated up front.
 
-    method: regmean              # regmean (default), average, task_arithmetic, ties, fisher
-    base_model: path             # needed by task_arithmetic and ties
-    models:
+    method: regmean              # regmean (default), average (linear), task_arithmetic, ties, dare_ties,
+                                 # dare_linear, slerp, fisher
+    base_model: path             # task_arithmetic, ties, dare_*, slerp (under models: too, it is the base)
+    models:                      # paths relative to the working directory (as mergekit)
       - model: path/to/model_a
         grams: path/to/grams_a.safetensors
-        weight: 1.0
+        weight: 1.0              # or parameters: {weight: ..., density: ...}; numbers, gradients, filters
       - model: path/to/model_b
         grams: path/to/grams_b.safetensors
     parameters: {alpha: 0.9, normalization: mean}
-    dtype: float32               # compute dtype (float32 or float64)
+    dtype: float32               # mergekit's: the arithmetic's and the output's (16-bit: float32 arithmetic)
     solve_dtype: float32         # RegMean solve (float32 or float64)
     out_dtype: bfloat16          # default: the models' dtype
     regmean_exclude: [".*classifier.*"]   # regexes (re.search on tensor names) averaged instead
@@ -31,21 +32,42 @@ import torch
 from ..io.shards import parse_size
 from .errors import MergeError
 from .methods import METHODS
-from .methods.base import as_number
+from .settings import check_setting, leaves
 
 TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "solve_dtype", "out_dtype",
-            "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer"}
+            "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer", "seed",
+            "tokenizer_source"}
 MODEL_KEYS = {"model", "grams", "weight", "parameters"}
 FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# mergekit keys and methods with no equivalent here: refused in one line naming the nearest supported thing
+REFUSED_KEYS = {
+    "slices": "slices (layer ranges: passthrough and frankenmerges) are not supported; list whole models under models:",
+    "modules": "modules (per-module slices) are not supported; list whole models under models:",
+    "tokenizer": "tokenizer (a merged vocabulary) is not supported; the tokenizer is copied from the base (or first) "
+                 "model, as tokenizer_source: base",
+    "chat_template": "chat_template is not supported; the chat template of the base (or first) model is copied with "
+                     "its tokenizer files (edit tokenizer_config.json in the output to change it)",
+}
+NEAREST_METHOD = {"passthrough": "none (layer stacking); for whole models use linear", "breadcrumbs": "ties",
+                  "breadcrumbs_ties": "ties", "della": "dare_ties", "della_linear": "dare_linear",
+                  "model_stock": "linear", "nuslerp": "slerp", "multislerp": "slerp (two models) or linear",
+                  "karcher": "linear", "arcee_fusion": "slerp", "sce": "ties", "nearswap": "slerp", "ram": "ties",
+                  "ramplus_tl": "ties"}
+METHOD_ALIASES = {"linear": "average"}  # mergekit's name for the (normalised by default) weighted average
+PARAM_ALIASES = {"lambda": "scaling"}  # mergekit's name
+IGNORED_PARAMS = {"int8_mask": "int8_mask is ignored: in mergekit it only saves memory (the masks here are boolean)"}
+LOW_PRECISION = ("bfloat16", "bf16", "float16", "fp16", "half")
 
 
 @dataclass
 class ModelSpec:
     model: str
     grams: str | None = None
-    weight: float = 1.0
+    weight: object = None  # a number or a mergekit setting (gradient, filters); None: 1
+    parameters: dict = field(default_factory=dict)  # the other per-model parameters (density)
+    hub_id: str | None = None  # the name as given when `model` was found in the Hugging Face cache
 
 
 @dataclass
@@ -54,7 +76,7 @@ class MergeConfig:
     method: str = "regmean"
     base_model: str | None = None
     parameters: dict = field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str | None = None  # None: float32 arithmetic, output in the models' dtype
     solve_dtype: str = "float32"
     out_dtype: str | None = None
     regmean_exclude: list = field(default_factory=list)
@@ -63,13 +85,17 @@ class MergeConfig:
     device: str = "cpu"
     max_memory: str | int | None = None
     copy_tokenizer: bool = True
+    seed: int = 0  # dare_ties, dare_linear: the random drop
+    tokenizer_source: str | None = None  # mergekit's; only "base" (our behaviour) is accepted
+    base_hub_id: str | None = None  # as ModelSpec.hub_id, for base_model
+    notes: list = field(default_factory=list)  # one line each, said once when the merge starts
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     # resolved values, valid after validate()
     def torch_dtype(self) -> torch.dtype:
-        return FLOAT_DTYPES[self.dtype]
+        return FLOAT_DTYPES[self.dtype or "float32"]
 
     def torch_solve_dtype(self) -> torch.dtype:
         return FLOAT_DTYPES[self.solve_dtype]
@@ -83,11 +109,9 @@ class MergeConfig:
     def max_memory_bytes(self) -> int | None:
         return parse_size(self.max_memory) if self.max_memory not in (None, "") else None
 
-    def method_params(self) -> dict:
-        return METHODS[self.method].check_params(dict(self.parameters))
-
-    def weights(self) -> list:
-        return [float(m.weight) for m in self.models]
+    def note(self, line: str) -> None:
+        if line not in self.notes:
+            self.notes.append(line)
 
     def absolute_paths(self) -> "MergeConfig":
         """Model, Gram and base paths made absolute (the saved regmean_config.yml works from any folder)."""
@@ -98,35 +122,42 @@ class MergeConfig:
         return self
 
     def validate(self, *, require_paths: bool = True) -> "MergeConfig":
-        """Check everything that can be checked without reading a model; raises MergeError."""
+        """Check everything that can be checked without reading a model; raises MergeError. Also puts mergekit's
+        spellings into ours (linear, lambda, dtype: bfloat16) and drops a base model listed under models."""
+        self.method = METHOD_ALIASES.get(self.method, self.method)
         if self.method not in METHODS:
-            raise MergeError(f"unknown merge method {self.method!r} (known: {', '.join(METHODS)})")
+            if self.method in NEAREST_METHOD:
+                raise MergeError(f"merge method {self.method} (mergekit) is not supported; nearest here: "
+                                 f"{NEAREST_METHOD[self.method]}")
+            raise MergeError(f"unknown merge method {self.method!r} (known: {', '.join(METHODS)}, linear)")
         meth = METHODS[self.method]
         if len(self.models) < 1:
             raise MergeError("no models to merge")
-        self.method_params()
-        for name in ("dtype", "solve_dtype"):
-            v = getattr(self, name)
-            if v not in FLOAT_DTYPES or FLOAT_DTYPES[v] not in (torch.float32, torch.float64):
-                hint = f"; for a {v} output (mergekit's dtype) set out_dtype: {v}" if v in FLOAT_DTYPES else ""
-                raise MergeError(f"{name} must be float32 or float64, got {v!r}{hint}")
-        if self.out_dtype is not None and self.out_dtype not in FLOAT_DTYPES:
-            raise MergeError(f"out_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {self.out_dtype!r}")
-        ws = []
-        for i, m in enumerate(self.models):
-            w = as_number(f"model {i} ({m.model}): weight", m.weight)
-            if w != w or w < 0 or w == float("inf"):
-                raise MergeError(f"model {i} ({m.model}): weight must be a non-negative finite number, got {m.weight!r}")
-            ws.append(w)
-        if sum(ws) <= 0:
-            raise MergeError("model weights must not all be zero")
+        if require_paths:
+            self._resolve_models()
+        self._check_parameters(meth)
+        self._check_dtypes()
         if meth.needs_base and not self.base_model:
             raise MergeError(f"method {self.method} needs base_model")
+        if meth.needs_base:  # mergekit: a base_model listed under models is the base, not one more model
+            same = _same_path(self.base_model)
+            self.models = [m for m in self.models if not same(m.model)]
+            if not self.models:
+                raise MergeError(f"method {self.method}: no models besides the base model")
+        if self.method == "slerp":
+            if len(self.models) != 1:
+                raise MergeError(f"slerp merges two models, the base_model and one other: got {len(self.models)} "
+                                 "others (for more, use linear)")
+            if self.models[0].weight is not None:
+                self.note("slerp: the model's weight is not used (t sets the mix), as in mergekit")
         if meth.needs_stats:
             n = sum(1 for m in self.models if m.grams)
             if n < len(self.models):
                 raise MergeError(f"method {self.method} needs one Gram (statistics) file per model: "
                                  f"got {n} for {len(self.models)} models")
+        self._check_tokenizer_source()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MergeError(f"seed must be an integer, got {self.seed!r}")
         for rx in self.regmean_exclude:
             try:
                 re.compile(rx)
@@ -146,14 +177,121 @@ class MergeConfig:
             if idx >= torch.cuda.device_count():
                 raise MergeError(f"device {self.device} does not exist ({torch.cuda.device_count()} CUDA devices)")
         if require_paths:
-            paths = [m.model for m in self.models] + ([self.base_model] if self.base_model else [])
-            for p in paths:
-                if not os.path.isdir(p):
-                    raise MergeError(f"model folder {p} does not exist")
             for m in self.models:
                 if m.grams and not os.path.exists(m.grams):
                     raise MergeError(f"Gram file {m.grams} does not exist")
         return self
+
+    def _resolve_models(self) -> None:
+        """Each model (and the base) as a local folder: a folder, or a Hub id found in the Hugging Face cache."""
+        from ..io.models import resolve_model
+        from ..io.hf import ModelFolderError
+
+        try:
+            for m in self.models:
+                m.model, hub = resolve_model(m.model)
+                m.hub_id = hub or m.hub_id
+            if self.base_model:
+                self.base_model, hub = resolve_model(self.base_model)
+                self.base_hub_id = hub or self.base_hub_id
+        except ModelFolderError as e:
+            raise MergeError(str(e)) from None
+
+    def _check_parameters(self, meth) -> None:
+        """Every parameter at every level: known to the method, of mergekit's forms, each value it can take
+        valid (a gradient between valid values stays valid: every check is an interval)."""
+        params = {}
+        for key, v in self.parameters.items():
+            key = self._param_name(key, params)
+            if key is None:
+                continue
+            params[key] = check_setting(f"parameters.{key}", v)
+        self.parameters = params
+        known_global, known_model = set(meth.params), set(meth.model_params)
+        unknown = sorted(set(params) - known_global - known_model)
+        if unknown:
+            raise MergeError(f"unknown parameter(s) for method {self.method}: {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known_global | known_model)) or 'none'})")
+        first = {k: leaves(v)[0] for k, v in params.items() if k in known_global}
+        meth.check_params(first)
+        for key in first:
+            for leaf in leaves(params[key]):
+                meth.check_params({**first, key: leaf})
+        for key in set(params) & known_model:
+            for leaf in leaves(params[key]):
+                meth.check_model_params({key: leaf})
+        for i, m in enumerate(self.models):
+            where = f"models[{i}] ({m.model})"
+            if m.weight is not None:
+                m.weight = check_setting(f"{where}: weight", m.weight)
+                for leaf in leaves(m.weight):
+                    _model_check(meth, where, {"weight": leaf})
+            mp = {}
+            for given, v in (m.parameters or {}).items():
+                key = PARAM_ALIASES.get(given, given)
+                if key not in known_model or key == "weight":
+                    raise MergeError(f"{where}: {given} is not a per-model parameter of method {self.method} "
+                                     f"(per-model: {', '.join(sorted(known_model))}); global ones go under the "
+                                     "top-level parameters")
+                mp[key] = check_setting(f"{where}: {key}", v)
+                for leaf in leaves(mp[key]):
+                    _model_check(meth, where, {key: leaf})
+            m.parameters = mp
+
+    def _param_name(self, key, params):
+        """Our name for a global parameter (None: accepted and ignored, with a note)."""
+        if key in IGNORED_PARAMS:
+            if not isinstance(self.parameters[key], bool):
+                raise MergeError(f"{key} must be true or false, got {self.parameters[key]!r}")
+            self.note(IGNORED_PARAMS[key])
+            return None
+        name = PARAM_ALIASES.get(key, key)
+        if name in params:
+            raise MergeError(f"parameters: give {name} once (lambda is mergekit's name for scaling)")
+        return name
+
+    def _check_dtypes(self) -> None:
+        """mergekit's dtype is the arithmetic's, and the output's unless out_dtype is given: a float32 or
+        float64 dtype is both; a 16-bit one is written, the arithmetic staying float32 (a note says so)."""
+        if self.out_dtype is not None and self.out_dtype not in FLOAT_DTYPES:
+            raise MergeError(f"out_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {self.out_dtype!r}")
+        if self.dtype is not None:
+            if self.dtype not in FLOAT_DTYPES:
+                raise MergeError(f"dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {self.dtype!r}")
+            if self.out_dtype is None:
+                self.out_dtype = self.dtype
+            if self.dtype in LOW_PRECISION:
+                self.note(f"dtype {self.dtype}: the arithmetic is float32 and the output {self.out_dtype} "
+                          f"(mergekit computes in {self.dtype}; float32 is at least as precise)")
+                self.dtype = "float32"
+        v = self.solve_dtype
+        if v not in FLOAT_DTYPES or FLOAT_DTYPES[v] not in (torch.float32, torch.float64):
+            raise MergeError(f"solve_dtype must be float32 or float64, got {v!r}")
+
+    def _check_tokenizer_source(self) -> None:
+        src = self.tokenizer_source
+        if src is None or src == "base":
+            return
+        if src == "union":
+            raise MergeError("tokenizer_source: union (a merged vocabulary) is not supported; the tokenizer is "
+                             "copied from the base (or first) model, as tokenizer_source: base")
+        donor = self.base_model or self.models[0].model
+        if not isinstance(src, str) or not _same_path(donor)(src):
+            raise MergeError(f"tokenizer_source: {src} is not supported; the tokenizer is copied from the base (or "
+                             "first) model, as tokenizer_source: base (make that model the base_model)")
+
+
+def _model_check(meth, where, params) -> None:
+    try:
+        meth.check_model_params(params)
+    except MergeError as e:
+        raise MergeError(f"{where}: {e}") from None
+
+
+def _same_path(p):
+    """A test: is this path the same model folder as p (mergekit compares model references)?"""
+    real = os.path.realpath(os.path.expanduser(p)) if p else None
+    return lambda q: real is not None and isinstance(q, str) and os.path.realpath(os.path.expanduser(q)) == real
 
 
 def _bool(key, v):
@@ -163,24 +301,25 @@ def _bool(key, v):
 
 
 def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
-    """Build a MergeConfig from a parsed YAML mapping; unknown keys are errors. Paths are taken
-    relative to the YAML file's folder when `source` is a file path."""
+    """Build a MergeConfig from a parsed YAML mapping; unknown keys are errors. Relative paths are taken
+    relative to the working directory, as mergekit takes them."""
     if not isinstance(d, dict):
         raise MergeError(f"{source}: expected a mapping at the top level")
+    for key, why in REFUSED_KEYS.items():
+        if key in d:
+            raise MergeError(f"{source}: {why}")
     unknown = sorted(set(d) - TOP_KEYS)
     if unknown:
         raise MergeError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
     if "method" in d and "merge_method" in d:
         raise MergeError(f"{source}: give either method or merge_method, not both")
-    base_dir = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
 
     def path(p):
         if p is None:
             return None
         if not isinstance(p, str):
             raise MergeError(f"{source}: expected a path, got {p!r}")
-        p = os.path.expanduser(p)
-        return os.path.join(base_dir, p) if base_dir and not os.path.isabs(p) else p
+        return os.path.expanduser(p)
 
     cfg = MergeConfig()
     cfg.models += _model_specs(d.get("models") or [], source, path)
@@ -192,14 +331,9 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
     if not isinstance(params, dict):
         raise MergeError(f"{source}: parameters must be a mapping")
     cfg.parameters = dict(params)
-    if cfg.method == "linear":  # mergekit's name for the weighted average (normalised by default)
-        if cfg.parameters.pop("normalize", True) is not True:
-            raise MergeError(f"{source}: method linear with normalize: false (an unnormalised weighted sum) is not "
-                             "supported; use average (weights are normalised) or task_arithmetic with a base_model")
-        cfg.method = "average"
-    for key in ("dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory"):
+    for key in ("dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory", "seed", "tokenizer_source"):
         if key in d and d[key] is not None:
-            setattr(cfg, key, d[key] if key in ("shard_size", "max_memory") else str(d[key]))
+            setattr(cfg, key, d[key] if key in ("shard_size", "max_memory", "seed") else str(d[key]))
     rx = d.get("regmean_exclude") or []
     if isinstance(rx, str):
         rx = [rx]
@@ -214,7 +348,7 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
 
 
 def _model_specs(models, source: str, path) -> list[ModelSpec]:
-    """The YAML's models list (paths through `path`)."""
+    """The YAML's models list (paths through `path`); a model's parameters are checked by MergeConfig.validate."""
     if not isinstance(models, list):
         raise MergeError(f"{source}: models must be a list")
     specs = []
@@ -226,11 +360,13 @@ def _model_specs(models, source: str, path) -> list[ModelSpec]:
         bad = sorted(set(m) - MODEL_KEYS)
         if bad:
             raise MergeError(f"{source}: models[{i}]: unknown key(s) {', '.join(bad)} (known: {', '.join(sorted(MODEL_KEYS))})")
-        w = m.get("weight", (m.get("parameters") or {}).get("weight", 1.0))
-        extra = sorted(set(m.get("parameters") or {}) - {"weight"})
-        if extra:
-            raise MergeError(f"{source}: models[{i}].parameters: unknown key(s) {', '.join(extra)}")
-        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w))
+        mp = dict(m.get("parameters") or {})
+        if not isinstance(m.get("parameters") or {}, dict):
+            raise MergeError(f"{source}: models[{i}].parameters must be a mapping")
+        if "weight" in m and "weight" in mp:
+            raise MergeError(f"{source}: models[{i}]: give weight once (as weight or parameters.weight)")
+        w = m.get("weight", mp.pop("weight", None))
+        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w, parameters=mp))
     return specs
 
 

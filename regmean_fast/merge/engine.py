@@ -147,10 +147,10 @@ class Engine:
                 check_gram=lambda i, stats: self._check_gram(i, item.keys[i], item.modules[0], stats),
                 scratch=self._scratch,
                 count=lambda i: int(self.gramsets[i].count(item.keys[i])),
-                coeffs=plan.coeffs,
+                coeffs=item.resolved.coeffs,
                 tol=min(solve_tolerance(self._out_dtypes.get(m)) for m in item.members))
             try:
-                outs, rep = METHODS["regmean"].merge_group(g, plan.params, self.solve_dtype)
+                outs, rep = METHODS["regmean"].merge_group(g, item.resolved.params, self.solve_dtype)
             except FloatingPointError as e:
                 raise MergeError(f"{item.members[0]}: {e}") from None
             info = {"method": "regmean", "gram": str(item.keys[0]), "group": list(item.members), "solve": rep.method,
@@ -172,10 +172,12 @@ class Engine:
         if item.method == "copy":
             return {name: self.sources[0].get(name)}, {"method": "copy"}
         method = METHODS[item.method]
+        r = item.resolved
         inputs = TensorInputs(
-            name=name, k=self.k, load=lambda i: self._load(i, name), coeffs=plan.coeffs, raw_weights=plan.raw_weights,
+            name=name, k=self.k, load=lambda i: self._load(i, name), coeffs=r.coeffs, raw_weights=r.weights,
             base=(lambda: self._load_base(name)) if self.base is not None else (lambda: None),
-            fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None))
+            fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None),
+            model_params=r.model_params, seed=plan.seed)
         if item.method == "fisher":
             fs = [self._load_fisher(i, name) for i in range(self.k)]
             have = [f is not None for f in fs]
@@ -188,7 +190,7 @@ class Engine:
                     self.plan.warnings.append(f"{name}: no Fisher in {self._gram_label(i)}; averaged")
                 return {name: METHODS["average"].merge(inputs, {})}, {"method": "average", "note": "no Fisher"}
             inputs.fisher = lambda i: fs[i]
-        out = method.merge(inputs, plan.params)
+        out = method.merge(inputs, r.params)
         info = {"method": item.method}
         if item.note:
             info["note"] = item.note

@@ -5,6 +5,7 @@ incompatibility is found before any heavy I/O."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,6 +14,22 @@ import torch
 
 from .errors import MergeError
 from .methods import METHODS
+from .settings import evaluate, is_plain, layer_positions
+
+
+@dataclass
+class Resolved:
+    """The method's parameters for one tensor (mergekit's settings evaluated at its name and layer):
+    params: the global ones; weights: per model, as given; coeffs: the weights scaled to sum to 1 (None when
+    they sum to 0 and the method does not scale them); model_params: per model, the other per-model ones."""
+
+    params: dict
+    weights: list
+    coeffs: list | None
+    model_params: list
+
+    def describe(self):
+        return [self.params, self.weights, self.model_params]
 
 
 @dataclass
@@ -20,12 +37,13 @@ class TensorItem:
     name: str
     method: str  # a METHODS name, or "copy" (non-float tensors: taken from the first model)
     note: str | None = None
+    resolved: Resolved | None = None
 
     def outputs(self):
         return [self.name]
 
     def describe(self):
-        return ["tensor", self.name, self.method]
+        return ["tensor", self.name, self.method] + ([self.resolved.describe()] if self.resolved else [])
 
 
 @dataclass
@@ -37,12 +55,13 @@ class GroupItem:
     conv1d: list
     keys: tuple  # the Gram key of the group in each model
     d_in: int
+    resolved: Resolved  # the same for every member (members resolved otherwise make another group)
 
     def outputs(self):
         return list(self.members)
 
     def describe(self):
-        return ["group", list(self.members), list(self.keys), list(self.conv1d)]
+        return ["group", list(self.members), list(self.keys), list(self.conv1d), self.resolved.describe()]
 
 
 @dataclass
@@ -50,13 +69,15 @@ class Plan:
     items: list
     outputs: list  # (name, out dtype, shape) in write order
     method: str
-    params: dict
-    coeffs: list
-    raw_weights: list
+    params: dict  # the global parameters as given (settings), defaults filled in
+    coeffs: list | None  # the weights scaled to sum to 1 when they are plain numbers, else None
+    raw_weights: list  # the models' weights as given (numbers or settings)
     warnings: list = field(default_factory=list)
+    seed: int = 0
 
     def describe(self):
         return {"method": self.method, "params": self.params, "coeffs": self.coeffs, "raw_weights": self.raw_weights,
+                "seed": self.seed,
                 "items": [it.describe() for it in self.items],
                 "outputs": [[n, str(d), list(s)] for n, d, s in self.outputs]}
 
@@ -143,13 +164,15 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
     """cfg: a validated MergeConfig; sources: per-model tensor sources; gramsets: per-model GramSets."""
     k = len(sources)
     method = METHODS[cfg.method]
-    params = method.check_params(dict(cfg.parameters))
-    raw = cfg.weights()
-    total = sum(raw)
-    coeffs = [w / total for w in raw]
+    params = {**{key: v for key, v in method.params.items() if key not in cfg.parameters}, **cfg.parameters}
+    raw = [1.0 if m.weight is None else m.weight for m in cfg.models]
+    total = sum(raw) if all(is_plain(w) for w in raw) else None
+    coeffs = [w / total for w in raw] if total else None
     names = check_same_architecture(sources, base)
     ref = sources[0]
     float_names = [n for n in names if ref.dtype(n).is_floating_point]
+    positions = layer_positions(names)
+    res = {n: resolve_tensor(cfg, method, n, positions[n], tuple(ref.shape(n))) for n in float_names}
     warnings: list[str] = []
     gram_paths = gram_paths or [None] * k
     group_of: dict[str, GroupItem] = {}
@@ -165,11 +188,44 @@ def build_plan(cfg, sources, gramsets=None, gram_paths=None, base=None) -> Plan:
         warnings += _pairing_warnings(sources, gramsets, gram_paths)
         _check_fingerprints(sources, gramsets, gram_paths, shapes)
         if cfg.method == "regmean":
-            _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_tensor, group_of)
+            _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_tensor, group_of, res)
         elif cfg.method == "fisher":
             _fisher_items(cfg, gramsets, gram_paths, float_names, warnings, per_tensor)
-    items, outputs = _items_and_outputs(cfg, names, ref, group_of, per_tensor)
-    return Plan(items, outputs, cfg.method, params, coeffs, raw, warnings)
+    items, outputs = _items_and_outputs(cfg, names, ref, group_of, per_tensor, res)
+    return Plan(items, outputs, cfg.method, params, coeffs, raw, warnings, seed=cfg.seed)
+
+
+def resolve_tensor(cfg, method, name: str, t: float, shape: tuple) -> Resolved:
+    """The method's parameters for one tensor: each per-model one from the model's settings, else the global
+    ones, else the default; each global one from the global settings, else the default (mergekit's order)."""
+    def value(setting):
+        return evaluate(setting, name, t)
+
+    try:
+        params = method.check_params({key: v for key in method.params
+                                      if (v := value(cfg.parameters.get(key))) is not None})
+        mps = []
+        for m in cfg.models:
+            mp = {}
+            for key in method.model_params:
+                v = value(m.weight if key == "weight" else m.parameters.get(key))
+                if v is None:
+                    v = value(cfg.parameters.get(key))
+                if v is not None:
+                    mp[key] = v
+            mps.append(method.check_model_params(mp))
+    except MergeError as e:
+        raise MergeError(f"{name}: {e}") from None
+    weights = [mp.pop("weight") for mp in mps]
+    total = sum(weights)
+    if total == 0 and method.uses_coeffs(params):
+        raise MergeError(f"model weights must not all be zero (they sum to 0 for {name})")
+    for mp in mps:  # ties: mergekit refuses to keep no entry (int(density * n) == 0)
+        d = mp.get("density", 1.0)
+        if method.name == "ties" and d < 1.0 and int(d * math.prod(shape)) == 0:
+            raise MergeError(f"ties: density {d} keeps no entry of {name} ({math.prod(shape)} entries; mergekit "
+                             "refuses this too); raise the density, e.g. with a filter for this tensor")
+    return Resolved(params, weights, [w / total for w in weights] if total else None, mps)
 
 
 def _check_fingerprints(sources, gramsets, gram_paths, shapes: dict) -> None:
@@ -207,7 +263,12 @@ def _tied_modules(sources, gramsets, gram_paths, shapes: dict, mod_sets: list) -
     return tied
 
 
-def _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_tensor, group_of) -> None:
+def _averaged(r: Resolved) -> Resolved:
+    """A tensor of a RegMean or Fisher merge averaged instead (no Gram, no Fisher): the same weights."""
+    return Resolved({"normalize": True}, r.weights, r.coeffs, r.model_params)
+
+
+def _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_tensor, group_of, res) -> None:
     """Every weight with a Gram in every file joins the group of its shared inputs (group_of); the others are
     averaged (per_tensor), with a warning or an error for a missing Gram."""
     k = len(sources)
@@ -221,7 +282,7 @@ def _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_te
     for mod in sorted(all_mods - tied, key=natural_key):
         p = f"{mod}.weight"
         if any(r.search(p) for r in excl):
-            per_tensor[p] = TensorItem(p, "average", "regmean_exclude")
+            per_tensor[p] = TensorItem(p, "average", "regmean_exclude", _averaged(res[p]))
             continue
         lacking = [i for i in range(k) if mod not in mod_sets[i]]
         if lacking:
@@ -230,12 +291,13 @@ def _regmean_groups(cfg, sources, gramsets, gram_paths, shapes, warnings, per_te
             if not cfg.allow_missing_grams:
                 raise MergeError(f"{where} has no Gram for {mod} (pass --allow-missing-grams to average it)")
             warnings.append(f"{p}: no Gram in {where}; averaged instead of RegMean")
-            per_tensor[p] = TensorItem(p, "average", "missing Gram")
+            per_tensor[p] = TensorItem(p, "average", "missing Gram", _averaged(res[p]))
             continue
         keys, d_in, conv = _gram_keys(mod, p, shapes[p], gramsets, gram_paths)
-        g = groups.get(keys)
+        gkey = (keys, repr(res[p].describe()))  # members with other parameters (alpha by filter): another solve
+        g = groups.get(gkey)
         if g is None:
-            g = groups[keys] = GroupItem([], [], [], keys, d_in)
+            g = groups[gkey] = GroupItem([], [], [], keys, d_in, res[p])
         g.members.append(p)
         g.modules.append(mod)
         g.conv1d.append(conv)
@@ -288,7 +350,7 @@ def _fisher_items(cfg, gramsets, gram_paths, float_names, warnings, per_tensor) 
                              f"(pass --allow-missing-grams to average it)")
 
 
-def _items_and_outputs(cfg, names, ref, group_of, per_tensor):
+def _items_and_outputs(cfg, names, ref, group_of, per_tensor, res):
     """The work items in the model's tensor order (a group where its first member stands) and the output
     tensors (name, dtype, shape) in the order the items produce them."""
     items, outputs, emitted = [], [], set()
@@ -303,11 +365,14 @@ def _items_and_outputs(cfg, names, ref, group_of, per_tensor):
         elif not ref.dtype(n).is_floating_point:
             items.append(TensorItem(n, "copy"))
         elif n in per_tensor:
-            items.append(per_tensor[n])
+            it = per_tensor[n]
+            if it.resolved is None:
+                it.resolved = _averaged(res[n]) if it.method != cfg.method else res[n]
+            items.append(it)
         elif cfg.method == "regmean":  # embeddings, norms, biases: averaged, and reported as such
-            items.append(TensorItem(n, "average", "no Gram"))
+            items.append(TensorItem(n, "average", "no Gram", _averaged(res[n])))
         else:
-            items.append(TensorItem(n, cfg.method))
+            items.append(TensorItem(n, cfg.method, resolved=res[n]))
     for it in items:
         for n in it.outputs():
             dt = out_dtype if (out_dtype is not None and ref.dtype(n).is_floating_point) else ref.dtype(n)
@@ -345,7 +410,7 @@ def estimate_working_bytes(plan: Plan, sources, compute_dtype: torch.dtype, solv
             n = 1
             for s in shp:
                 n *= s
-            copies = {"ties": k + 4, "fisher": k + 4, "copy": 2}.get(it.method, 4)
+            copies = {"ties": k + 4, "dare_ties": k + 4, "fisher": k + 4, "copy": 2}.get(it.method, 4)
             b = copies * n * ce
         worst = max(worst, b)
     return sum(kept.values()) + worst

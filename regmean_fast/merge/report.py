@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import yaml
 
@@ -16,7 +15,8 @@ def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float
         "models": [m.model for m in cfg.models], "grams": [m.grams for m in cfg.models],
         "weights": plan.raw_weights, "coefficients": plan.coeffs, "base_model": cfg.base_model,
         "dtype": cfg.dtype, "solve_dtype": cfg.solve_dtype, "out_dtype": cfg.out_dtype, "device": device,
-        "regmean_exclude": list(cfg.regmean_exclude), "warnings": list(plan.warnings),
+        "seed": cfg.seed, "regmean_exclude": list(cfg.regmean_exclude), "notes": list(cfg.notes),
+        "warnings": list(plan.warnings),
         "groups": plan.n_groups(), "solve": solve_summary(tensor_report), "tensors": tensor_report, "shards": shards,
         "reused_shards": list(reused), "total_time_s": round(total_s, 3),
     }
@@ -44,8 +44,9 @@ def config_yaml(cfg, plan) -> str:
     """The merge as a YAML file that reproduces it: every parameter resolved, paths as in cfg (absolute)."""
     d = {"method": cfg.method}
     if cfg.base_model:
-        d["base_model"] = cfg.base_model
-    d["models"] = [{k: v for k, v in (("model", m.model), ("grams", m.grams), ("weight", m.weight)) if v is not None}
+        d["base_model"] = cfg.base_hub_id or cfg.base_model
+    d["models"] = [{k: v for k, v in (("model", m.hub_id or m.model), ("grams", m.grams), ("weight", m.weight),
+                                      ("parameters", m.parameters or None)) if v is not None}
                    for m in cfg.models]
     if plan.params:
         d["parameters"] = dict(plan.params)
@@ -56,19 +57,25 @@ def config_yaml(cfg, plan) -> str:
         d["regmean_exclude"] = list(cfg.regmean_exclude)
     if cfg.allow_missing_grams:
         d["allow_missing_grams"] = True
+    if cfg.method.startswith("dare"):
+        d["seed"] = cfg.seed
     d["shard_size"] = cfg.shard_size
     return yaml.safe_dump(d, sort_keys=False)
 
 
 def model_card(cfg, plan) -> str:
-    names = [os.path.basename(os.path.normpath(m.model)) for m in cfg.models]
-    lines = ["---", "library_name: transformers", "tags:", "- merge", "- regmean_fast", f"- {plan.method}",
-             "base_model:"] + [f"- {n}" for n in names] + ["---", "", "# Merged model", "",
-             f"Merged with [regmean_fast](https://github.com/) {__version__}, method `{plan.method}`"
-             + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
-                if plan.method == "regmean" else "."), "", "## Models", ""]
-    for m, c in zip(cfg.models, plan.coeffs):
-        lines.append(f"- `{m.model}` (coefficient {c:.4g})")
+    # base_model: the Hub ids where the models came from the Hub (a local folder's name is no Hub link)
+    hub = [i for i in [cfg.base_hub_id] + [m.hub_id for m in cfg.models] if i]
+    hub = list(dict.fromkeys(i.partition("@")[0] for i in hub))
+    lines = (["---", "library_name: transformers", "tags:", "- merge", "- regmean_fast", f"- {plan.method}"]
+             + (["base_model:"] + [f"- {n}" for n in hub] if hub else [])
+             + ["---", "", "# Merged model", "",
+                f"Merged with regmean_fast {__version__}, method `{plan.method}`"
+                + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
+                   if plan.method == "regmean" else "."), "", "## Models", ""])
+    for i, m in enumerate(cfg.models):
+        lines.append(f"- `{m.hub_id or m.model}` (" + (f"coefficient {plan.coeffs[i]:.4g})" if plan.coeffs is not None
+                                           else f"weight {plan.raw_weights[i]})"))
     if plan.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
     lines += ["", "## Configuration", "", "```yaml", config_yaml(cfg, plan).rstrip(), "```", "",

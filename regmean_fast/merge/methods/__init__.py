@@ -4,9 +4,10 @@ from .average import Average
 from .base import MergeMethod, TensorInputs
 from .fisher import Fisher
 from .regmean import GroupInputs, RegMean
-from .task_arithmetic import TaskArithmetic
-from .ties import Ties
+from .slerp import Slerp
+from .task_vectors import DareLinear, DareTies, TaskArithmetic, Ties
 
-METHODS = {m.name: m for m in (RegMean(), Average(), TaskArithmetic(), Ties(), Fisher())}
+METHODS = {m.name: m for m in (RegMean(), Average(), TaskArithmetic(), Ties(), DareTies(), DareLinear(), Slerp(),
+                               Fisher())}
 
 __all__ = ["METHODS", "MergeMethod", "TensorInputs", "GroupInputs"]

@@ -9,6 +9,8 @@ import torch
 
 from ..errors import MergeError
 
+REQUIRED = object()  # a parameter without a default
+
 
 @dataclass
 class TensorInputs:
@@ -26,6 +28,8 @@ class TensorInputs:
     raw_weights: list
     base: Callable[[], torch.Tensor | None] = lambda: None
     fisher: Callable[[int], torch.Tensor | None] = lambda i: None
+    model_params: list = field(default_factory=list)
+    seed: int = 0
     info: dict = field(default_factory=dict)
 
 
@@ -35,31 +39,55 @@ class MergeMethod:
     name: str = ""
     needs_base: bool = False
     needs_stats: bool = False  # one statistics (Gram) file per model
-    params: dict = {}  # parameter -> default
+    params: dict = {}  # parameter -> default (REQUIRED: must be given)
+    # Per-model parameters (a models[i].parameters entry, else the global value, else this default), as
+    # mergekit's tensor parameters; weight is every method's.
+    model_params: dict = {"weight": 1.0}
+    negative_weights: bool = True  # task negation (a negative weight) means something
 
     def check_params(self, params: dict) -> dict:
         """Fill defaults and validate; raises MergeError."""
         unknown = sorted(set(params) - set(self.params))
         if unknown:
             raise MergeError(f"unknown parameter(s) for method {self.name}: {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(self.params)) or 'none'})")
+                             f"(known: {', '.join(sorted(set(self.params) | set(self.model_params))) or 'none'})")
         out = dict(self.params)
         out.update(params)
+        missing = sorted(k for k, v in out.items() if v is REQUIRED)
+        if missing:
+            raise MergeError(f"method {self.name} needs the parameter {missing[0]}")
+        return out
+
+    def uses_coeffs(self, params: dict) -> bool:
+        """Whether the weights are scaled to sum to 1 (then they must not sum to 0)."""
+        return True
+
+    def check_model_params(self, params: dict) -> dict:
+        """One model's per-model parameters (weight included): defaults filled and validated."""
+        out = dict(self.model_params)
+        out.update(params)
+        w = as_number("weight", out["weight"])
+        if w != w or w in (float("inf"), float("-inf")):
+            raise MergeError(f"weight must be finite, got {out['weight']!r}")
+        if w < 0 and not self.negative_weights:
+            raise MergeError(f"method {self.name} needs non-negative weights, got {out['weight']!r}")
+        out["weight"] = w
         return out
 
     def merge(self, inputs: TensorInputs, params: dict) -> torch.Tensor:
         raise NotImplementedError
 
 
-def weighted_average(inputs: TensorInputs) -> torch.Tensor:
-    """sum_i c_i W_i, streaming over the models."""
+def weighted_average(inputs: TensorInputs, coeffs=None) -> torch.Tensor:
+    """sum_i c_i W_i (c: inputs.coeffs unless given), streaming over the models."""
+    c = inputs.coeffs if coeffs is None else coeffs
     acc = None
     for i in range(inputs.k):
         t = inputs.load(i)
         if acc is None:
-            acc = t.mul_(inputs.coeffs[i]) if inputs.coeffs[i] != 1.0 else t
+            acc = t.mul_(c[i]) if c[i] != 1.0 else t
         else:
-            acc.add_(t, alpha=inputs.coeffs[i])
+            acc.add_(t, alpha=c[i])
         del t
     return acc
 

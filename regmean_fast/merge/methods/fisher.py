@@ -11,6 +11,7 @@ from ..errors import MergeError
 class Fisher(MergeMethod):
     name = "fisher"
     needs_stats = True
+    negative_weights = False  # the weighted sum of Fishers must stay positive
     params = {"fisher_floor": 1e-6}
 
     def check_params(self, params):

@@ -47,6 +47,7 @@ class GroupInputs:
 class RegMean(MergeMethod):
     name = "regmean"
     needs_stats = True
+    negative_weights = False  # the weighted sum of Grams must stay positive semi-definite
     # alpha 0.9: level with 1.0 on the sentiment LMs of docs/quality.md, 1.5 points behind it on the digits MLP
     # (2 seeds), and below 1 the summed system is positive definite with a bounded scaled condition (see --help).
     params = {"alpha": 0.9, "normalization": "mean"}
