@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,41 +26,52 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
-def peak_rss_children_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+# The command under a wrapper that prints its own peak RSS: a child's ru_maxrss starts from the high-water
+# mark of the process it was forked from, so the inputs are generated in another child and the command is
+# started from this small parent.
+WRAPPER = ("import resource, runpy, sys; sys.argv = ['regmean_fast'] + sys.argv[1:]\n"
+           "try:\n    runpy.run_module('regmean_fast', run_name='__main__')\n"
+           "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+           "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+           "sys.exit(code)")
 
 
 def run_grams(folder: str, data: str, out: str, args) -> dict:
-    """The command in a fresh process; its peak RSS is the children's high-water mark (each count runs in a
-    fresh parent via _one, so that mark is this command's)."""
-    cmd = [sys.executable, "-m", "regmean_fast", "grams", folder, "--data", data, "--out", out, "--sequential",
+    cmd = [sys.executable, "-c", WRAPPER, "grams", folder, "--data", data, "--out", out, "--sequential",
            "--batch-size", str(args.batch_size), "--max-length", str(args.tokens), "--dtype", args.dtype,
            "--no-progress"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
-    return {"time_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_children_mb(),
-            "stderr": r.stderr.strip().splitlines()[-3:]}
+    peak = float(r.stderr.strip().splitlines()[-1].split()[-1])
+    return {"time_s": time.perf_counter() - t0, "peak_rss_mb": peak}
 
 
-def one(layers: int, args) -> dict:
-    import torch
+def generate(layers: int, root: str, args) -> str:
+    """The synthetic folder and its data in a child process -> the folder."""
+    import torch  # noqa: F401  (the child's imports)
     from bench_merge import make_inputs
     from hf_tiny import make_tokenizer, random_texts
 
+    (folder,), _ = make_inputs(root, 1, args.hidden, args.intermediate, layers, args.vocab, args.kv_heads,
+                               with_grams=False)
+    make_tokenizer().save_pretrained(folder)
+    with open(os.path.join(root, "data.jsonl"), "w") as f:
+        for t in random_texts(args.examples, seed=1, min_words=args.tokens, max_words=args.tokens):
+            f.write(json.dumps({"text": t}) + "\n")
+    return folder
+
+
+def one(layers: int, args) -> dict:
     root = tempfile.mkdtemp(prefix="bench_seq_", dir=args.workdir)
     try:
-        (folder,), _ = make_inputs(root, 1, args.hidden, args.intermediate, layers, args.vocab, args.kv_heads,
-                                   with_grams=False)
-        tok = make_tokenizer()
-        tok.save_pretrained(folder)
-        data = os.path.join(root, "data.jsonl")
-        with open(data, "w") as f:
-            for t in random_texts(args.examples, seed=1, min_words=args.tokens, max_words=args.tokens):
-                f.write(json.dumps({"text": t}) + "\n")
-        del torch
-        r = run_grams(folder, data, os.path.join(root, "g.safetensors"), args)
+        gen = subprocess.run([sys.executable, __file__, "--_gen", str(layers), "--_root", root] + sys.argv[1:],
+                             capture_output=True, text=True)
+        if gen.returncode != 0:
+            raise RuntimeError(gen.stderr[-3000:])
+        folder = gen.stdout.strip().splitlines()[-1]
+        r = run_grams(folder, os.path.join(root, "data.jsonl"), os.path.join(root, "g.safetensors"), args)
         r["grams_mb"] = os.path.getsize(os.path.join(root, "g.safetensors")) / 2**20
         r["model_mb"] = os.path.getsize(os.path.join(folder, "model.safetensors")) / 2**20
         return r
@@ -81,10 +91,11 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--_one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--_gen", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--_root", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._one is not None:
-        print(json.dumps(one(args._one, args)))
+    if args._gen is not None:
+        print(generate(args._gen, args._root, args))
         return
     from common import cpu_description
 
@@ -95,11 +106,7 @@ def main():
     print(f"{'layers':>6} {'model MB':>9} {'grams MB':>9} {'time s':>8} {'peak RSS MB':>12}")
     rows = []
     for L in args.layer_counts:
-        argv = [sys.executable, __file__, "--_one", str(L)] + [a for a in sys.argv[1:]]
-        r = subprocess.run(argv, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(r.stderr[-3000:])
-        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res = one(L, args)
         rows.append((L, res))
         print(f"{L:>6} {res['model_mb']:>9.0f} {res['grams_mb']:>9.0f} {res['time_s']:>8.1f} "
               f"{res['peak_rss_mb']:>12.0f}", flush=True)
