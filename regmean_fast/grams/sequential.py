@@ -60,6 +60,18 @@ class _WeightReader:
         return self._open[fn].get_tensor(name)
 
 
+class TensorOverlay:
+    """A _WeightReader with some tensors replaced by ones held in memory (RegMean++: the merged ones)."""
+
+    def __init__(self, reader, tensors: dict):
+        self.reader, self.tensors = reader, tensors
+        self.where = {**reader.where, **dict.fromkeys(tensors, "<memory>")}
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.tensors.get(name)
+        return t if t is not None else self.reader.get(name)
+
+
 def _materialize(module: torch.nn.Module, prefix: str, reader: _WeightReader, device, dtype, init=None) -> None:
     """Allocate module on device and read its weights. Buffers no checkpoint holds (Gemma-3's embed_scale, a
     rotary inv_freq) are set as loading sets them, by the model's own init(submodule) (its _init_weights),
@@ -247,53 +259,103 @@ class SequentialRun:
         after every batch). on_part_done(li) after each finished part."""
         if self.complete:
             return
-        self._prepare()
-        L, n, dev, c = len(self.layers), len(self.batches), self.device, self.collector
-        heads = [m for m in c.order if not m.startswith(f"{self.pre}layers.")]
+        self.prepare()
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
+            n = len(self.batches)
             bar = tqdm(total=self.n_parts * n, initial=self.part * n + self.batch, unit="batch",
                        desc="grams (sequential)", file=sys.stderr)
-        with c, torch.no_grad():
+        with self.collector, torch.no_grad():
             while not self.complete and not stop.flag:
                 li = self.part
-                layer = self.layers[li] if li < L else None
-                if layer is not None:
-                    _materialize(layer, f"{self.pre}layers.{li}", self.reader, dev, self.dtype, self.init)
-                for k in self._part_keys(li):  # resumed mid-part: its Grams go back to the device
-                    c.grams[k] = c.grams[k].to(dev)
-                for bi in range(self.batch, n):
-                    if stop.flag:
-                        break
-                    b = self.batches[bi]
-                    c.begin_batch(b.attention_mask) if li == 0 else c.begin_batch_same(b.attention_mask)
-                    if layer is not None:
-                        args, kwargs = self._layer_kwargs[bi][li]
-                        out = layer(self.hidden[bi].to(dev), *_to(args, dev), **_to(kwargs, dev))
-                        if isinstance(out, (tuple, list)):
-                            out = out[0]
-                        self.hidden[bi] = out.to("cpu").contiguous()
-                    else:  # the final norm and whatever reads it (the LM head): only its input is needed
-                        x = self.base.norm(self.hidden[bi].to(dev))
-                        for m in heads:
-                            c.observe(m, x)
-                    self.batch = bi + 1
-                    if bar is not None:
-                        bar.update(1)
-                    stop.step()
-                c.finish()
-                if layer is not None:
-                    _free(layer)
-                if self.batch < n:
+                self.run_part(stop, bar)
+                if self.part == li:
                     break  # stopped mid-part
-                c.offload_to("cpu")
-                self.part, self.batch = li + 1, 0
                 if on_part_done is not None:
                     on_part_done(li)
         if bar is not None:
             bar.close()
+        self.finish()
+
+    def prepare(self) -> None:
+        """What run() does first; public for callers that step through the parts themselves (RegMean++)."""
+        self._prepare()
+
+    def finish(self) -> None:
+        """Free what prepare() materialised; the hidden states go once complete."""
         _free(self.base.norm)
         if self.complete:
             self.hidden = None
+
+    def run_part(self, stop, bar=None, advance: bool = True) -> None:
+        """The current part over the batches from the current position, accumulating its Grams (the collector
+        attached): the position moves to the next part when every batch is done. advance=False leaves the
+        hidden states as they were (RegMean++ sends them through the merged block instead: advance())."""
+        L, n, dev, c = len(self.layers), len(self.batches), self.device, self.collector
+        li = self.part
+        layer = self.layers[li] if li < L else None
+        if layer is not None:
+            _materialize(layer, f"{self.pre}layers.{li}", self.reader, dev, self.dtype, self.init)
+        for k in self._part_keys(li):  # resumed mid-part: its Grams go back to the device
+            c.grams[k] = c.grams[k].to(dev)
+        heads = [m for m in c.order if not m.startswith(f"{self.pre}layers.")]
+        for bi in range(self.batch, n):
+            if stop.flag:
+                break
+            b = self.batches[bi]
+            c.begin_batch(b.attention_mask) if li == 0 else c.begin_batch_same(b.attention_mask)
+            if layer is not None:
+                out = self._call_block(layer, li, bi)
+                if advance:
+                    self.hidden[bi] = out
+            else:  # the final norm and whatever reads it (the LM head): only its input is needed
+                x = self.base.norm(self.hidden[bi].to(dev))
+                for m in heads:
+                    c.observe(m, x)
+            self.batch = bi + 1
+            if bar is not None:
+                bar.update(1)
+            stop.step()
+        c.finish()
+        if layer is not None:
+            _free(layer)
+        if self.batch < n:
+            return  # stopped mid-part
+        c.offload_to("cpu")
+        self.part, self.batch = li + 1, 0
+
+    def _call_block(self, layer, li: int, bi: int) -> torch.Tensor:
+        """Block li (the module `layer`) on batch bi's hidden states, with what the model calls it with -> its
+        output hidden states, on the host."""
+        dev = self.device
+        args, kwargs = self._layer_kwargs[bi][li]
+        out = layer(self.hidden[bi].to(dev), *_to(args, dev), **_to(kwargs, dev))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.to("cpu").contiguous()
+
+    def advance(self, li: int, layer: torch.nn.Module) -> None:
+        """Every batch's hidden states through `layer` standing in for block li (RegMean++: the merged block),
+        the collector not counting."""
+        with self.collector.paused(), torch.no_grad():
+            for bi in range(len(self.batches)):
+                self.hidden[bi] = self._call_block(layer, li, bi)
+
+    def part_gramset(self, li: int):
+        """The Grams part li accumulated, as an in-memory GramSet of its modules (fingerprint: their shapes)."""
+        from .fileformat import GramSet
+
+        c = self.collector
+        c.finish()
+        keys = set(self._part_keys(li))
+        entries = {m: e for m, e in c.module_entries().items() if e["key"] in keys}
+        fp = dict(c.fingerprint, weights={m: c.fingerprint["weights"][m] for m in entries})
+        return GramSet.from_memory({k: c.grams[k] for k in keys}, {k: c.counts[k] for k in keys}, entries, fp)
+
+    def drop_part(self, li: int) -> None:
+        """Forget part li's Grams (once merged: memory stays one block's Grams)."""
+        for k in self._part_keys(li):
+            del self.collector.grams[k]
+            self.collector.counts.pop(k, None)

@@ -78,7 +78,7 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def _check_output_path(cfg: MergeConfig, out: str, force: bool, resume: bool = False) -> None:
-    inputs = [m.model for m in cfg.models] + [m.grams for m in cfg.models if m.grams] + (
+    inputs = [m.model for m in cfg.models] + [p for m in cfg.models for p in (m.grams, m.data) if p] + (
         [cfg.base_model] if cfg.base_model else [])
     for p in inputs:
         if _inside(out, p) or _inside(p, out):
@@ -90,19 +90,20 @@ def _check_output_path(cfg: MergeConfig, out: str, force: bool, resume: bool = F
             raise MergeError(f"output folder {out} exists and is not empty (pass --force to replace it)")
 
 
-def _plan_hash(cfg, plan, layout, sources, device) -> str:
+def _plan_hash(cfg, plan, layout, sources, device, extra: dict | None = None) -> str:
     stats = []
     for s in sources:
         for f in s.files():
             st = os.stat(f)
             stats.append([f, st.st_size, st.st_mtime_ns])
     for m in cfg.models:
-        if m.grams and os.path.exists(m.grams):
-            st = os.stat(m.grams)
-            stats.append([os.path.abspath(m.grams), st.st_size, st.st_mtime_ns])
+        for p in (m.grams, m.data):
+            if p and os.path.exists(p):
+                st = os.stat(p)
+                stats.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"plan": plan.describe(), "layout": layout.describe(), "dtype": cfg.dtype,
-                       "solve_dtype": cfg.solve_dtype, "device": torch.device(device).type, "inputs": stats},
-                      sort_keys=True, default=str)
+                       "solve_dtype": cfg.solve_dtype, "device": torch.device(device).type, "inputs": stats,
+                       **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -174,6 +175,7 @@ class _Job:
         self.sources, self.base, self.gramsets = [], None, None
         self.gram_paths = [m.grams for m in cfg.models]
         self.plan = self.layout = self.signature = None
+        self.block_by_block = None  # regmean++: its RegMeanPlusPlusJob
 
     def close(self) -> None:
         for s in self.sources:
@@ -205,18 +207,25 @@ def _prepare(job: _Job) -> None:
     except ModelFolderError as e:
         raise MergeError(str(e)) from None
     from .methods import METHODS
-    if METHODS[cfg.method].needs_stats:
-        job.gramsets = [load_gramset(p) for p in job.gram_paths]
-    job.plan = build_plan(cfg, job.sources, job.gramsets, job.gram_paths, job.base)
+    if METHODS[cfg.method].needs_data:  # regmean++: its plan is made part by part as it runs
+        from .regmean_pp import RegMeanPlusPlusJob
+
+        job.block_by_block = RegMeanPlusPlusJob(cfg, job.sources).prepare()
+        job.plan = job.block_by_block.plan
+    else:
+        if METHODS[cfg.method].needs_stats:
+            job.gramsets = [load_gramset(p) for p in job.gram_paths]
+        job.plan = build_plan(cfg, job.sources, job.gramsets, job.gram_paths, job.base)
     job.layout = ShardLayout.build(job.plan.outputs, cfg.shard_bytes())
     limit = cfg.max_memory_bytes()
-    if limit is not None:
+    if limit is not None and job.block_by_block is None:
         need = estimate_working_bytes(job.plan, job.sources, cfg.torch_dtype(), cfg.torch_solve_dtype(),
                                       len(job.sources))
         if need > limit:
             raise MergeError(f"the largest tensor group needs about {need / 2**20:.0f} MiB of host memory, "
                              f"more than --max-memory {cfg.max_memory}")
-    job.signature = _plan_hash(cfg, job.plan, job.layout, job.sources, cfg.device)
+    job.signature = _plan_hash(cfg, job.plan, job.layout, job.sources, cfg.device,
+                               job.block_by_block.signature_extra() if job.block_by_block else None)
 
 
 def _execute(job: _Job, tx: OutputTransaction, dist, resume: bool, progress: bool, on_shard_done):
@@ -236,6 +245,11 @@ def _execute(job: _Job, tx: OutputTransaction, dist, resume: bool, progress: boo
     short = free_space_shortfall(os.path.dirname(job.out), needed + (1 << 20))  # + config, tokenizer, report
     if short:
         raise MergeError(short)
+    if job.block_by_block is not None:
+        tensor_report = job.block_by_block.run(output.write, progress=progress)
+        if not output.complete():
+            raise RuntimeError("internal error: some shards were not written")
+        return dist.meet(plan, layout, tensor_report, output)
     bar = None
     if progress and dist.is_main:
         from tqdm import tqdm

@@ -2,6 +2,7 @@
 
     python -m regmean_fast merge --models A B C --grams GA GB GC --out OUT [--alpha 0.9 ...]
     python -m regmean_fast merge CONFIG.yaml --out OUT [flags override the file]
+    python -m regmean_fast merge --method regmean++ --models A B C --data a.jsonl b.jsonl c.jsonl --out OUT
 
 Bad input is one line on stderr and exit status 2, with nothing written."""
 
@@ -18,7 +19,7 @@ from .methods import METHODS
 
 EPILOG = """example CONFIG.yaml (mergekit-like; paths relative to the file; unknown keys are errors):
 
-  method: regmean                 # regmean | average | task_arithmetic | ties | fisher
+  method: regmean                 # regmean | average | task_arithmetic | ties | fisher | regmean++
   models:
     - model: ft/task_a
       grams: grams/task_a.safetensors   # python -m regmean_fast grams ft/task_a --data a.jsonl --out ...
@@ -30,7 +31,8 @@ EPILOG = """example CONFIG.yaml (mergekit-like; paths relative to the file; unkn
   regmean_exclude: [".*classifier.*"]   # averaged instead
 
 methods: regmean (one Gram file per model), average, task_arithmetic and ties (--base-model), fisher
-(Gram files collected with --fisher). OUT gets model*.safetensors (+ index), config.json, the tokenizer
+(Gram files collected with --fisher), regmean++ (one calibration data file per model, read now:
+data: per model in the YAML, or --data; no Gram files). OUT gets model*.safetensors (+ index), config.json, the tokenizer
 and generation files, merge_report.json (per tensor: method, ridge, condition, expected error, time),
 regmean_config.yml (rerun it to reproduce the merge) and README.md. Interrupted or killed at any moment:
 rerun the same command with --resume.
@@ -47,6 +49,17 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g.add_argument("--grams", nargs="+", metavar="GRAMS", help="one Gram file per model, in the same order")
     g.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)")
     g.add_argument("--base-model", metavar="DIR", help="base model (task_arithmetic, ties)")
+    g = p.add_argument_group("calibration data (regmean++; the same meaning as the grams command's flags)")
+    g.add_argument("--data", nargs="+", metavar="FILE",
+                   help="one data file per model, in the same order (JSON Lines, text, CSV/TSV, Parquet, by "
+                        "extension); unlike RegMean's Gram files it must be present at merge time")
+    g.add_argument("--max-length", type=int, metavar="N",
+                   help="tokens per example, longer ones truncated (default: min(512, the model's limit))")
+    g.add_argument("--batch-size", type=int, metavar="N", help="examples per forward (default: 8)")
+    g.add_argument("--max-examples", type=int, metavar="N", help="use the first N examples of each file")
+    g.add_argument("--text-field", metavar="NAME",
+                   help="JSONL field / CSV column with the text (default: text); JSONL lines without it may carry "
+                        "a chat 'messages' list, rendered with the tokenizer's chat template")
     g = p.add_argument_group("method")
     g.add_argument("--method", help=f"{', '.join(METHODS)} (default regmean)")
     rm, ties = METHODS["regmean"].params, METHODS["ties"].params
@@ -95,8 +108,9 @@ def config_from_args(args) -> MergeConfig:
     cfg = load_yaml(args.config) if args.config else MergeConfig()
     if args.models:
         old = cfg.models
-        cfg.models = [ModelSpec(model=m, grams=old[i].grams if i < len(old) and len(old) == len(args.models) else None,
-                                weight=old[i].weight if i < len(old) and len(old) == len(args.models) else 1.0)
+        same = len(old) == len(args.models)  # the file's per-model entries still apply
+        cfg.models = [ModelSpec(model=m, grams=old[i].grams if same else None,
+                                weight=old[i].weight if same else 1.0, data=old[i].data if same else None)
                       for i, m in enumerate(args.models)]
     if not cfg.models:
         raise MergeError("no models: give --models or a CONFIG.yaml with models")
@@ -105,6 +119,15 @@ def config_from_args(args) -> MergeConfig:
             raise MergeError(f"got {len(args.grams)} Gram files for {len(cfg.models)} models")
         for m, g in zip(cfg.models, args.grams):
             m.grams = g
+    if args.data:
+        if len(args.data) != len(cfg.models):
+            raise MergeError(f"got {len(args.data)} data files for {len(cfg.models)} models")
+        for m, d in zip(cfg.models, args.data):
+            m.data = d
+    calibration = {k: getattr(args, k) for k in ("max_length", "batch_size", "max_examples", "text_field")
+                   if getattr(args, k) is not None}
+    if calibration:
+        cfg.calibration = {**cfg.calibration, **calibration}
     if args.weights:
         if len(args.weights) != len(cfg.models):
             raise MergeError(f"got {len(args.weights)} weights for {len(cfg.models)} models")

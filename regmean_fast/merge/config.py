@@ -5,6 +5,7 @@
     models:
       - model: path/to/model_a
         grams: path/to/grams_a.safetensors
+        data: path/to/a.jsonl    # regmean++: calibration data, read at merge time
         weight: 1.0
       - model: path/to/model_b
         grams: path/to/grams_b.safetensors
@@ -18,6 +19,7 @@
     device: cpu
     max_memory: null             # host memory budget, e.g. 16GB
     copy_tokenizer: true
+    calibration: {max_length: 512, batch_size: 8, max_examples: null, text_field: text}   # regmean++'s data
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from .methods import METHODS
 from .methods.base import as_number
 
 TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "solve_dtype", "out_dtype",
-            "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer"}
-MODEL_KEYS = {"model", "grams", "weight", "parameters"}
+            "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer",
+            "calibration"}
+MODEL_KEYS = {"model", "grams", "data", "weight", "parameters"}
+# How regmean++ reads each model's data, with the meaning of the `grams` command's flags of the same names
+# (max_length None: min(512, the model's limit)).
+CALIBRATION_DEFAULTS = {"max_length": None, "batch_size": 8, "max_examples": None, "text_field": "text"}
 FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -46,6 +52,7 @@ class ModelSpec:
     model: str
     grams: str | None = None
     weight: float = 1.0
+    data: str | None = None  # calibration data (regmean++)
 
 
 @dataclass
@@ -63,6 +70,7 @@ class MergeConfig:
     device: str = "cpu"
     max_memory: str | int | None = None
     copy_tokenizer: bool = True
+    calibration: dict = field(default_factory=dict)  # regmean++: CALIBRATION_DEFAULTS' keys
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +102,7 @@ class MergeConfig:
         for m in self.models:
             m.model = os.path.abspath(m.model)
             m.grams = os.path.abspath(m.grams) if m.grams else m.grams
+            m.data = os.path.abspath(m.data) if m.data else m.data
         self.base_model = os.path.abspath(self.base_model) if self.base_model else self.base_model
         return self
 
@@ -127,6 +136,7 @@ class MergeConfig:
             if n < len(self.models):
                 raise MergeError(f"method {self.method} needs one Gram (statistics) file per model: "
                                  f"got {n} for {len(self.models)} models")
+        self._validate_data(meth)
         for rx in self.regmean_exclude:
             try:
                 re.compile(rx)
@@ -153,7 +163,32 @@ class MergeConfig:
             for m in self.models:
                 if m.grams and not os.path.exists(m.grams):
                     raise MergeError(f"Gram file {m.grams} does not exist")
+                if m.data and not os.path.isfile(m.data):
+                    raise MergeError(f"data file {m.data} does not exist")
         return self
+
+    def calibration_options(self) -> dict:
+        """The calibration settings with defaults filled in (valid after validate())."""
+        return {**CALIBRATION_DEFAULTS, **self.calibration}
+
+    def _validate_data(self, meth) -> None:
+        n = sum(1 for m in self.models if m.data)
+        if meth.needs_data and n < len(self.models):
+            raise MergeError(f"method {self.method} needs one calibration data file per model (--data, or data: "
+                             f"per model in the YAML): got {n} for {len(self.models)} models")
+        if not meth.needs_data and (n or self.calibration):
+            raise MergeError(f"calibration data is only read by regmean++, not by method {self.method}")
+        unknown = sorted(set(self.calibration) - set(CALIBRATION_DEFAULTS))
+        if unknown:
+            raise MergeError(f"calibration: unknown key(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(CALIBRATION_DEFAULTS)})")
+        for key in ("max_length", "batch_size", "max_examples"):
+            v = self.calibration.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise MergeError(f"calibration: {key} must be an integer >= 1, got {v!r}")
+        tf = self.calibration.get("text_field", "text")
+        if not isinstance(tf, str) or not tf:
+            raise MergeError(f"calibration: text_field must be a name, got {tf!r}")
 
 
 def _bool(key, v):
@@ -210,6 +245,10 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
         cfg.allow_missing_grams = _bool("allow_missing_grams", d["allow_missing_grams"])
     if "copy_tokenizer" in d:
         cfg.copy_tokenizer = _bool("copy_tokenizer", d["copy_tokenizer"])
+    cal = d.get("calibration") or {}
+    if not isinstance(cal, dict):
+        raise MergeError(f"{source}: calibration must be a mapping")
+    cfg.calibration = dict(cal)
     return cfg
 
 
@@ -230,7 +269,7 @@ def _model_specs(models, source: str, path) -> list[ModelSpec]:
         extra = sorted(set(m.get("parameters") or {}) - {"weight"})
         if extra:
             raise MergeError(f"{source}: models[{i}].parameters: unknown key(s) {', '.join(extra)}")
-        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w))
+        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w, data=path(m.get("data"))))
     return specs
 
 

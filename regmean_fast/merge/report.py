@@ -14,6 +14,8 @@ def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float
     return {
         "tool": "regmean_fast", "version": __version__, "method": plan.method, "parameters": plan.params,
         "models": [m.model for m in cfg.models], "grams": [m.grams for m in cfg.models],
+        **({"data": [m.data for m in cfg.models], "calibration": cfg.calibration_options()}
+           if any(m.data for m in cfg.models) else {}),
         "weights": plan.raw_weights, "coefficients": plan.coeffs, "base_model": cfg.base_model,
         "dtype": cfg.dtype, "solve_dtype": cfg.solve_dtype, "out_dtype": cfg.out_dtype, "device": device,
         "regmean_exclude": list(cfg.regmean_exclude), "warnings": list(plan.warnings),
@@ -43,7 +45,8 @@ def config_yaml(cfg, plan) -> str:
     d = {"method": cfg.method}
     if cfg.base_model:
         d["base_model"] = cfg.base_model
-    d["models"] = [{k: v for k, v in (("model", m.model), ("grams", m.grams), ("weight", m.weight)) if v is not None}
+    d["models"] = [{k: v for k, v in (("model", m.model), ("grams", m.grams), ("data", m.data),
+                                                      ("weight", m.weight)) if v is not None}
                    for m in cfg.models]
     if plan.params:
         d["parameters"] = dict(plan.params)
@@ -54,6 +57,8 @@ def config_yaml(cfg, plan) -> str:
         d["regmean_exclude"] = list(cfg.regmean_exclude)
     if cfg.allow_missing_grams:
         d["allow_missing_grams"] = True
+    if any(m.data for m in cfg.models):
+        d["calibration"] = cfg.calibration_options()
     d["shard_size"] = cfg.shard_size
     return yaml.safe_dump(d, sort_keys=False)
 
@@ -64,7 +69,9 @@ def model_card(cfg, plan) -> str:
              "base_model:"] + [f"- {n}" for n in names] + ["---", "", "# Merged model", "",
              f"Merged with [regmean_fast](https://github.com/) {__version__}, method `{plan.method}`"
              + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
-                if plan.method == "regmean" else "."), "", "## Models", ""]
+                if plan.method == "regmean" else
+                " (RegMean++: each block's statistics through the already merged blocks, Nguyen et al. 2025)."
+                if plan.method == "regmean++" else "."), "", "## Models", ""]
     for m, c in zip(cfg.models, plan.coeffs):
         lines.append(f"- `{m.model}` (coefficient {c:.4g})")
     if plan.warnings:

@@ -35,6 +35,7 @@ class MergeMethod:
     name: str = ""
     needs_base: bool = False
     needs_stats: bool = False  # one statistics (Gram) file per model
+    needs_data: bool = False  # one calibration data file per model, read at merge time (RegMean++)
     params: dict = {}  # parameter -> default
 
     def check_params(self, params: dict) -> dict:
