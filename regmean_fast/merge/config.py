@@ -131,12 +131,12 @@ class MergeConfig:
             raise MergeError("model weights must not all be zero")
         if meth.needs_base and not self.base_model:
             raise MergeError(f"method {self.method} needs base_model")
+        self._validate_data(meth)  # first: --data given to another method is the likelier mistake
         if meth.needs_stats:
             n = sum(1 for m in self.models if m.grams)
             if n < len(self.models):
                 raise MergeError(f"method {self.method} needs one Gram (statistics) file per model: "
                                  f"got {n} for {len(self.models)} models")
-        self._validate_data(meth)
         for rx in self.regmean_exclude:
             try:
                 re.compile(rx)

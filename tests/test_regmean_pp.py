@@ -1,0 +1,267 @@
+"""merge --method regmean++: against an independent fp64 loop written here (plain transformers modules, Grams
+captured with forward hooks through the already merged prefix, a plain RegMean solve per Linear)."""
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hf_tiny  # noqa: E402
+
+from regmean_fast.cli import main  # noqa: E402
+
+ALPHA = 0.9
+
+
+def _data(folder, n, seed):
+    path = os.path.join(folder, f"data{seed}.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(hf_tiny.random_texts(n, seed=seed)) + "\n")
+    return path
+
+
+def _save(folder, kind, seed, embed_from=None, **overrides):
+    """A tiny random model; embed_from: another model whose input embeddings it takes (so the data enters
+    every model's first block the same way)."""
+    model, tok = hf_tiny.make_model(kind, seed, **overrides)
+    if embed_from is not None:
+        model.get_input_embeddings().weight.data.copy_(embed_from.get_input_embeddings().weight)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return model
+
+
+def _merge(capsys, *args):
+    rc = main(["merge", *map(str, args)])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _load(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+# ---- the independent fp64 loop ---------------------------------------------------------------------------
+def _examples(folder, path, max_length=64):
+    """Each example alone (no padding to exclude), tokenized as the grams command does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = [t for t in open(path).read().splitlines() if t.strip()]
+    return [torch.tensor([tok(t, truncation=True, max_length=max_length)["input_ids"]]) for t in texts]
+
+
+def _regmean_solve(Ws, Gs, ns, alpha):
+    """W* = (sum_i G~_i)^-1 sum_i G~_i W_i^T, G~_i = (alpha N_i + (1 - alpha) diag N_i) / K, N_i = G_i / n_i."""
+    A = B = 0
+    for W, G, n in zip(Ws, Gs, ns):
+        N = G / n
+        Gt = (alpha * N + (1 - alpha) * torch.diag(torch.diagonal(N))) / len(Ws)
+        A = A + Gt
+        B = B + Gt @ W.T
+    return torch.linalg.solve(A, B).T
+
+
+def _grams_of(model, modules, inputs):
+    """{module name: (sum x^T x, rows)} of the inputs the named Linear modules see."""
+    acc = {n: [0, 0] for n in modules}
+    hooks = []
+    for n, m in model.named_modules():
+        if n in acc:
+            def hook(mod, args, n=n):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                acc[n][0] = acc[n][0] + x.T @ x
+                acc[n][1] += x.shape[0]
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for ids in inputs:
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return acc
+
+
+def regmean_pp_oracle(folders, data_files, alpha=ALPHA):
+    """Merged state dict: embeddings and final norm averaged; block l merged with Grams of each model's data
+    through the merged blocks 0..l-1 and its own block l; lm_head with Grams through the whole merged model."""
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float64).eval() for f in folders]
+    data = [_examples(f, d) for f, d in zip(folders, data_files)]
+    merged = copy.deepcopy(models[0])
+    sds = [m.state_dict() for m in models]
+
+    def average(names):
+        sd = merged.state_dict()
+        for n in names:
+            sd[n] = sum(s[n] for s in sds) / len(sds)
+        merged.load_state_dict(sd)
+
+    outside = [n for n in sds[0] if ".layers." not in n and not n.startswith("lm_head.")]
+    average(outside)
+    for li, block in enumerate(merged.model.layers):
+        pre = f"model.layers.{li}."
+        linears = [pre + n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+        grams = []
+        for i, m in enumerate(models):
+            hybrid = copy.deepcopy(merged)
+            hybrid.model.layers[li] = m.model.layers[li]  # the merged prefix, then model i's own block
+            grams.append(_grams_of(hybrid, linears, data[i]))
+        sd = merged.state_dict()
+        for n in [n for n in sds[0] if n.startswith(pre)]:
+            mod = n[: -len(".weight")]
+            if n.endswith(".weight") and mod in linears:
+                sd[n] = _regmean_solve([s[n] for s in sds], [g[mod][0] for g in grams], [g[mod][1] for g in grams],
+                                       alpha)
+            else:
+                sd[n] = sum(s[n] for s in sds) / len(sds)
+        merged.load_state_dict(sd)
+    if "lm_head.weight" in sds[0] and not merged.config.tie_word_embeddings:
+        grams = [_grams_of(merged, ["lm_head"], data[i])["lm_head"] for i in range(len(models))]
+        sd = merged.state_dict()
+        sd["lm_head.weight"] = _regmean_solve([s["lm_head.weight"] for s in sds], [g[0] for g in grams],
+                                              [g[1] for g in grams], alpha)
+        merged.load_state_dict(sd)
+    return {k: v for k, v in merged.state_dict().items()}
+
+
+def _plain_regmean_oracle_block(folders, data_files, li, alpha=ALPHA):
+    """Block li's q_proj merged by plain RegMean (each model's own prefix): what RegMean++ must differ from."""
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float64).eval() for f in folders]
+    mod = f"model.layers.{li}.self_attn.q_proj"
+    grams = [_grams_of(m, [mod], _examples(f, d))[mod] for m, f, d in zip(models, folders, data_files)]
+    return _regmean_solve([m.state_dict()[mod + ".weight"] for m in models], [g[0] for g in grams],
+                          [g[1] for g in grams], alpha)
+
+
+def _rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+# ---- tests -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_equals_independent_fp64_loop(kind, tmp_path, capsys):
+    folders = [str(tmp_path / f"m{i}") for i in range(3)]
+    for i, f in enumerate(folders):
+        _save(f, kind, seed=i)
+    data = [_data(str(tmp_path), 5 + i, seed=20 + i) for i in range(3)]
+    out = tmp_path / "out"
+    rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out", out,
+                     "--batch-size", "3")
+    assert rc == 0, err
+    got = _load(out)
+    want = regmean_pp_oracle(folders, data)
+    assert set(got) == set(want)
+    for n in want:
+        assert _rel_err(got[n], want[n]) < 1e-5, (n, _rel_err(got[n], want[n]))
+    # the test can tell: block 1 merged with plain RegMean's Grams is far from RegMean++'s
+    plain = _plain_regmean_oracle_block(folders, data, 1)
+    assert _rel_err(plain, want["model.layers.1.self_attn.q_proj.weight"]) > 1e-2
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["method"] == "regmean++" and report["groups"] == 9
+    assert report["tensors"]["model.layers.1.mlp.up_proj.weight"]["method"] == "regmean"
+
+
+def test_one_model_gives_it_back(tmp_path, capsys):
+    f = str(tmp_path / "m")
+    _save(f, "llama", seed=3)
+    d = _data(str(tmp_path), 4, seed=1)
+    rc, err = _merge(capsys, "--method", "regmean++", "--models", f, "--data", d, "--out", tmp_path / "out")
+    assert rc == 0, err
+    got, want = _load(tmp_path / "out"), _load(f)
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7)
+
+
+def test_one_block_equals_regmean(tmp_path, capsys):
+    """With one decoder block and the same input embeddings, block 0 sees each model's own data as in RegMean.
+    The LM head would differ by design (RegMean++ reads the merged block's output): averaged in both."""
+    folders = [str(tmp_path / f"m{i}") for i in range(3)]
+    first = None
+    for i, f in enumerate(folders):
+        m = _save(f, "llama", seed=i, embed_from=first, num_hidden_layers=1)
+        first = first or m
+    data = [_data(str(tmp_path), 6, seed=30 + i) for i in range(3)]
+    grams = []
+    for i, (f, d) in enumerate(zip(folders, data)):
+        g = str(tmp_path / f"g{i}.safetensors")
+        rc = main(["grams", f, "--data", d, "--out", g, "--batch-size", "4", "--no-progress"])
+        assert rc == 0, capsys.readouterr().err
+        grams.append(g)
+    common = ["--models", *folders, "--regmean-exclude", "lm_head"]
+    rc, err = _merge(capsys, *common, "--grams", *grams, "--out", tmp_path / "rm")
+    assert rc == 0, err
+    rc, err = _merge(capsys, *common, "--method", "regmean++", "--data", *data, "--out", tmp_path / "pp",
+                     "--batch-size", "4")
+    assert rc == 0, err
+    rm, pp = _load(tmp_path / "rm"), _load(tmp_path / "pp")
+    assert set(rm) == set(pp)
+    for n in rm:
+        torch.testing.assert_close(pp[n], rm[n], rtol=1e-5, atol=1e-6)
+
+
+def test_yaml_equals_flags(tmp_path, capsys):
+    folders = [str(tmp_path / f"m{i}") for i in range(2)]
+    for i, f in enumerate(folders):
+        _save(f, "llama", seed=i)
+    data = [_data(str(tmp_path), 5, seed=40 + i) for i in range(2)]
+    rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out",
+                     tmp_path / "a", "--alpha", "0.5", "--max-examples", "3", "--max-length", "6")
+    assert rc == 0, err
+    (tmp_path / "c.yaml").write_text(
+        "method: regmean++\nmodels:\n" + "".join(f"  - model: {f}\n    data: {d}\n" for f, d in zip(folders, data))
+        + "parameters: {alpha: 0.5}\ncalibration: {max_examples: 3, max_length: 6}\n")
+    rc, err = _merge(capsys, tmp_path / "c.yaml", "--out", tmp_path / "b")
+    assert rc == 0, err
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    # the saved configuration reproduces it
+    rc, err = _merge(capsys, tmp_path / "a" / "regmean_config.yml", "--out", tmp_path / "c")
+    assert rc == 0, err
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def two_llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp_err")
+    folders = [str(root / f"m{i}") for i in range(2)]
+    for i, f in enumerate(folders):
+        _save(f, "llama", seed=i)
+    data = [_data(str(root), 3, seed=50 + i) for i in range(2)]
+    gpt2 = [str(root / f"g{i}") for i in range(2)]
+    for i, f in enumerate(gpt2):
+        _save(f, "gpt2", seed=i)
+    return root, folders, data, gpt2
+
+
+@pytest.mark.parametrize("case,extra,expect", [
+    ("no data", [], "needs one calibration data file per model"),
+    ("data count", ["--data", "D0"], "got 1 data files for 2 models"),
+    ("device", ["--data", "D0", "D1", "--device", "tpu"], "device must be cpu, cuda or cuda:N"),
+    ("architecture", ["--data", "D0", "D1", "GPT2"], "model type 'gpt2' is not one of"),
+    ("data for regmean", ["--method", "regmean", "--data", "D0", "D1"], "only read by regmean++"),
+    ("missing file", ["--data", "D0", "nope.jsonl"], "does not exist"),
+    ("batch size", ["--data", "D0", "D1", "--batch-size", "0"], "batch_size must be an integer >= 1"),
+    ("empty data", ["--data", "D0", "EMPTY"], "has no examples"),
+])
+def test_cli_errors_are_one_line(case, extra, expect, two_llamas, capsys):
+    root, folders, data, gpt2 = two_llamas
+    (root / "empty.txt").write_text("\n")
+    models = gpt2 if "GPT2" in extra else folders
+    extra = [{"D0": data[0], "D1": data[1], "EMPTY": str(root / "empty.txt")}.get(a, a) for a in extra if a != "GPT2"]
+    args = ["--models", *models, "--out", root / f"out-{case}", *extra]
+    if "--method" not in extra:
+        args = ["--method", "regmean++", *args]
+    rc, err = _merge(capsys, *args)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("regmean_fast: error: ") and expect in lines[0], err
+    assert not (root / f"out-{case}").exists()
+    assert not any(p.name.endswith(".regmean-partial") for p in root.iterdir())
