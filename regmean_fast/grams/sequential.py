@@ -61,15 +61,20 @@ class _WeightReader:
 
 
 class TensorOverlay:
-    """A _WeightReader with some tensors replaced by ones held in memory (RegMean++: the merged ones)."""
+    """A _WeightReader with some tensors replaced by ones held in memory (RegMean++: the merged ones); with
+    reader None, a reader of those tensors alone (a model's state dict)."""
 
     def __init__(self, reader, tensors: dict):
         self.reader, self.tensors = reader, tensors
-        self.where = {**reader.where, **dict.fromkeys(tensors, "<memory>")}
+        self.where = {**(reader.where if reader is not None else {}), **dict.fromkeys(tensors, "<memory>")}
 
     def get(self, name: str) -> torch.Tensor:
         t = self.tensors.get(name)
-        return t if t is not None else self.reader.get(name)
+        if t is not None:
+            return t
+        if self.reader is None:
+            raise GramsError(f"--sequential: weight {name!r} is not in the model's state dict")
+        return self.reader.get(name)
 
 
 def _materialize(module: torch.nn.Module, prefix: str, reader: _WeightReader, device, dtype, init=None) -> None:
@@ -125,7 +130,7 @@ class SequentialRun:
     """
 
     def __init__(self, model_dir, config, batches, device, dtype, include=None, exclude=None,
-                 include_padding=False, share_inputs=True, trust_remote_code=False):
+                 include_padding=False, share_inputs=True, trust_remote_code=False, reader=None):
         from ..io.models import meta_model
         from .collect import GramCollector
 
@@ -137,7 +142,7 @@ class SequentialRun:
         self.collector = GramCollector(self.model, include=include, exclude=exclude,
                                        include_padding=include_padding, share_inputs=share_inputs)
         self.config, self.batches, self.device, self.dtype = config, batches, device, dtype
-        self.reader = _WeightReader(model_dir)
+        self.reader = reader if reader is not None else _WeightReader(model_dir)  # reader: weights in memory
         self.init = getattr(self.model, "_init_weights", None)  # for buffers no checkpoint holds
         self.part, self.batch = (0, 0) if batches else (self.n_parts, 0)  # no batches: nothing to run
         self.hidden: list[torch.Tensor] | None = None  # per batch, on the host

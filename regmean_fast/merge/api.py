@@ -386,16 +386,59 @@ def conv1d_modules(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
 
 
-def merge_modules(models, grams=None, *, base_model=None, **kwargs) -> torch.nn.Module:
+def merge_modules(models, grams=None, *, base_model=None, data=None, **kwargs) -> torch.nn.Module:
     """Merge K torch modules of one architecture; returns a new module (a copy of the first one)
     holding the merged weights. grams as for merge_state_dicts (FusionBench's per-model dicts
-    {module name: Gram} work as they are)."""
+    {module name: Gram} work as they are). method="regmean++" takes data instead: per model, its batches (dicts
+    of input_ids and attention_mask, or input_ids tensors), run block by block as the CLI does."""
     if not models:
         raise MergeError("no models to merge")
+    if kwargs.get("method") == "regmean++" or data is not None:
+        if grams is not None or base_model is not None:
+            raise MergeError("regmean++ takes data, not grams or a base model")
+        return _merge_modules_pp(models, data, **kwargs)
     kwargs.setdefault("conv1d", conv1d_modules(models[0]))
     sds = [m.state_dict() for m in models]
     base = base_model.state_dict() if base_model is not None else None
     merged = merge_state_dicts(sds, grams, base=base, **kwargs)
     out = copy.deepcopy(models[0])
     out.load_state_dict(merged if not isinstance(merged, tuple) else merged[0])
+    return out
+
+
+def _merge_modules_pp(models, data, *, method: str = "regmean++", weights=None, parameters: dict | None = None,
+                      regmean_exclude=(), allow_missing_grams: bool = False, dtype: str = "float32",
+                      solve_dtype: str = "float32", out_dtype: str | None = None, device: str = "cpu", **params):
+    """merge_modules for RegMean++: each model's state dict read as the CLI reads its folder (regmean_pp.py)."""
+    from .regmean_pp import RegMeanPlusPlusJob, as_batches
+    from ..grams.sequential import TensorOverlay
+
+    k = len(models)
+    if method != "regmean++":
+        raise MergeError(f"data is only read by regmean++, not by method {method}")
+    if data is None or len(data) != k:
+        raise MergeError(f"regmean++ needs one data set per model: got {0 if data is None else len(data)} "
+                         f"for {k} models")
+    if weights is not None and len(weights) != k:
+        raise MergeError(f"got {len(weights)} weights for {k} models")
+    cfg = MergeConfig(models=[ModelSpec(model=f"<module {i}>", data="<memory>",
+                                        weight=1.0 if weights is None else weights[i]) for i in range(k)],
+                      method=method, parameters={**(parameters or {}), **params}, dtype=dtype,
+                      solve_dtype=solve_dtype, out_dtype=out_dtype, regmean_exclude=list(regmean_exclude),
+                      allow_missing_grams=allow_missing_grams, device=device)
+    cfg.validate(require_paths=False)
+    sds = [{n: t.detach() for n, t in m.state_dict().items()} for m in models]
+    in_memory = []
+    for i, m in enumerate(models):
+        config = copy.deepcopy(m.config)
+        config.architectures = [type(m).__name__]  # the skeleton is this class, whatever the config says
+        in_memory.append((config, as_batches(data[i], f"model {i}"), TensorOverlay(None, sds[i])))
+    sources = [StateDictSource(sd, m.config.to_dict()) for sd, m in zip(sds, models)]
+    job = RegMeanPlusPlusJob(cfg, sources, in_memory).prepare()
+    merged: dict = {}
+    job.run(merged.__setitem__)
+    for alias, name in sources[0].tied.items():
+        merged[alias] = merged[name]
+    out = copy.deepcopy(models[0])
+    out.load_state_dict(merged)
     return out

@@ -89,8 +89,10 @@ class RegMeanPlusPlusJob:
     """prepare(): everything checked and read that can be before any merging (configs, data, the parts and
     the output order); run(write): the merge, part by part."""
 
-    def __init__(self, cfg, sources):
-        self.cfg, self.sources = cfg, sources
+    def __init__(self, cfg, sources, in_memory=None):
+        """in_memory: per model (transformers config, data.Batch list, weight reader) for models already loaded
+        (merge_modules); else each model's folder, data file and tokenizer per cfg."""
+        self.cfg, self.sources, self.in_memory = cfg, sources, in_memory
         self.runs = []
         self.parts: list[tuple[str, list]] = []  # (what, tensor names in write order)
         self.plan: Plan | None = None
@@ -120,12 +122,15 @@ class RegMeanPlusPlusJob:
         where = f"model {i} ({spec.model})"
         models.quiet_transformers()
         try:
-            config = models.load_config(spec.model, False)
+            config, batches, reader = self.in_memory[i] if self.in_memory else \
+                (models.load_config(spec.model, False), None, None)
             ok, why = sequential_supported(config)
             if not ok:
                 raise MergeError(f"{where}: regmean++ runs decoders block by block: {why}")
-            batches = _batches(spec.model, spec, config, cfg.calibration_options())
-            return SequentialRun(spec.model, config, batches, device=torch.device(cfg.device), dtype=cfg.torch_dtype())
+            if batches is None:
+                batches = _batches(spec.model, spec, config, cfg.calibration_options())
+            return SequentialRun(spec.model, config, batches, device=torch.device(cfg.device), dtype=cfg.torch_dtype(),
+                                 reader=reader)
         except (GramsError, ModelLoadError) as e:
             raise _error(where, e) from None
 
@@ -253,3 +258,24 @@ class RegMeanPlusPlusJob:
         self.plan.warnings += plan.warnings
         self._items += plan.items
         return merged, rep
+
+
+def as_batches(data, where: str) -> list:
+    """A model's data for merge_modules: batches (dicts with input_ids and, for padded batches, attention_mask;
+    or input_ids tensors [B, S]) -> data.Batch list."""
+    from ..grams.data import Batch
+
+    out = []
+    for j, b in enumerate(data):
+        ids = b.get("input_ids") if isinstance(b, dict) else b
+        mask = b.get("attention_mask") if isinstance(b, dict) else None
+        if not torch.is_tensor(ids) or ids.dim() != 2 or ids.is_floating_point():
+            raise MergeError(f"{where}: batch {j}: expected integer input_ids [batch, tokens]")
+        mask = torch.ones_like(ids) if mask is None else mask.to(torch.long)
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise MergeError(f"{where}: batch {j}: attention_mask {list(mask.shape)} for input_ids "
+                             f"{list(ids.shape)}")
+        out.append(Batch(ids.cpu(), mask.cpu(), None, ids.size(0), int(mask.sum())))
+    if not out:
+        raise MergeError(f"{where}: no data")
+    return out
