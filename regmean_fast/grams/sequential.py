@@ -341,6 +341,17 @@ class SequentialRun:
             out = out[0]
         return out.to("cpu").contiguous()
 
+    def block_from(self, li: int, tensors: dict) -> torch.nn.Module:
+        """Block li's module materialised on the device from `tensors` (full names; what they lack, from this
+        run's weights): RegMean++'s merged block. Free it with free_block(li)."""
+        layer = self.layers[li]
+        _materialize(layer, f"{self.pre}layers.{li}", TensorOverlay(self.reader, tensors), self.device, self.dtype,
+                     self.init)
+        return layer
+
+    def free_block(self, li: int) -> None:
+        _free(self.layers[li])
+
     def advance(self, li: int, layer: torch.nn.Module) -> None:
         """Every batch's hidden states through `layer` standing in for block li (RegMean++: the merged block),
         the collector not counting."""

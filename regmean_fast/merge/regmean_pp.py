@@ -181,7 +181,7 @@ class RegMeanPlusPlusJob:
     def run(self, write, progress: bool = False) -> dict:
         """Merge part by part, write(name, tensor in the output dtype) in the skeleton plan's order
         -> {name: report entry}."""
-        from ..grams.sequential import TensorOverlay, _free, _materialize
+        from ..grams.sequential import TensorOverlay
 
         cfg, runs, stop = self.cfg, self.runs, _NoStop()
         sub_cfg = copy.deepcopy(cfg)
@@ -214,12 +214,10 @@ class RegMeanPlusPlusJob:
                 merged = merge_next([self._collect(r, stop) for r in runs])
                 for r in runs:
                     r.drop_part(li)
-                layer = runs[0].layers[li]  # the merged block, standing in for block li of every model
-                _materialize(layer, f"{runs[0].pre}layers.{li}", TensorOverlay(runs[0].reader, merged),
-                             runs[0].device, runs[0].dtype, runs[0].init)
+                layer = runs[0].block_from(li, merged)  # the merged block, standing in for every model's
                 for r in runs:
                     r.advance(li, layer)
-                _free(layer)
+                runs[0].free_block(li)
                 del merged
             if len(self.parts) > len(runs[0].layers) + 1:
                 merge_next([self._collect(r, stop) for r in runs])
