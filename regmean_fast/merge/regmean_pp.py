@@ -124,9 +124,9 @@ class RegMeanPlusPlusJob:
         try:
             config, batches, reader = self.in_memory[i] if self.in_memory else \
                 (models.load_config(spec.model, False), None, None)
-            ok, why = sequential_supported(config)
+            ok, why = sequential_supported(config, generic=True)
             if not ok:
-                raise MergeError(f"{where}: regmean++ runs decoders block by block: {why}")
+                raise MergeError(f"{where}: regmean++ runs models block by block: {why}")
             if batches is None:
                 batches = _batches(spec.model, spec, config, cfg.calibration_options())
             return SequentialRun(spec.model, config, batches, device=torch.device(cfg.device), dtype=cfg.torch_dtype(),
@@ -138,7 +138,7 @@ class RegMeanPlusPlusJob:
         """The tensors by part, in the order they are merged and written: the rest (embeddings, final norm),
         each decoder block, the heads (linear modules outside the blocks that read the final hidden states)."""
         run = self.runs[0]
-        blocks = f"{run.pre}layers."
+        blocks = run.blocks_prefix
         heads = [m for m in run.collector.order if not m.startswith(blocks)]
         block_re = re.compile(re.escape(blocks) + r"(\d+)\.")
         by_block: list[list] = [[] for _ in run.layers]
