@@ -27,7 +27,20 @@ def _data(folder, n, seed):
 def _save(folder, kind, seed, embed_from=None, **overrides):
     """A tiny random model; embed_from: another model whose input embeddings it takes (so the data enters
     every model's first block the same way)."""
-    model, tok = hf_tiny.make_model(kind, seed, **overrides)
+    if kind == "roberta-cls":  # not among hf_tiny's kinds: its word-level tokenizer, padding id 0
+        import transformers as T
+
+        cfg = T.RobertaConfig(vocab_size=hf_tiny.VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=80, pad_token_id=0, num_labels=3)
+        cfg.architectures = ["RobertaForSequenceClassification"]
+        torch.manual_seed(seed)
+        model, tok = T.RobertaForSequenceClassification(cfg).eval(), hf_tiny.make_tokenizer("bert")
+        with torch.no_grad():  # non-trivial biases and norms, as hf_tiny makes them
+            for n, p in model.named_parameters():
+                if n.endswith("bias") or "LayerNorm" in n:
+                    p.add_(0.1 * torch.randn_like(p))
+    else:
+        model, tok = hf_tiny.make_model(kind, seed, **overrides)
     if embed_from is not None:
         model.get_input_embeddings().weight.data.copy_(embed_from.get_input_embeddings().weight)
     model.save_pretrained(folder, safe_serialization=True)
@@ -76,7 +89,7 @@ def _is_linear(m):
 
 def _blocks(model):
     """(the blocks' name prefix, the ModuleList), looked up by hand for the architectures tested here."""
-    for path in ("model.layers", "transformer.h", "bert.encoder.layer", "encoder.layer"):
+    for path in ("model.layers", "transformer.h", "bert.encoder.layer", "roberta.encoder.layer", "encoder.layer"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -179,16 +192,16 @@ def _plain_regmean_oracle_block(folders, data_files, li, alpha=ALPHA):
 
 
 def _rel_err(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
 # ---- tests -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,groups", [("llama", 9), ("qwen2", 9), ("gemma3", 12), ("bert-cls", 10),
-                                         ("gpt2-cls", 9), ("gpt2", 8)])
+                                         ("roberta-cls", 10), ("gpt2-cls", 9), ("gpt2", 8)])
 def test_equals_independent_fp64_loop(kind, groups, tmp_path, capsys):
     """Gemma-3: scaled embeddings, q/k norms, sliding-window layers, a head tied to the embeddings (no Grams).
-    BERT and GPT-2 through the generic path: a pooler and a classifier, a score head on every token, Conv1D
-    weights, a tied LM head."""
+    BERT, RoBERTa and GPT-2 through the generic path: a pooler and a classifier, RoBERTa's head on the first
+    token, a score head on every token, Conv1D weights, a tied LM head."""
     folders = [str(tmp_path / f"m{i}") for i in range(3)]
     for i, f in enumerate(folders):
         _save(f, kind, seed=i)
