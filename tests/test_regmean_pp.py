@@ -70,13 +70,14 @@ def _examples(folder, path, max_length=64):
     return [torch.tensor([tok(t, truncation=True, max_length=max_length)["input_ids"]]) for t in texts]
 
 
-def _regmean_solve(Ws, Gs, ns, alpha, conv1d=False):
-    """W* = (sum_i G~_i)^-1 sum_i G~_i W_i^T, G~_i = (alpha N_i + (1 - alpha) diag N_i) / K, N_i = G_i / n_i
-    (a Conv1D stores W^T)."""
+def _regmean_solve(Ws, Gs, ns, alpha, conv1d=False, coeffs=None):
+    """W* = (sum_i G~_i)^-1 sum_i G~_i W_i^T, G~_i = c_i (alpha N_i + (1 - alpha) diag N_i), N_i = G_i / n_i,
+    c_i = 1 / K unless given (a Conv1D stores W^T)."""
     A = B = 0
-    for W, G, n in zip(Ws, Gs, ns):
+    coeffs = coeffs or [1 / len(Ws)] * len(Ws)
+    for W, G, n, c in zip(Ws, Gs, ns, coeffs):
         N = G / n
-        Gt = (alpha * N + (1 - alpha) * torch.diag(torch.diagonal(N))) / len(Ws)
+        Gt = c * (alpha * N + (1 - alpha) * torch.diag(torch.diagonal(N)))
         A = A + Gt
         B = B + Gt @ (W if conv1d else W.T)
     X = torch.linalg.solve(A, B)
@@ -135,7 +136,7 @@ def _load_fp64(folder):
     return getattr(transformers, cfg.architectures[0]).from_pretrained(folder, dtype=torch.float64).eval()
 
 
-def regmean_pp_oracle(folders, data_files, alpha=ALPHA):
+def regmean_pp_oracle(folders, data_files, alpha=ALPHA, weights=None, out_dtype=None):
     """Merged state dict: what is outside the blocks and the heads averaged; block l merged with Grams of each
     model's data through the merged blocks 0..l-1 and its own block l; the heads (Linear modules outside the
     blocks, not tied) with Grams of each model's data through the merged model up to its own heads."""
@@ -148,6 +149,7 @@ def regmean_pp_oracle(folders, data_files, alpha=ALPHA):
     heads = [n for n, m in merged.named_modules() if _is_linear(m) and not n.startswith(prefix)
              and m.weight is not emb]
     conv1d = {n for n, m in merged.named_modules() if type(m).__name__ == "Conv1D"}
+    coeffs = [w / sum(weights) for w in weights] if weights else [1 / len(models)] * len(models)
 
     def merge_params(names, grams):
         sd = merged.state_dict()
@@ -155,9 +157,11 @@ def regmean_pp_oracle(folders, data_files, alpha=ALPHA):
             mod = n[: -len(".weight")]
             if n.endswith(".weight") and mod in grams[0]:
                 sd[n] = _regmean_solve([s[n] for s in sds], [g[mod][0] for g in grams], [g[mod][1] for g in grams],
-                                       alpha, mod in conv1d)
+                                       alpha, mod in conv1d, coeffs)
             else:
-                sd[n] = sum(s[n] for s in sds) / len(sds)
+                sd[n] = sum(c * s[n] for c, s in zip(coeffs, sds))
+            if out_dtype is not None:  # what the output holds, and so what the next parts read through
+                sd[n] = sd[n].to(out_dtype).to(torch.float64)
         merged.load_state_dict(sd)
 
     in_heads = lambda n: any(n.startswith(h + ".") for h in heads)  # noqa: E731
@@ -222,6 +226,41 @@ def test_equals_independent_fp64_loop(kind, groups, tmp_path, capsys):
         # the test can tell: block 1 merged with plain RegMean's Grams is far from RegMean++'s
         plain = _plain_regmean_oracle_block(folders, data, 1)
         assert _rel_err(plain, want["model.layers.1.self_attn.q_proj.weight"]) > 1e-2
+
+
+def test_weights_and_alpha(tmp_path, capsys):
+    """Unequal model weights (c_i in the solve and in the averages) and another alpha, as RegMean takes them."""
+    folders = [str(tmp_path / f"m{i}") for i in range(3)]
+    for i, f in enumerate(folders):
+        _save(f, "llama", seed=10 + i)
+    data = [_data(str(tmp_path), 4, seed=70 + i) for i in range(3)]
+    rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out", tmp_path / "o",
+                     "--weights", "1", "2", "5", "--alpha", "0.5")
+    assert rc == 0, err
+    got, want = _load(tmp_path / "o"), regmean_pp_oracle(folders, data, alpha=0.5, weights=[1, 2, 5])
+    equal = regmean_pp_oracle(folders, data, alpha=0.5)
+    for n in got:
+        assert _rel_err(got[n], want[n]) < 3e-5, (n, _rel_err(got[n], want[n]))
+    assert _rel_err(equal["model.layers.1.mlp.down_proj.weight"], want["model.layers.1.mlp.down_proj.weight"]) > 1e-2
+
+
+def test_out_dtype_is_what_the_next_blocks_read(tmp_path, capsys):
+    """--out-dtype bfloat16: each merged block is written in bf16, and the data goes on through those weights."""
+    folders = [str(tmp_path / f"m{i}") for i in range(2)]
+    for i, f in enumerate(folders):
+        _save(f, "llama", seed=20 + i)
+    data = [_data(str(tmp_path), 4, seed=80 + i) for i in range(2)]
+    rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out", tmp_path / "o",
+                     "--out-dtype", "bfloat16")
+    assert rc == 0, err
+    got = _load(tmp_path / "o")
+    want = regmean_pp_oracle(folders, data, out_dtype=torch.bfloat16)
+    for n in got:
+        assert got[n].dtype == torch.bfloat16
+        # the same bf16 values but where fp32 and fp64 round to neighbours (~1% of them; had the data gone on
+        # through unrounded merged blocks, ~40-50% of the later blocks' values would differ)
+        differ = float((got[n] != want[n].to(torch.bfloat16)).double().mean())
+        assert differ < 0.05 and _rel_err(got[n], want[n]) < 2 ** -7, (n, differ)
 
 
 def test_one_model_gives_it_back(tmp_path, capsys):
