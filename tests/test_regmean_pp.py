@@ -413,3 +413,32 @@ def test_merge_modules_equals_the_loop_and_the_cli(tmp_path, capsys):
 
     with pytest.raises(MergeError, match="one data set per model"):
         rf.merge_modules(models, data=batches[:2], method="regmean++")
+
+
+def test_checkpoint_every_block_then_resume(tmp_path, capsys, monkeypatch):
+    """--checkpoint-every 1, stopped after two of four blocks (Stop's test hook: Ctrl-C): --resume goes on from
+    the checkpoint (the first blocks are not merged again) and ends byte-identical, report included."""
+    folders = [str(tmp_path / f"m{i}") for i in range(2)]
+    for i, f in enumerate(folders):
+        _save(f, "llama", seed=i, num_hidden_layers=4)
+    data = [_data(str(tmp_path), 5, seed=90 + i) for i in range(2)]
+    args = ["--method", "regmean++", "--models", *folders, "--data", *data, "--shard-size", "10KB"]
+    rc, err = _merge(capsys, *args, "--out", tmp_path / "ref")
+    assert rc == 0, err
+    monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", "2")
+    rc, err = _merge(capsys, *args, "--out", tmp_path / "out", "--checkpoint-every", "1")
+    assert rc == 130 and "after decoder block 2 of 4" in err, err
+    partial = tmp_path / ".out.regmean-partial"
+    assert (partial / "regmean-pp-checkpoint.safetensors").exists() and not (tmp_path / "out").exists()
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+    rc, err = _merge(capsys, *args, "--out", tmp_path / "out", "--checkpoint-every", "1", "--resume")
+    assert rc == 0 and "resuming from the checkpoint at decoder block 3 of 4" in err, err
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ref and len(
+        [n for n in ref if n.endswith(".safetensors")]) > 3
+    for name in ref:
+        if name.endswith(".safetensors") or name.endswith(".json") and name != "merge_report.json":
+            assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    a, b = (json.loads((tmp_path / d / "merge_report.json").read_text()) for d in ("ref", "out"))
+    assert a["groups"] == b["groups"] and a["warnings"] == b["warnings"]
+    assert {n: e["method"] for n, e in a["tensors"].items()} == {n: e["method"] for n, e in b["tensors"].items()}

@@ -246,7 +246,8 @@ def _execute(job: _Job, tx: OutputTransaction, dist, resume: bool, progress: boo
     if short:
         raise MergeError(short)
     if job.block_by_block is not None:
-        tensor_report = job.block_by_block.run(output.write, progress=progress)
+        tensor_report = job.block_by_block.run(output, folder=tx.tmp, signature=job.signature, resume=resume,
+                                               checkpoint_every=cfg.checkpoint_every, progress=progress)
         if not output.complete():
             raise RuntimeError("internal error: some shards were not written")
         return dist.meet(plan, layout, tensor_report, output)
@@ -436,7 +437,11 @@ def _merge_modules_pp(models, data, *, method: str = "regmean++", weights=None, 
     sources = [StateDictSource(sd, m.config.to_dict()) for sd, m in zip(sds, models)]
     job = RegMeanPlusPlusJob(cfg, sources, in_memory).prepare()
     merged: dict = {}
-    job.run(merged.__setitem__)
+
+    class _Memory:  # the output: the merged state dict
+        write, is_done = staticmethod(merged.__setitem__), staticmethod(lambda name: False)
+
+    job.run(_Memory())
     for alias, name in sources[0].tied.items():
         merged[alias] = merged[name]
     out = copy.deepcopy(models[0])

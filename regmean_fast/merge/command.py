@@ -97,6 +97,10 @@ def register_merge(sub) -> argparse.ArgumentParser:
                    help="after Ctrl-C or a kill: reuse the verified shards of the partial folder; with none, start "
                         "from the beginning (a note says so); an OUT already complete and made by this same merge "
                         "is kept as it is (a note, exit 0); anything there made otherwise is refused")
+    g.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="regmean++: a checkpoint in the partial folder every N blocks, and at the end of the block "
+                        "under way on Ctrl-C, so that --resume goes on from there (default: none; --resume then "
+                        "merges every block again, keeping the finished shards)")
     g.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     g.add_argument("--progress", action="store_true", help="show a progress bar")
     g.add_argument("--json", action="store_true", help="print the merge report as JSON")
@@ -134,7 +138,7 @@ def config_from_args(args) -> MergeConfig:
         for m, w in zip(cfg.models, args.weights):
             m.weight = w
     for key in ("method", "base_model", "dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory",
-                "allow_missing_grams", "copy_tokenizer"):
+                "allow_missing_grams", "copy_tokenizer", "checkpoint_every"):
         v = getattr(args, key)
         if v is not None:
             setattr(cfg, key, v)

@@ -20,6 +20,7 @@
     max_memory: null             # host memory budget, e.g. 16GB
     copy_tokenizer: true
     calibration: {max_length: 512, batch_size: 8, max_examples: null, text_field: text}   # regmean++'s data
+    checkpoint_every: null       # regmean++: a checkpoint every N blocks (and on Ctrl-C) for --resume
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .methods.base import as_number
 
 TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "solve_dtype", "out_dtype",
             "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer",
-            "calibration"}
+            "calibration", "checkpoint_every"}
 MODEL_KEYS = {"model", "grams", "data", "weight", "parameters"}
 # How regmean++ reads each model's data, with the meaning of the `grams` command's flags of the same names
 # (max_length None: min(512, the model's limit)).
@@ -71,6 +72,7 @@ class MergeConfig:
     max_memory: str | int | None = None
     copy_tokenizer: bool = True
     calibration: dict = field(default_factory=dict)  # regmean++: CALIBRATION_DEFAULTS' keys
+    checkpoint_every: int | None = None  # regmean++: a checkpoint every N blocks (not part of the signature)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -186,6 +188,11 @@ class MergeConfig:
             v = self.calibration.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise MergeError(f"calibration: {key} must be an integer >= 1, got {v!r}")
+        ce = self.checkpoint_every
+        if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+            raise MergeError(f"checkpoint_every must be an integer >= 1, got {ce!r}")
+        if ce is not None and not meth.needs_data:
+            raise MergeError(f"checkpoint_every is only used by regmean++, not by method {self.method}")
         tf = self.calibration.get("text_field", "text")
         if not isinstance(tf, str) or not tf:
             raise MergeError(f"calibration: text_field must be a name, got {tf!r}")
@@ -249,6 +256,7 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
     if not isinstance(cal, dict):
         raise MergeError(f"{source}: calibration must be a mapping")
     cfg.calibration = dict(cal)
+    cfg.checkpoint_every = d.get("checkpoint_every")
     return cfg
 
 

@@ -18,7 +18,10 @@ done, in a layout fixed up front (the output transaction of merge/api.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
 import re
 import sys
 
@@ -28,8 +31,44 @@ from ..grams.fileformat import GramsError
 from ..io.models import ModelLoadError
 from .errors import MergeError
 from .methods import METHODS
-from .plan import Plan, TensorItem, build_plan, check_same_architecture, natural_key
+from .plan import GroupItem, Plan, TensorItem, build_plan, check_same_architecture
 from .sources import DictGramSet
+
+
+CHECKPOINT_NAME = "regmean-pp-checkpoint.safetensors"  # in the partial output folder
+
+
+def _read_checkpoint(path: str, signature: str, runs) -> dict | None:
+    """The checkpoint at `path` when it is this merge's and fits the runs (else None, with a note)."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("signature") != signature:
+                raise ValueError("made by another merge")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = {"next_block": int(meta["next_block"]), "report": json.loads(meta["report"]),
+                 "warnings": json.loads(meta["warnings"]),
+                 "items": [GroupItem(list(d[1]), [], list(d[3]), tuple(d[2]), 0) if d[0] == "group"
+                           else TensorItem(d[1], d[2]) for d in json.loads(meta["items"])]}
+        state["hidden"] = []
+        for i, r in enumerate(runs):
+            hidden = [tensors.pop(f"hidden.{i}.{b}") for b in range(len(r.batches))]
+            for h, b in zip(hidden, r.batches):
+                if tuple(h.shape[:2]) != tuple(b.attention_mask.shape) or h.dtype != r.dtype:
+                    raise ValueError("hidden states of another shape")
+            state["hidden"].append(hidden)
+        state["merged"] = {k[len("merged."):]: t for k, t in tensors.items() if k.startswith("merged.")}
+        if not 0 < state["next_block"] < len(runs[0].layers):
+            raise ValueError("no such block")
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: the blocks are merged again
+        print(f"regmean_fast: note: the checkpoint {path} is not usable ({str(e).splitlines()[0] if str(e) else e!r}); "
+              "merging every block again", file=sys.stderr)
+        return None
+    return state
 
 
 class _NoStop:
@@ -178,12 +217,21 @@ class RegMeanPlusPlusJob:
         return {"calibration": self.cfg.calibration_options()}
 
     # -- run ---------------------------------------------------------------------------------------------
-    def run(self, write, progress: bool = False) -> dict:
-        """Merge part by part, write(name, tensor in the output dtype) in the skeleton plan's order
-        -> {name: report entry}."""
+    def run(self, output, folder: str | None = None, signature: str = "", resume: bool = False,
+            checkpoint_every: int | None = None, progress: bool = False) -> dict:
+        """Merge part by part into `output` (io.shards.ShardedOutput, or anything with write(name, tensor) and
+        is_done(name)) in the skeleton plan's order -> {name: report entry}.
+
+        checkpoint_every N (with `folder`, the partial output folder): after every N blocks, and at the end of
+        the block under way on Ctrl-C (then KeyboardInterrupt), a checkpoint in `folder` holds every model's
+        hidden states, where to go on, and the merged tensors written into shards not yet finished (kept in
+        memory meanwhile: at most one shard). resume: go on from that checkpoint when there is one."""
+        from ..grams.checkpoint import Stop
         from ..grams.sequential import TensorOverlay
 
-        cfg, runs, stop = self.cfg, self.runs, _NoStop()
+        cfg, runs = self.cfg, self.runs
+        ckpt = os.path.join(folder, CHECKPOINT_NAME) if folder and checkpoint_every else None
+        state = _read_checkpoint(ckpt, signature, runs) if ckpt and resume else None
         sub_cfg = copy.deepcopy(cfg)
         sub_cfg.method, sub_cfg.calibration = "regmean", {}
         for m in sub_cfg.models:
@@ -191,27 +239,35 @@ class RegMeanPlusPlusJob:
         self._scratch: dict = {}  # the engine's group buffers, shared by the parts' engines
         self._items: list = []
         report: dict = {}
+        pending: dict = {}  # merged tensors in shards not yet finished (for a checkpoint)
+        L = len(runs[0].layers)
+        first = 0 if state is None else state["next_block"]
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(self.parts), desc="merging (regmean++)", unit="part", file=sys.stderr)
-        parts = iter(self.parts)
+            bar = tqdm(total=len(self.parts), initial=first, desc="merging (regmean++)", unit="part", file=sys.stderr)
 
-        def merge_next(gramsets):
-            _, names = next(parts)
-            merged, rep = self._merge_part(sub_cfg, names, gramsets, write)
+        def merge_part(index, gramsets):
+            merged, rep = self._merge_part(sub_cfg, self.parts[index][1], gramsets, output.write)
             report.update(rep)
+            if ckpt:
+                pending.update((n, t) for n, t in merged.items() if not output.is_done(n))
             if bar is not None:
                 bar.update(1)
             return merged
 
-        merged = merge_next(None)
-        for r in runs:  # the data enters through the merged embeddings (and the heads read the merged norm)
+        merged = merge_part(0, None)  # averaging: recomputed on resume, written where its shard is not done
+        if state is not None:
+            self._restore(state, output, pending, report)
+        for i, r in enumerate(runs):  # the data enters through the merged embeddings (the heads: merged norm)
             r.reader = TensorOverlay(r.reader, merged)
+            if state is not None:
+                r.part, r.batch, r.hidden = first, 0, state["hidden"][i]
             r.prepare()
-        with torch.no_grad():
-            for li in range(len(runs[0].layers)):
-                merged = merge_next([self._collect(r, stop) for r in runs])
+        # With checkpoints, the first Ctrl-C ends the block under way and saves one; without, it stops at once.
+        with torch.no_grad(), (Stop() if ckpt else contextlib.nullcontext(_NoStop())) as stop:
+            for li in range(first, L):
+                merged = merge_part(li + 1, [self._collect(r, _NoStop()) for r in runs])
                 for r in runs:
                     r.drop_part(li)
                 layer = runs[0].block_from(li, merged)  # the merged block, standing in for every model's
@@ -219,14 +275,54 @@ class RegMeanPlusPlusJob:
                     r.advance(li, layer)
                 runs[0].free_block(li)
                 del merged
-            if len(self.parts) > len(runs[0].layers) + 1:
-                merge_next([self._collect(r, stop) for r in runs])
+                for n in [n for n in pending if output.is_done(n)]:
+                    del pending[n]
+                stop.step()
+                if ckpt and li + 1 < L and ((li + 1) % checkpoint_every == 0 or stop.flag):
+                    self._save_checkpoint(ckpt, signature, li + 1, pending, report)
+                if stop.flag:
+                    where = f"after decoder block {li + 1} of {L}"
+                    print(f"regmean_fast: interrupted {where}" + (f"; checkpoint saved in {ckpt}" if ckpt else ""),
+                          file=sys.stderr)
+                    raise KeyboardInterrupt
+            if len(self.parts) > L + 1:
+                merge_part(L + 1, [self._collect(r, _NoStop()) for r in runs])
         for r in runs:
             r.finish()
         if bar is not None:
             bar.close()
+        for p in (ckpt, ckpt + ".tmp") if ckpt else ():
+            if os.path.exists(p):
+                os.remove(p)  # not part of the output (.tmp: a save a kill interrupted)
         self.plan.items = self._items  # the report counts the solve groups actually made
         return report
+
+    def _save_checkpoint(self, path: str, signature: str, next_block: int, pending: dict, report: dict) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"hidden.{i}.{b}": h.contiguous() for i, r in enumerate(self.runs) for b, h in enumerate(r.hidden)}
+        tensors.update({f"merged.{n}": t.contiguous() for n, t in pending.items()})
+        meta = {"signature": signature, "next_block": str(next_block), "report": json.dumps(report),
+                "items": json.dumps([it.describe() for it in self._items]), "warnings": json.dumps(self.plan.warnings)}
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    def _restore(self, state: dict, output, pending: dict, report: dict) -> None:
+        """The blocks before the checkpoint: their report entries, groups and warnings, and their tensors that were
+        in shards not finished then, written again in order (the finished shards are kept as they are)."""
+        report.update(state["report"])
+        self._items += state["items"]
+        self.plan.warnings[:] = state["warnings"]
+        for _, names in self.parts[1:state["next_block"] + 1]:
+            for n in names:
+                if not output.is_done(n):
+                    if n not in state["merged"]:
+                        raise RuntimeError(f"internal error: the checkpoint lacks {n}")
+                    output.write(n, state["merged"][n])
+                    pending[n] = state["merged"][n]
+        print(f"regmean_fast: resuming from the checkpoint at decoder block {state['next_block'] + 1} of "
+              f"{len(self.runs[0].layers)}", file=sys.stderr)
 
     @staticmethod
     def _collect(run, stop):

@@ -59,6 +59,8 @@ def config_yaml(cfg, plan) -> str:
         d["allow_missing_grams"] = True
     if any(m.data for m in cfg.models):
         d["calibration"] = cfg.calibration_options()
+    if cfg.checkpoint_every:
+        d["checkpoint_every"] = cfg.checkpoint_every
     d["shard_size"] = cfg.shard_size
     return yaml.safe_dump(d, sort_keys=False)
 
