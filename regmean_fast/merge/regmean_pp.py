@@ -9,12 +9,14 @@ merge engine on a per-part plan):
     2. per block l: every model runs its own block l on its hidden states, the collector summing the block's
        Grams (padding excluded, shared inputs once); the block is merged by RegMean's plan and engine; every
        model's hidden states then go through the MERGED block (as written, in the output dtype);
-    3. the heads (lm_head): each model's hidden states through the merged final norm, that is exactly what the
-       merged model's head reads, give the heads' Grams; merged by RegMean.
+    3. the heads (linear modules outside the blocks: lm_head, a pooler and classifier): each model runs its own
+       heads on its hidden states through the merged final norm; merged by RegMean.
 
+Decoders run as `grams --sequential` runs them; BERT, RoBERTa and GPT-2 through SequentialRun's generic path.
 Peak memory: one block of one model at a time (materialised from the memory-mapped safetensors), the merged
 block, one block's Grams per model, the cached hidden states. The merged tensors are written as each part is
-done, in a layout fixed up front (the output transaction of merge/api.py)."""
+done, in a layout fixed up front (the output transaction of merge/api.py); --checkpoint-every makes the merge
+resumable per block (run())."""
 
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def _read_checkpoint(path: str, signature: str, runs) -> dict | None:
 
 
 class _NoStop:
-    """grams' Stop without its Ctrl-C handler: in a merge Ctrl-C raises, and the output transaction keeps the
+    """grams' Stop without its Ctrl-C handler: Ctrl-C raises at once, and the output transaction keeps the
     finished shards for --resume."""
 
     flag = False
@@ -126,7 +128,7 @@ def _batches(path: str, spec, config, options: dict) -> list:
 
 class RegMeanPlusPlusJob:
     """prepare(): everything checked and read that can be before any merging (configs, data, the parts and
-    the output order); run(write): the merge, part by part."""
+    the output order); run(output): the merge, part by part."""
 
     def __init__(self, cfg, sources, in_memory=None):
         """in_memory: per model (transformers config, data.Batch list, weight reader) for models already loaded
