@@ -62,10 +62,15 @@ def _load(folder):
 
 # ---- the independent fp64 loop ---------------------------------------------------------------------------
 def _examples(folder, path, max_length=64):
-    """Each example alone (no padding to exclude), tokenized as the grams command does."""
+    """Each example alone (no padding to exclude), tokenized as the grams command does (docs: a JSONL line's
+    chat `messages` rendered with the tokenizer's chat template, then tokenized without special tokens)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
+    if path.endswith(".jsonl"):
+        chats = [json.loads(line)["messages"] for line in open(path) if line.strip()]
+        return [torch.tensor([tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False,
+                                  truncation=True, max_length=max_length)["input_ids"]]) for c in chats]
     texts = [t for t in open(path).read().splitlines() if t.strip()]
     return [torch.tensor([tok(t, truncation=True, max_length=max_length)["input_ids"]]) for t in texts]
 
@@ -261,6 +266,26 @@ def test_out_dtype_is_what_the_next_blocks_read(tmp_path, capsys):
         # through unrounded merged blocks, ~40-50% of the later blocks' values would differ)
         differ = float((got[n] != want[n].to(torch.bfloat16)).double().mean())
         assert differ < 0.05 and _rel_err(got[n], want[n]) < 2 ** -7, (n, differ)
+
+
+def test_chat_messages(tmp_path, capsys):
+    """JSON Lines of chat `messages` (no text field): rendered with each model's chat template, as by grams."""
+    folders = [str(tmp_path / f"m{i}") for i in range(2)]
+    for i, f in enumerate(folders):
+        _save(f, "llama", seed=30 + i)
+    data = []
+    for i in range(2):
+        texts = hf_tiny.random_texts(6, seed=100 + i)
+        path = tmp_path / f"chat{i}.jsonl"
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": a},
+                                                         {"role": "assistant", "content": b}]}) + "\n"
+                                for a, b in zip(texts[::2], texts[1::2])))
+        data.append(str(path))
+    rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out", tmp_path / "o")
+    assert rc == 0, err
+    got, want = _load(tmp_path / "o"), regmean_pp_oracle(folders, data)
+    for n in got:
+        assert _rel_err(got[n], want[n]) < 3e-5, (n, _rel_err(got[n], want[n]))
 
 
 def test_one_model_gives_it_back(tmp_path, capsys):
