@@ -159,7 +159,8 @@ class SequentialRun:
         self.layers_path = next((p for p in LAYER_PATHS if isinstance(_attr(self.base, p), torch.nn.ModuleList)),
                                 None)
         if self.layers_path is None:
-            raise GramsError(f"--sequential: no list of blocks found in the model (looked for {', '.join(LAYER_PATHS)})")
+            raise GramsError("--sequential: no list of blocks found in the model (looked for "
+                             f"{', '.join(LAYER_PATHS)})")
         self.layers = _attr(self.base, self.layers_path)
         self.blocks_prefix = f"{self.pre}{self.layers_path}."  # the blocks' tensor names start with it
         self.collector = GramCollector(self.model, include=include, exclude=exclude,

@@ -32,7 +32,8 @@ EPILOG = """example CONFIG.yaml (mergekit-like; paths relative to the file; unkn
 
 methods: regmean (one Gram file per model), average, task_arithmetic and ties (--base-model), fisher
 (Gram files collected with --fisher), regmean++ (one calibration data file per model, read now:
-data: per model in the YAML, or --data; no Gram files). OUT gets model*.safetensors (+ index), config.json, the tokenizer
+data: per model in the YAML, or --data; no Gram files).
+OUT gets model*.safetensors (+ index), config.json, the tokenizer
 and generation files, merge_report.json (per tensor: method, ridge, condition, expected error, time),
 regmean_config.yml (rerun it to reproduce the merge) and README.md. Interrupted or killed at any moment:
 rerun the same command with --resume.

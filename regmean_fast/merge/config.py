@@ -277,7 +277,8 @@ def _model_specs(models, source: str, path) -> list[ModelSpec]:
         extra = sorted(set(m.get("parameters") or {}) - {"weight"})
         if extra:
             raise MergeError(f"{source}: models[{i}].parameters: unknown key(s) {', '.join(extra)}")
-        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w, data=path(m.get("data"))))
+        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w,
+                               data=path(m.get("data"))))
     return specs
 
 
