@@ -109,7 +109,7 @@ def _prepare(job: _Job):
     models.quiet_transformers()
     job.config = models.load_config(args.model_dir, args.trust_remote_code)
     _check_modules(job.config, args)
-    max_length = _max_length(job.config, args.max_length)
+    max_length = resolve_max_length(job.config, args.max_length)
     tokenizer = models.load_tokenizer(args.model_dir, args.trust_remote_code)
     batches = _batches(args, D, examples, tokenizer, job.config, max_length)
     job.signature = _signature(args, args.model_dir, job.st_files, max_length, batches, dist.world)
@@ -132,7 +132,7 @@ def _check_modules(config, args) -> None:
         raise GramsError("no nn.Linear / Conv1D modules matched" + (f" ({' '.join(flags)})" if flags else ""))
 
 
-def _max_length(config, asked: int | None) -> int:
+def resolve_max_length(config, asked: int | None) -> int:
     limit = models.model_limit(config)
     if asked is not None and limit is not None and asked > limit:
         raise GramsError(f"--max-length {asked} is beyond the model's limit of {limit} positions")

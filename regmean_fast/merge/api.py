@@ -78,7 +78,7 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def _check_output_path(cfg: MergeConfig, out: str, force: bool, resume: bool = False) -> None:
-    inputs = [m.model for m in cfg.models] + [m.grams for m in cfg.models if m.grams] + (
+    inputs = [m.model for m in cfg.models] + [p for m in cfg.models for p in (m.grams, m.data) if p] + (
         [cfg.base_model] if cfg.base_model else [])
     for p in inputs:
         if _inside(out, p) or _inside(p, out):
@@ -90,19 +90,20 @@ def _check_output_path(cfg: MergeConfig, out: str, force: bool, resume: bool = F
             raise MergeError(f"output folder {out} exists and is not empty (pass --force to replace it)")
 
 
-def _plan_hash(cfg, plan, layout, sources, device) -> str:
+def _plan_hash(cfg, plan, layout, sources, device, extra: dict | None = None) -> str:
     stats = []
     for s in sources:
         for f in s.files():
             st = os.stat(f)
             stats.append([f, st.st_size, st.st_mtime_ns])
     for m in cfg.models:
-        if m.grams and os.path.exists(m.grams):
-            st = os.stat(m.grams)
-            stats.append([os.path.abspath(m.grams), st.st_size, st.st_mtime_ns])
+        for p in (m.grams, m.data):
+            if p and os.path.exists(p):
+                st = os.stat(p)
+                stats.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"plan": plan.describe(), "layout": layout.describe(), "dtype": cfg.dtype,
-                       "solve_dtype": cfg.solve_dtype, "device": torch.device(device).type, "inputs": stats},
-                      sort_keys=True, default=str)
+                       "solve_dtype": cfg.solve_dtype, "device": torch.device(device).type, "inputs": stats,
+                       **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -174,6 +175,7 @@ class _Job:
         self.sources, self.base, self.gramsets = [], None, None
         self.gram_paths = [m.grams for m in cfg.models]
         self.plan = self.layout = self.signature = None
+        self.block_by_block = None  # regmean++: its RegMeanPlusPlusJob
 
     def close(self) -> None:
         for s in self.sources:
@@ -210,18 +212,25 @@ def _prepare(job: _Job) -> None:
     except ModelFolderError as e:
         raise MergeError(str(e)) from None
     from .methods import METHODS
-    if METHODS[cfg.method].needs_stats:
-        job.gramsets = [load_gramset(p) for p in job.gram_paths]
-    job.plan = build_plan(cfg, job.sources, job.gramsets, job.gram_paths, job.base)
+    if METHODS[cfg.method].needs_data:  # regmean++: its plan is made part by part as it runs
+        from .regmean_pp import RegMeanPlusPlusJob
+
+        job.block_by_block = RegMeanPlusPlusJob(cfg, job.sources).prepare()
+        job.plan = job.block_by_block.plan
+    else:
+        if METHODS[cfg.method].needs_stats:
+            job.gramsets = [load_gramset(p) for p in job.gram_paths]
+        job.plan = build_plan(cfg, job.sources, job.gramsets, job.gram_paths, job.base)
     job.layout = ShardLayout.build(job.plan.outputs, cfg.shard_bytes())
     limit = cfg.max_memory_bytes()
-    if limit is not None:
+    if limit is not None and job.block_by_block is None:
         need = estimate_working_bytes(job.plan, job.sources, cfg.torch_dtype(), cfg.torch_solve_dtype(),
                                       len(job.sources))
         if need > limit:
             raise MergeError(f"the largest tensor group needs about {need / 2**20:.0f} MiB of host memory, "
                              f"more than --max-memory {cfg.max_memory}")
-    job.signature = _plan_hash(cfg, job.plan, job.layout, job.sources, cfg.device)
+    job.signature = _plan_hash(cfg, job.plan, job.layout, job.sources, cfg.device,
+                               job.block_by_block.signature_extra() if job.block_by_block else None)
 
 
 def _execute(job: _Job, tx: OutputTransaction, dist, resume: bool, progress: bool, on_shard_done):
@@ -241,6 +250,12 @@ def _execute(job: _Job, tx: OutputTransaction, dist, resume: bool, progress: boo
     short = free_space_shortfall(os.path.dirname(job.out), needed + (1 << 20))  # + config, tokenizer, report
     if short:
         raise MergeError(short)
+    if job.block_by_block is not None:
+        tensor_report = job.block_by_block.run(output, folder=tx.tmp, signature=job.signature, resume=resume,
+                                               checkpoint_every=cfg.checkpoint_every, progress=progress)
+        if not output.complete():
+            raise RuntimeError("internal error: some shards were not written")
+        return dist.meet(plan, layout, tensor_report, output)
     bar = None
     if progress and dist.is_main:
         from tqdm import tqdm
@@ -377,16 +392,63 @@ def conv1d_modules(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
 
 
-def merge_modules(models, grams=None, *, base_model=None, **kwargs) -> torch.nn.Module:
+def merge_modules(models, grams=None, *, base_model=None, data=None, **kwargs) -> torch.nn.Module:
     """Merge K torch modules of one architecture; returns a new module (a copy of the first one)
     holding the merged weights. grams as for merge_state_dicts (FusionBench's per-model dicts
-    {module name: Gram} work as they are)."""
+    {module name: Gram} work as they are). method="regmean++" takes data instead: per model, its batches (dicts
+    of input_ids and attention_mask, or input_ids tensors), run block by block as the CLI does."""
     if not models:
         raise MergeError("no models to merge")
+    if kwargs.get("method") == "regmean++" or data is not None:
+        if grams is not None or base_model is not None:
+            raise MergeError("regmean++ takes data, not grams or a base model")
+        return _merge_modules_pp(models, data, **kwargs)
     kwargs.setdefault("conv1d", conv1d_modules(models[0]))
     sds = [m.state_dict() for m in models]
     base = base_model.state_dict() if base_model is not None else None
     merged = merge_state_dicts(sds, grams, base=base, **kwargs)
     out = copy.deepcopy(models[0])
     out.load_state_dict(merged if not isinstance(merged, tuple) else merged[0])
+    return out
+
+
+def _merge_modules_pp(models, data, *, method: str = "regmean++", weights=None, parameters: dict | None = None,
+                      regmean_exclude=(), allow_missing_grams: bool = False, dtype: str = "float32",
+                      solve_dtype: str = "float32", out_dtype: str | None = None, device: str = "cpu", **params):
+    """merge_modules for RegMean++: each model's state dict read as the CLI reads its folder (regmean_pp.py)."""
+    from .regmean_pp import RegMeanPlusPlusJob, as_batches
+    from ..grams.sequential import TensorOverlay
+
+    k = len(models)
+    if method != "regmean++":
+        raise MergeError(f"data is only read by regmean++, not by method {method}")
+    if data is None or len(data) != k:
+        raise MergeError(f"regmean++ needs one data set per model: got {0 if data is None else len(data)} "
+                         f"for {k} models")
+    if weights is not None and len(weights) != k:
+        raise MergeError(f"got {len(weights)} weights for {k} models")
+    cfg = MergeConfig(models=[ModelSpec(model=f"<module {i}>", data="<memory>",
+                                        weight=1.0 if weights is None else weights[i]) for i in range(k)],
+                      method=method, parameters={**(parameters or {}), **params}, dtype=dtype,
+                      solve_dtype=solve_dtype, out_dtype=out_dtype, regmean_exclude=list(regmean_exclude),
+                      allow_missing_grams=allow_missing_grams, device=device)
+    cfg.validate(require_paths=False)
+    sds = [{n: t.detach() for n, t in m.state_dict().items()} for m in models]
+    in_memory = []
+    for i, m in enumerate(models):
+        config = copy.deepcopy(m.config)
+        config.architectures = [type(m).__name__]  # the skeleton is this class, whatever the config says
+        in_memory.append((config, as_batches(data[i], f"model {i}"), TensorOverlay(None, sds[i])))
+    sources = [StateDictSource(sd, m.config.to_dict()) for sd, m in zip(sds, models)]
+    job = RegMeanPlusPlusJob(cfg, sources, in_memory).prepare()
+    merged: dict = {}
+
+    class _Memory:  # the output: the merged state dict
+        write, is_done = staticmethod(merged.__setitem__), staticmethod(lambda name: False)
+
+    job.run(_Memory())
+    for alias, name in sources[0].tied.items():
+        merged[alias] = merged[name]
+    out = copy.deepcopy(models[0])
+    out.load_state_dict(merged)
     return out

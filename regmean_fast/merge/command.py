@@ -3,6 +3,7 @@ dare_linear, slerp, fisher).
 
     python -m regmean_fast merge --models A B C --grams GA GB GC --out OUT [--alpha 0.9 ...]
     python -m regmean_fast merge CONFIG.yaml --out OUT [flags override the file]
+    python -m regmean_fast merge --method regmean++ --models A B C --data a.jsonl b.jsonl c.jsonl --out OUT
 
 Bad input is one line on stderr and exit status 2, with nothing written."""
 
@@ -20,7 +21,7 @@ from .methods import METHODS
 EPILOG = """example CONFIG.yaml (mergekit's format; paths relative to the working directory; unknown keys are errors):
 
   method: regmean                 # regmean | average (linear) | task_arithmetic | ties | dare_ties | dare_linear
-                                  # | slerp | fisher
+                                  # | slerp | fisher | regmean++
   models:
     - model: ft/task_a
       grams: grams/task_a.safetensors   # python -m regmean_fast grams ft/task_a --data a.jsonl --out ...
@@ -33,7 +34,8 @@ EPILOG = """example CONFIG.yaml (mergekit's format; paths relative to the workin
 
 methods: regmean (one Gram file per model), average, task_arithmetic, ties, dare_ties, dare_linear and slerp
 (--base-model; as mergekit defines them), fisher (Gram files collected with --fisher). Parameters may be
-gradients over the layers or filtered by tensor name, as in mergekit.
+gradients over the layers or filtered by tensor name, as in mergekit. regmean++: one calibration data file
+per model, read now (data: per model in the YAML, or --data; no Gram files).
 OUT gets model*.safetensors (+ index), config.json, the tokenizer
 and generation files, merge_report.json (per tensor: method, ridge, condition, expected error, time),
 regmean_config.yml (rerun it to reproduce the merge) and README.md. Interrupted or killed at any moment:
@@ -51,6 +53,17 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g.add_argument("--grams", nargs="+", metavar="GRAMS", help="one Gram file per model, in the same order")
     g.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)")
     g.add_argument("--base-model", metavar="DIR", help="base model (task_arithmetic, ties, dare_*, slerp)")
+    g = p.add_argument_group("calibration data (regmean++; the same meaning as the grams command's flags)")
+    g.add_argument("--data", nargs="+", metavar="FILE",
+                   help="one data file per model, in the same order (JSON Lines, text, CSV/TSV, Parquet, by "
+                        "extension); unlike RegMean's Gram files it must be present at merge time")
+    g.add_argument("--max-length", type=int, metavar="N",
+                   help="tokens per example, longer ones truncated (default: min(512, the model's limit))")
+    g.add_argument("--batch-size", type=int, metavar="N", help="examples per forward (default: 8)")
+    g.add_argument("--max-examples", type=int, metavar="N", help="use the first N examples of each file")
+    g.add_argument("--text-field", metavar="NAME",
+                   help="JSONL field / CSV column with the text (default: text); JSONL lines without it may carry "
+                        "a chat 'messages' list, rendered with the tokenizer's chat template")
     g = p.add_argument_group("method")
     g.add_argument("--method", help=f"{', '.join(METHODS)} (default regmean)")
     rm, ties, ties_model = METHODS["regmean"].params, METHODS["ties"].params, METHODS["ties"].model_params
@@ -93,6 +106,10 @@ def register_merge(sub) -> argparse.ArgumentParser:
                    help="after Ctrl-C or a kill: reuse the verified shards of the partial folder; with none, start "
                         "from the beginning (a note says so); an OUT already complete and made by this same merge "
                         "is kept as it is (a note, exit 0); anything there made otherwise is refused")
+    g.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="regmean++: a checkpoint in the partial folder every N blocks, and at the end of the block "
+                        "under way on Ctrl-C, so that --resume goes on from there (default: none; --resume then "
+                        "merges every block again, keeping the finished shards)")
     g.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     g.add_argument("--progress", action="store_true", help="show a progress bar")
     g.add_argument("--json", action="store_true", help="print the merge report as JSON")
@@ -106,7 +123,8 @@ def config_from_args(args) -> MergeConfig:
         old = cfg.models
         same = len(old) == len(args.models)  # the file's per-model settings apply to the same positions
         cfg.models = [ModelSpec(model=m, grams=old[i].grams if same else None, weight=old[i].weight if same else None,
-                                parameters=dict(old[i].parameters) if same else {})
+                                parameters=dict(old[i].parameters) if same else {},
+                                data=old[i].data if same else None)
                       for i, m in enumerate(args.models)]
     if not cfg.models:
         raise MergeError("no models: give --models or a CONFIG.yaml with models")
@@ -115,13 +133,22 @@ def config_from_args(args) -> MergeConfig:
             raise MergeError(f"got {len(args.grams)} Gram files for {len(cfg.models)} models")
         for m, g in zip(cfg.models, args.grams):
             m.grams = g
+    if args.data:
+        if len(args.data) != len(cfg.models):
+            raise MergeError(f"got {len(args.data)} data files for {len(cfg.models)} models")
+        for m, d in zip(cfg.models, args.data):
+            m.data = d
+    calibration = {k: getattr(args, k) for k in ("max_length", "batch_size", "max_examples", "text_field")
+                   if getattr(args, k) is not None}
+    if calibration:
+        cfg.calibration = {**cfg.calibration, **calibration}
     if args.weights:
         if len(args.weights) != len(cfg.models):
             raise MergeError(f"got {len(args.weights)} weights for {len(cfg.models)} models")
         for m, w in zip(cfg.models, args.weights):
             m.weight = w
     for key in ("method", "base_model", "dtype", "solve_dtype", "out_dtype", "shard_size", "device", "max_memory",
-                "allow_missing_grams", "copy_tokenizer", "seed"):
+                "allow_missing_grams", "copy_tokenizer", "seed", "checkpoint_every"):
         v = getattr(args, key)
         if v is not None:
             setattr(cfg, key, v)

@@ -6,6 +6,7 @@
     models:                      # paths relative to the working directory (as mergekit)
       - model: path/to/model_a
         grams: path/to/grams_a.safetensors
+        data: path/to/a.jsonl    # regmean++: calibration data, read at merge time
         weight: 1.0              # or parameters: {weight: ..., density: ...}; numbers, gradients, filters
       - model: path/to/model_b
         grams: path/to/grams_b.safetensors
@@ -19,6 +20,8 @@
     device: cpu
     max_memory: null             # host memory budget, e.g. 16GB
     copy_tokenizer: true
+    calibration: {max_length: 512, batch_size: 8, max_examples: null, text_field: text}   # regmean++'s data
+    checkpoint_every: null       # regmean++: a checkpoint every N blocks (and on Ctrl-C) for --resume
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ from .settings import check_setting, leaves
 
 TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "solve_dtype", "out_dtype",
             "regmean_exclude", "allow_missing_grams", "shard_size", "device", "max_memory", "copy_tokenizer", "seed",
-            "tokenizer_source"}
-MODEL_KEYS = {"model", "grams", "weight", "parameters"}
+            "tokenizer_source", "calibration", "checkpoint_every"}
+MODEL_KEYS = {"model", "grams", "data", "weight", "parameters"}
+# How regmean++ reads each model's data, with the meaning of the `grams` command's flags of the same names
+# (max_length None: min(512, the model's limit)).
+CALIBRATION_DEFAULTS = {"max_length": None, "batch_size": 8, "max_examples": None, "text_field": "text"}
 FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -68,6 +74,7 @@ class ModelSpec:
     weight: object = None  # a number or a mergekit setting (gradient, filters); None: 1
     parameters: dict = field(default_factory=dict)  # the other per-model parameters (density)
     hub_id: str | None = None  # the name as given when `model` was found in the Hugging Face cache
+    data: str | None = None  # calibration data (regmean++)
 
 
 @dataclass
@@ -89,6 +96,8 @@ class MergeConfig:
     tokenizer_source: str | None = None  # mergekit's; only "base" (our behaviour) is accepted
     base_hub_id: str | None = None  # as ModelSpec.hub_id, for base_model
     notes: list = field(default_factory=list)  # one line each, said once when the merge starts
+    calibration: dict = field(default_factory=dict)  # regmean++: CALIBRATION_DEFAULTS' keys
+    checkpoint_every: int | None = None  # regmean++: a checkpoint every N blocks (not part of the signature)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +127,7 @@ class MergeConfig:
         for m in self.models:
             m.model = os.path.abspath(m.model)
             m.grams = os.path.abspath(m.grams) if m.grams else m.grams
+            m.data = os.path.abspath(m.data) if m.data else m.data
         self.base_model = os.path.abspath(self.base_model) if self.base_model else self.base_model
         return self
 
@@ -139,6 +149,7 @@ class MergeConfig:
         self._check_dtypes()
         if meth.needs_base and not self.base_model:
             raise MergeError(f"method {self.method} needs base_model")
+        self._validate_data(meth)  # first: --data given to another method is the likelier mistake
         if meth.needs_base:  # mergekit: a base_model listed under models is the base, not one more model
             same = _same_path(self.base_model)
             self.models = [m for m in self.models if not same(m.model)]
@@ -180,6 +191,8 @@ class MergeConfig:
             for m in self.models:
                 if m.grams and not os.path.exists(m.grams):
                     raise MergeError(f"Gram file {m.grams} does not exist")
+                if m.data and not os.path.isfile(m.data):
+                    raise MergeError(f"data file {m.data} does not exist")
         return self
 
     def _resolve_models(self) -> None:
@@ -281,6 +294,34 @@ class MergeConfig:
                              "first) model, as tokenizer_source: base (make that model the base_model)")
 
 
+    def calibration_options(self) -> dict:
+        """The calibration settings with defaults filled in (valid after validate())."""
+        return {**CALIBRATION_DEFAULTS, **self.calibration}
+
+    def _validate_data(self, meth) -> None:
+        n = sum(1 for m in self.models if m.data)
+        if meth.needs_data and n < len(self.models):
+            raise MergeError(f"method {self.method} needs one calibration data file per model (--data, or data: "
+                             f"per model in the YAML): got {n} for {len(self.models)} models")
+        if not meth.needs_data and (n or self.calibration):
+            raise MergeError(f"calibration data is only read by regmean++, not by method {self.method}")
+        unknown = sorted(set(self.calibration) - set(CALIBRATION_DEFAULTS))
+        if unknown:
+            raise MergeError(f"calibration: unknown key(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(CALIBRATION_DEFAULTS)})")
+        for key in ("max_length", "batch_size", "max_examples"):
+            v = self.calibration.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise MergeError(f"calibration: {key} must be an integer >= 1, got {v!r}")
+        ce = self.checkpoint_every
+        if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+            raise MergeError(f"checkpoint_every must be an integer >= 1, got {ce!r}")
+        if ce is not None and not meth.needs_data:
+            raise MergeError(f"checkpoint_every is only used by regmean++, not by method {self.method}")
+        tf = self.calibration.get("text_field", "text")
+        if not isinstance(tf, str) or not tf:
+            raise MergeError(f"calibration: text_field must be a name, got {tf!r}")
+
 def _model_check(meth, where, params) -> None:
     try:
         meth.check_model_params(params)
@@ -344,6 +385,11 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
         cfg.allow_missing_grams = _bool("allow_missing_grams", d["allow_missing_grams"])
     if "copy_tokenizer" in d:
         cfg.copy_tokenizer = _bool("copy_tokenizer", d["copy_tokenizer"])
+    cal = d.get("calibration") or {}
+    if not isinstance(cal, dict):
+        raise MergeError(f"{source}: calibration must be a mapping")
+    cfg.calibration = dict(cal)
+    cfg.checkpoint_every = d.get("checkpoint_every")
     return cfg
 
 
@@ -366,7 +412,8 @@ def _model_specs(models, source: str, path) -> list[ModelSpec]:
         if "weight" in m and "weight" in mp:
             raise MergeError(f"{source}: models[{i}]: give weight once (as weight or parameters.weight)")
         w = m.get("weight", mp.pop("weight", None))
-        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w, parameters=mp))
+        specs.append(ModelSpec(model=path(m["model"]), grams=path(m.get("grams")), weight=w, parameters=mp,
+                               data=path(m.get("data"))))
     return specs
 
 

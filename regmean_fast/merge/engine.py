@@ -41,7 +41,8 @@ def _item_bytes(src, item) -> int:
 
 class Engine:
     def __init__(self, plan: Plan, sources, *, base=None, gramsets=None, gram_paths=None,
-                 compute_dtype=torch.float32, solve_dtype=torch.float32, device="cpu", allow_missing=False):
+                 compute_dtype=torch.float32, solve_dtype=torch.float32, device="cpu", allow_missing=False,
+                 scratch: dict | None = None):
         self.plan = plan
         self.sources = sources
         self.base = base
@@ -52,7 +53,8 @@ class Engine:
         self.device = torch.device(device)
         self.k = len(sources)
         self.allow_missing = allow_missing
-        self._buffers: dict[str, torch.Tensor] = {}
+        # _scratch's buffers; a dict passed in is shared with other engines (RegMean++: one engine per block)
+        self._buffers: dict[str, torch.Tensor] = {} if scratch is None else scratch
         self._out_dtypes = {n: d for n, d, _ in plan.outputs}
 
     # -- loading, with the checks that name the tensor -------------------------------------------

@@ -13,6 +13,8 @@ def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float
     return {
         "tool": "regmean_fast", "version": __version__, "method": plan.method, "parameters": plan.params,
         "models": [m.model for m in cfg.models], "grams": [m.grams for m in cfg.models],
+        **({"data": [m.data for m in cfg.models], "calibration": cfg.calibration_options()}
+           if any(m.data for m in cfg.models) else {}),
         "weights": plan.raw_weights, "coefficients": plan.coeffs, "base_model": cfg.base_model,
         "dtype": cfg.dtype, "solve_dtype": cfg.solve_dtype, "out_dtype": cfg.out_dtype, "device": device,
         "seed": cfg.seed, "regmean_exclude": list(cfg.regmean_exclude), "notes": list(cfg.notes),
@@ -45,8 +47,8 @@ def config_yaml(cfg, plan) -> str:
     d = {"method": cfg.method}
     if cfg.base_model:
         d["base_model"] = cfg.base_hub_id or cfg.base_model
-    d["models"] = [{k: v for k, v in (("model", m.hub_id or m.model), ("grams", m.grams), ("weight", m.weight),
-                                      ("parameters", m.parameters or None)) if v is not None}
+    d["models"] = [{k: v for k, v in (("model", m.hub_id or m.model), ("grams", m.grams), ("data", m.data),
+                                      ("weight", m.weight), ("parameters", m.parameters or None)) if v is not None}
                    for m in cfg.models]
     if plan.params:
         d["parameters"] = dict(plan.params)
@@ -59,6 +61,10 @@ def config_yaml(cfg, plan) -> str:
         d["allow_missing_grams"] = True
     if cfg.method.startswith("dare"):
         d["seed"] = cfg.seed
+    if any(m.data for m in cfg.models):
+        d["calibration"] = cfg.calibration_options()
+    if cfg.checkpoint_every:
+        d["checkpoint_every"] = cfg.checkpoint_every
     d["shard_size"] = cfg.shard_size
     return yaml.safe_dump(d, sort_keys=False)
 
@@ -72,7 +78,9 @@ def model_card(cfg, plan) -> str:
              + ["---", "", "# Merged model", "",
                 f"Merged with regmean_fast {__version__}, method `{plan.method}`"
                 + (" (RegMean: \"Dataless Knowledge Fusion by Merging Weights of Language Models\", Jin et al. 2023)."
-                   if plan.method == "regmean" else "."), "", "## Models", ""])
+                   if plan.method == "regmean" else
+                   " (RegMean++: each block's statistics through the already merged blocks, Nguyen et al. 2025)."
+                   if plan.method == "regmean++" else "."), "", "## Models", ""])
     for i, m in enumerate(cfg.models):
         lines.append(f"- `{m.hub_id or m.model}` (" + (f"coefficient {plan.coeffs[i]:.4g})" if plan.coeffs is not None
                                            else f"weight {plan.raw_weights[i]})"))

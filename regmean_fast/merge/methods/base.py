@@ -39,6 +39,7 @@ class MergeMethod:
     name: str = ""
     needs_base: bool = False
     needs_stats: bool = False  # one statistics (Gram) file per model
+    needs_data: bool = False  # one calibration data file per model, read at merge time (RegMean++)
     params: dict = {}  # parameter -> default (REQUIRED: must be given)
     # Per-model parameters (a models[i].parameters entry, else the global value, else this default), as
     # mergekit's tensor parameters; weight is every method's.

@@ -136,3 +136,12 @@ class RegMean(MergeMethod):
             if ws[-1].size(1) != d:
                 raise MergeError(f"{g.members[m]}: Gram of size {d} for inputs of size {ws[-1].size(1)}")
         return ws, [w.size(0) for w in ws]
+
+
+class RegMeanPlusPlus(RegMean):
+    """RegMean++ (Nguyen et al. 2025): RegMean's solve, with each block's Grams taken from the models' data
+    passed through the already merged blocks before it; run block by block by merge/regmean_pp.py."""
+
+    name = "regmean++"
+    needs_stats = False
+    needs_data = True
