@@ -194,7 +194,8 @@ def baseline_rss_mb() -> float:
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_gen":
-        paths, grams = make_inputs(sys.argv[2], *[int(x) for x in sys.argv[3:10]])
+        paths, grams = make_inputs(sys.argv[2], *[int(x) for x in sys.argv[3:10]],
+                                   with_grams=sys.argv[10:11] != ["nograms"])
         print(json.dumps([paths, grams]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_child":

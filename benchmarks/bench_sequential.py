@@ -26,26 +26,13 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
-# The command under a wrapper that prints its own peak RSS: a child's ru_maxrss starts from the high-water
-# mark of the process it was forked from, so the inputs are generated in another child and the command is
-# started from this small parent.
-WRAPPER = ("import resource, runpy, sys; sys.argv = ['regmean_fast'] + sys.argv[1:]\n"
-           "try:\n    runpy.run_module('regmean_fast', run_name='__main__')\n"
-           "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-           "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
-           "sys.exit(code)")
-
-
 def run_grams(folder: str, data: str, out: str, args) -> dict:
-    cmd = [sys.executable, "-c", WRAPPER, "grams", folder, "--data", data, "--out", out, "--sequential",
-           "--batch-size", str(args.batch_size), "--max-length", str(args.tokens), "--dtype", args.dtype,
-           "--no-progress"]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-3000:])
-    peak = float(r.stderr.strip().splitlines()[-1].split()[-1])
-    return {"time_s": time.perf_counter() - t0, "peak_rss_mb": peak}
+    """The command in a fresh process started from this small parent (the inputs come from another child):
+    its wall time and its own peak RSS."""
+    from common import CLI, run_measured
+
+    return run_measured(CLI, ["grams", folder, "--data", data, "--out", out, "--sequential", "--batch-size",
+                              args.batch_size, "--max-length", args.tokens, "--dtype", args.dtype, "--no-progress"])
 
 
 def generate(layers: int, root: str, args) -> str:

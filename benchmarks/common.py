@@ -78,3 +78,37 @@ def machine_info() -> dict:
     except Exception as e:  # a benchmark of the baseline alone still runs
         info["regmean_fast"] = f"unavailable: {e}"
     return info
+
+
+# A measured side runs in a fresh process started from a small parent (a child's ru_maxrss starts from the
+# high-water mark of the process it was forked from): this wrapper runs `code` as __main__ with the given
+# argv and prints its own peak RSS last on stderr.
+_MEASURED = """import resource, sys
+code = 0
+try:
+    exec(compile(sys.argv.pop(1), "<measured>", "exec"), {"__name__": "__main__"})
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_measured(code: str, argv=(), env=None) -> dict:
+    """Run python `code` (argv after it) in a fresh process -> {"time_s", "peak_rss_mb"}; RuntimeError with the
+    end of its stderr when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", _MEASURED, code, *map(str, argv)], capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
+    dt = time.perf_counter() - t0
+    lines = r.stderr.strip().splitlines()
+    if r.returncode != 0 or not lines or not lines[-1].startswith("peak_rss_mb"):
+        raise RuntimeError(r.stderr[-3000:])
+    return {"time_s": dt, "peak_rss_mb": float(lines[-1].split()[-1])}
+
+
+CLI = "import runpy, sys; sys.argv[0] = 'regmean_fast'; runpy.run_module('regmean_fast', run_name='__main__')"
