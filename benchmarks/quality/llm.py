@@ -59,22 +59,24 @@ LICENCES = {
 @dataclasses.dataclass
 class Config:
     model: str = "smollm2-135m-instruct"  # a name of benchmarks.llm_models.MODELS
-    n_train: int = 300          # per task
+    n_train: int = 240          # per task
     n_test: int = 150           # per task, fixed split (split_seed)
+    n_eval: int = 100           # the first n_eval examples of each test split are scored
     split_seed: int = 0
     seeds: tuple = (0, 1)
+    multitask_seeds: tuple | None = None  # the seeds with a multi-task reference (None: every seed)
     opening_words: int = 32     # words of an article (or review) shown in a prompt
     max_length: int = 128       # no rendered example is longer (checked): nothing is truncated
     epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 8
     bf16: bool = True           # torch.autocast bf16 for training and evaluation forwards (weights stay fp32)
-    ppl_tokens: int = 16384     # general-text perplexity: this many tokens of pydoc_data/topics.py
+    ppl_tokens: int = 4096      # general-text perplexity: this many tokens of pydoc_data/topics.py
     ppl_window: int = 256
     alphas: tuple = (0.9, 0.5, 1.0)
-    ta_scalings: tuple = (0.5, 1.0)
+    ta_scalings: tuple = (0.5,)
     ties_density: float = 0.2
-    fisher: bool = True
+    fisher_examples: int = 100  # per model (one backward each); 0: no Fisher merge
 
     def data_key(self) -> dict:
         return {k: getattr(self, k) for k in ("model", "n_train", "n_test", "split_seed", "opening_words")}
@@ -82,6 +84,9 @@ class Config:
     def train_key(self) -> dict:
         return dict(self.data_key(), **{k: getattr(self, k) for k in ("max_length", "epochs", "lr", "batch_size",
                                                                        "bf16")})
+
+    def eval_key(self) -> dict:
+        return {k: getattr(self, k) for k in ("n_eval", "ppl_tokens", "ppl_window", "bf16")}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -318,7 +323,7 @@ def evaluate(model_dir: str, data: dict, cfg: Config, cache: str) -> dict:
     res = {}
     with torch.inference_mode():
         for task in TASKS:
-            rows = read_jsonl(data[task][1])
+            rows = read_jsonl(data[task][1])[:cfg.n_eval]
             encoded = [encode(tok, r["messages"]) for r in rows]
             order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
             labels = labels_of(task)
@@ -383,14 +388,19 @@ def general_perplexity(model, tok, cfg: Config) -> float:
 
 # ---------------------------------------------------------------------------------------------------- CLI steps
 
-def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: str) -> str:
+def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: str, fisher: bool = False) -> str:
+    """Grams of every training example, or (fisher) the diagonal Fisher of the first fisher_examples (one
+    backward pass each; the Grams in that file are not used)."""
     if os.path.exists(out):
         return out
     t0 = time.perf_counter()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     args = ["grams", model, "--data", train_file, "--out", out, "--max-length", str(cfg.max_length),
             "--batch-size", "16", "--dtype", "bf16" if cfg.bf16 else "fp32", "--no-progress"]
-    run_cli(args + (["--fisher"] if cfg.fisher else []), log)
-    log(f"  regmean_fast grams {name}{' --fisher' if cfg.fisher else ''}: {time.perf_counter() - t0:.0f} s")
+    if fisher:
+        args += ["--fisher", "--max-examples", str(cfg.fisher_examples)]
+    run_cli(args, log)
+    log(f"  regmean_fast grams {name}{' --fisher' if fisher else ''}: {time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -402,19 +412,21 @@ def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
               for s in cfg.ta_scalings]
     specs.append((f"TIES (density={cfg.ties_density}, lambda=1.0)",
                   ["--method", "ties", "--density", str(cfg.ties_density), "--scaling", "1.0"]))
-    if cfg.fisher:
-        specs.append(("Fisher", ["--method", "fisher"]))
+    if cfg.fisher_examples:
+        specs.append((f"Fisher ({cfg.fisher_examples} examples)", ["--method", "fisher"]))
     return specs
 
 
-def merge(models, gram_files, base, flags, out, log: Log, name: str) -> str:
+def merge(models, gram_files, fisher_files, base, flags, out, log: Log, name: str) -> str:
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     t0 = time.perf_counter()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     args = ["merge", "--models", *models, "--out", out, "--force", *flags]
-    if flags[1] in ("regmean", "fisher"):
+    if flags[1] == "regmean":
         args += ["--grams", *gram_files]
+    if flags[1] == "fisher":
+        args += ["--grams", *fisher_files]
     if flags[1] in ("task_arithmetic", "ties"):
         args += ["--base-model", base]
     run_cli(args, log)
@@ -433,9 +445,9 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
     data = prepare_data(cfg, root, log)
     log(f"model: {cfg.model} ({base}); data: {', '.join(f'{t} {cfg.n_train}/{cfg.n_test}' for t in TASKS)}")
     run_dir = os.path.join(root, "runs", _h(cfg.train_key()))
-    evals = os.path.join(run_dir, "evals")
+    evals = os.path.join(run_dir, "evals", _h(cfg.eval_key()))
     rows: dict[str, dict] = {}
-    base_res = evaluate(base, data, cfg, os.path.join(evals, f"base.{_h([cfg.ppl_tokens, cfg.ppl_window])}.json"))
+    base_res = evaluate(base, data, cfg, os.path.join(evals, "base.json"))
 
     def ev(model_dir, name, seed):
         r = evaluate(model_dir, data, cfg, os.path.join(evals, f"seed{seed}", f"{name}.json"))
@@ -452,10 +464,15 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
             t: rows[f"fine-tuned on {t}"][str(seed)][t] for t in TASKS}
         gfiles = [grams(models[t], data[t][0], os.path.join(sd, "grams", f"{t}.safetensors"), cfg, log, t)
                   for t in TASKS]
+        ffiles = [grams(models[t], data[t][0], os.path.join(sd, "grams", f"{t}.fisher{cfg.fisher_examples}.safetensors"),
+                        cfg, log, t, fisher=True) for t in TASKS] if cfg.fisher_examples else []
         for name, flags in merge_specs(cfg):
-            out = merge([models[t] for t in TASKS], gfiles, base, flags, os.path.join(sd, "merged", _h(flags)),
-                        log, name)
-            rows.setdefault(name, {})[str(seed)] = ev(out, "merged-" + _h(flags), seed)
+            out = merge([models[t] for t in TASKS], gfiles, ffiles, base, flags,
+                        os.path.join(sd, "merged", _h(flags + [cfg.fisher_examples] * (flags[1] == "fisher"))), log, name)
+            rows.setdefault(name, {})[str(seed)] = ev(out, "merged-" + os.path.basename(out), seed)
+    # The multi-task references last: the most expensive training (as many steps as the three fine-tunes).
+    for seed in cfg.seeds if cfg.multitask_seeds is None else cfg.multitask_seeds:
+        sd = os.path.join(run_dir, f"seed{seed}")
         mt = finetune(base, [data[t][0] for t in TASKS], os.path.join(sd, "models", "multitask"), cfg, seed, log,
                       "multi-task (union)")
         rows.setdefault("multi-task (union)", {})[str(seed)] = ev(mt, "multitask", seed)
@@ -491,7 +508,8 @@ def summary(results: dict) -> list[dict]:
                     vals.append(per_seed[s][col])
             if vals:
                 cells[col] = {"values": vals, "mean": sum(vals) / len(vals), "half_range": (max(vals) - min(vals)) / 2}
-        out.append({"row": row, "cells": cells})
+        label = row if len(per_seed) == len(results["seeds"]) else f"{row} (seed {', '.join(sorted(per_seed))} only)"
+        out.append({"row": label, "cells": cells})
     return out
 
 
@@ -525,8 +543,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--seeds", type=int, nargs="+", default=list(Config.seeds))
+    p.add_argument("--multitask-seeds", type=int, nargs="*", default=None,
+                   help="the seeds that get a multi-task reference (default: every seed)")
     a = p.parse_args(argv)
-    cfg = Config(seeds=tuple(a.seeds))
+    cfg = Config(seeds=tuple(a.seeds), multitask_seeds=None if a.multitask_seeds is None else tuple(a.multitask_seeds))
     try:
         res = run(cfg)
     except fetch.FetchError as e:
