@@ -436,8 +436,9 @@ def merge(models, gram_files, fisher_files, base, flags, out, log: Log, name: st
 
 # ---------------------------------------------------------------------------------------------------- pipeline
 
-def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
-    """Every step (cached) -> {"tasks", "seeds", "rows": {row: {seed: {task or general_ppl: value}}}, ...}."""
+def run(cfg: Config, root: str | None = None, quiet: bool = False, cached_only: bool = False) -> dict:
+    """Every step (cached) -> {"tasks", "seeds", "rows": {row: {seed: {task or general_ppl: value}}}, ...}.
+    cached_only: compute nothing; the rows hold the evaluations already cached (a partial run's table)."""
     log = Log(quiet)
     root = root or os.path.join(fetch.cache_dir(), "quality", "llm")
     t_start = time.perf_counter()
@@ -447,35 +448,48 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
     run_dir = os.path.join(root, "runs", _h(cfg.train_key()))
     evals = os.path.join(run_dir, "evals", _h(cfg.eval_key()))
     rows: dict[str, dict] = {}
-    base_res = evaluate(base, data, cfg, os.path.join(evals, "base.json"))
 
-    def ev(model_dir, name, seed):
-        r = evaluate(model_dir, data, cfg, os.path.join(evals, f"seed{seed}", f"{name}.json"))
-        log(f"seed {seed}: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
-        return r
+    def put(row, seed, model_dir, name):
+        cache = os.path.join(evals, f"seed{seed}" if seed is not None else "", f"{name}.json")
+        if cached_only and not os.path.exists(cache):
+            return
+        r = evaluate(model_dir, data, cfg, cache)
+        if seed is not None:
+            log(f"seed {seed}: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
+        for s in ([seed] if seed is not None else cfg.seeds):
+            rows.setdefault(row, {})[str(s)] = r
 
+    put("base (pre-trained)", None, base, "base")
     for seed in cfg.seeds:
-        rows.setdefault("base (pre-trained)", {})[str(seed)] = base_res
         sd = os.path.join(run_dir, f"seed{seed}")
-        models = {t: finetune(base, [data[t][0]], os.path.join(sd, "models", t), cfg, seed, log, t) for t in TASKS}
+        models = {t: os.path.join(sd, "models", t) for t in TASKS}
         for t in TASKS:
-            rows.setdefault(f"fine-tuned on {t}", {})[str(seed)] = ev(models[t], t, seed)
-        rows.setdefault("individual (own task)", {})[str(seed)] = {
-            t: rows[f"fine-tuned on {t}"][str(seed)][t] for t in TASKS}
-        gfiles = [grams(models[t], data[t][0], os.path.join(sd, "grams", f"{t}.safetensors"), cfg, log, t)
-                  for t in TASKS]
-        ffiles = [grams(models[t], data[t][0], os.path.join(sd, "grams", f"{t}.fisher{cfg.fisher_examples}.safetensors"),
-                        cfg, log, t, fisher=True) for t in TASKS] if cfg.fisher_examples else []
+            if not cached_only:
+                finetune(base, [data[t][0]], models[t], cfg, seed, log, t)
+            put(f"fine-tuned on {t}", seed, models[t], t)
+        if all(str(seed) in rows.get(f"fine-tuned on {t}", {}) for t in TASKS):
+            experts = [rows[f"fine-tuned on {t}"][str(seed)] for t in TASKS]
+            rows.setdefault("individual (own task)", {})[str(seed)] = dict(
+                {t: r[t] for t, r in zip(TASKS, experts)},  # general_ppl: the experts' mean
+                general_ppl=sum(r["general_ppl"] for r in experts) / len(experts))
+        gfiles = [os.path.join(sd, "grams", f"{t}.safetensors") for t in TASKS]
+        ffiles = [os.path.join(sd, "grams", f"{t}.fisher{cfg.fisher_examples}.safetensors") for t in TASKS]
+        if not cached_only:
+            for t, g, f in zip(TASKS, gfiles, ffiles):
+                grams(models[t], data[t][0], g, cfg, log, t)
+                if cfg.fisher_examples:
+                    grams(models[t], data[t][0], f, cfg, log, t, fisher=True)
         for name, flags in merge_specs(cfg):
-            out = merge([models[t] for t in TASKS], gfiles, ffiles, base, flags,
-                        os.path.join(sd, "merged", _h(flags + [cfg.fisher_examples] * (flags[1] == "fisher"))), log, name)
-            rows.setdefault(name, {})[str(seed)] = ev(out, "merged-" + os.path.basename(out), seed)
+            out = os.path.join(sd, "merged", _h(flags + [cfg.fisher_examples] * (flags[1] == "fisher")))
+            if not cached_only:
+                merge([models[t] for t in TASKS], gfiles, ffiles, base, flags, out, log, name)
+            put(name, seed, out, "merged-" + os.path.basename(out))
     # The multi-task references last: the most expensive training (as many steps as the three fine-tunes).
     for seed in cfg.seeds if cfg.multitask_seeds is None else cfg.multitask_seeds:
-        sd = os.path.join(run_dir, f"seed{seed}")
-        mt = finetune(base, [data[t][0] for t in TASKS], os.path.join(sd, "models", "multitask"), cfg, seed, log,
-                      "multi-task (union)")
-        rows.setdefault("multi-task (union)", {})[str(seed)] = ev(mt, "multitask", seed)
+        mt = os.path.join(run_dir, f"seed{seed}", "models", "multitask")
+        if not cached_only:
+            finetune(base, [data[t][0] for t in TASKS], mt, cfg, seed, log, "multi-task (union)")
+        put("multi-task (union)", seed, mt, "multitask")
     return {"tasks": list(TASKS), "seeds": list(cfg.seeds), "rows": rows, "settings": dataclasses.asdict(cfg),
             "seconds": time.perf_counter() - t_start, "licences": LICENCES}
 
@@ -495,7 +509,7 @@ def normalised(res: dict, own: dict) -> float:
 
 def summary(results: dict) -> list[dict]:
     """Per row and column: values per seed, mean and half-range over seeds."""
-    own = results["rows"]["individual (own task)"]
+    own = results["rows"].get("individual (own task)", {})
     out = []
     for row, per_seed in results["rows"].items():
         cells = {}
@@ -503,7 +517,8 @@ def summary(results: dict) -> list[dict]:
             vals = []
             for s in sorted(per_seed, key=int):
                 if col == "normalised":
-                    vals.append(normalised(per_seed[s], own[s]))
+                    if s in own:  # a partial run (--cached-only) may lack a seed's experts
+                        vals.append(normalised(per_seed[s], own[s]))
                 elif col in per_seed[s]:
                     vals.append(per_seed[s][col])
             if vals:
@@ -545,10 +560,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(Config.seeds))
     p.add_argument("--multitask-seeds", type=int, nargs="*", default=None,
                    help="the seeds that get a multi-task reference (default: every seed)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: the table of what is cached (a partial run's)")
     a = p.parse_args(argv)
     cfg = Config(seeds=tuple(a.seeds), multitask_seeds=None if a.multitask_seeds is None else tuple(a.multitask_seeds))
     try:
-        res = run(cfg)
+        res = run(cfg, cached_only=a.cached_only)
     except fetch.FetchError as e:
         print(f"regmean_fast: error: {e}", file=sys.stderr)
         return 2
