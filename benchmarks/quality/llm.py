@@ -11,9 +11,10 @@ assistant's answer tokens only:
   topic      BBC News article opening -> one of 5 sorted categories      accuracy
   headline   BBC News article opening -> its headline (generative)       perplexity of the reference headline
 
-Classification scores each label by the log-likelihood of its answer tokens; the labels here all start
-with distinct tokens, so that ranking is taken from the first answer token's log-probabilities (one
-forward per example; labels sharing a first token would be scored one forward per label). General-text
+Classification picks the label whose answer tokens are most likely; the labels here all start with
+distinct tokens, so it uses the first answer token's log-probability (one forward per example; the later
+tokens' terms, near zero once the first is given, are left out); labels sharing a first token are scored
+by their full answers, one forward per label. General-text
 perplexity is measured on a fixed slice of CPython's pydoc_data/topics.py (English prose no fine-tune saw).
 
 Per seed (the seed changes the training order only; data splits, base and hyper-parameters are fixed):
@@ -354,9 +355,9 @@ def evaluate(model_dir: str, data: dict, cfg: Config, cache: str) -> dict:
 
 
 def label_scores(model, tok, encoded, order, labels, bf16: bool, batch: int = 16) -> list[list[float]]:
-    """Per example, the log-likelihood of each label's answer tokens up to a constant that is the same for
-    every label: the first answer token's log-probability when the labels' first tokens are distinct
-    (which decides the ranking alone), else the full answer (one forward per label)."""
+    """Per example, a score per label: the log-probability of the label's first answer token when the
+    labels' first tokens are distinct (one forward per example; the full answer's log-likelihood without
+    its later tokens' terms), else the log-likelihood of the label's whole answer (one forward per label)."""
     import torch
 
     firsts = [tok(lab, add_special_tokens=False)["input_ids"][0] for lab in labels]
