@@ -179,7 +179,8 @@ class Engine:
             name=name, k=self.k, load=lambda i: self._load(i, name), coeffs=r.coeffs, raw_weights=r.weights,
             base=(lambda: self._load_base(name)) if self.base is not None else (lambda: None),
             fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None),
-            model_params=r.model_params, seed=plan.seed)
+            model_params=r.model_params, seed=plan.seed,
+            load_stored=lambda i: self._load(i, name, stored_dtype=True))
         if item.method == "fisher":
             fs = [self._load_fisher(i, name) for i in range(self.k)]
             have = [f is not None for f in fs]

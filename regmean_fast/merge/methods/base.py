@@ -16,8 +16,9 @@ REQUIRED = object()  # a parameter without a default
 class TensorInputs:
     """One output tensor's inputs, loaded lazily (so a method can stream over the K models).
 
-    load(i) -> model i's tensor in the compute dtype on the compute device; base() likewise for the
-    base model (None without one); fisher(i) -> model i's diagonal Fisher or None.
+    load(i) -> model i's tensor in the compute dtype on the compute device (load_stored(i): in its stored
+    dtype, when the caller can accumulate it as it is); base() likewise for the base model (None without
+    one); fisher(i) -> model i's diagonal Fisher or None.
     coeffs: the models' weights scaled to sum to 1; raw_weights: as given.
     """
 
@@ -31,6 +32,7 @@ class TensorInputs:
     model_params: list = field(default_factory=list)
     seed: int = 0
     info: dict = field(default_factory=dict)
+    load_stored: Callable[[int], torch.Tensor] | None = None
 
 
 class MergeMethod:
@@ -84,6 +86,9 @@ def weighted_average(inputs: TensorInputs, coeffs=None) -> torch.Tensor:
     c = inputs.coeffs if coeffs is None else coeffs
     acc = None
     for i in range(inputs.k):
+        if acc is not None and inputs.load_stored is not None:
+            acc.add_(inputs.load_stored(i), alpha=c[i])  # bf16 read as it is: no upcast copy, the same sum
+            continue
         t = inputs.load(i)
         if acc is None:
             acc = t.mul_(c[i]) if c[i] != 1.0 else t
