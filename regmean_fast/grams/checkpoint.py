@@ -150,7 +150,8 @@ def _found_output(out: str, signature: str):
 class Stop:
     """Ctrl-C (or the test hook) asks the run to stop after its current step; a second Ctrl-C aborts."""
 
-    def __init__(self):
+    def __init__(self, step_name: str = "batch"):
+        self.step_name = step_name  # what is finished before the checkpoint, for the message
         self.flag = False
         self.steps = 0
         self.after = int(os.environ.get(_TEST_INTERRUPT_ENV, "0") or 0)
@@ -166,7 +167,7 @@ class Stop:
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
-        print("\nregmean_fast: interrupted; finishing the current batch and saving a checkpoint "
+        print(f"\nregmean_fast: interrupted; finishing the current {self.step_name} and saving a checkpoint "
               "(Ctrl-C again to abort without one)", file=sys.stderr)
 
     def __enter__(self) -> "Stop":

@@ -276,7 +276,7 @@ class RegMeanPlusPlusJob:
                 r.part, r.batch, r.hidden = first, 0, state["hidden"][i]
             r.prepare()
         # With checkpoints, the first Ctrl-C ends the block under way and saves one; without, it stops at once.
-        with torch.no_grad(), (Stop() if ckpt else contextlib.nullcontext(_NoStop())) as stop:
+        with torch.no_grad(), (Stop("block") if ckpt else contextlib.nullcontext(_NoStop())) as stop:
             for li in range(first, L):
                 merged = merge_part(li + 1, [self._collect(r, _NoStop()) for r in runs])
                 for r in runs:

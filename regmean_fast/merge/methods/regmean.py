@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 
-from ... import ops
 from ...solve import NORMALIZATIONS, gram_scales, solve_group
 from ..errors import MergeError
 from .base import MergeMethod, check_unit_interval, weighted_average
