@@ -6,6 +6,7 @@
     python benchmarks/bench_merge.py compare [--hidden 1024 --layers 4 --models 3]
         # time and peak RSS: regmean_fast vs a FusionBench-style pure-PyTorch merge (every state dict
         # and every Gram loaded, torch.inverse per layer), each side in its own subprocess, same run
+    python benchmarks/bench_merge.py compare --mergekit ...  # also mergekit's linear merge against ours, same folders
 
 Each measured merge runs in a fresh Python process and reports its own peak RSS
 (resource.getrusage(RUSAGE_SELF).ru_maxrss) and its wall time after imports.
@@ -185,6 +186,25 @@ def max_diff(a: str, b: str) -> float:
                for n in tb)
 
 
+def compare_linear_with_mergekit(root: str, paths: list) -> None:
+    """mergekit's linear merge and ours (`average`) on the same folders, each in a fresh process, imports
+    included (bench_mergekit.py does more methods and repeats)."""
+    import yaml
+    from bench_mergekit import MERGEKIT
+    from common import CLI, run_measured
+
+    cfg = os.path.join(root, "linear.yaml")
+    with open(cfg, "w") as f:
+        yaml.safe_dump({"merge_method": "linear", "dtype": "bfloat16",
+                        "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths]}, f)
+    mk = run_measured(MERGEKIT, [cfg, os.path.join(root, "out_mk")])
+    ours = run_measured(CLI, ["merge", cfg, "--out", os.path.join(root, "out_linear")])
+    print(f"{'mergekit linear':>22} {mk['time_s']:>8.2f} {mk['peak_rss_mb']:>12.0f}")
+    print(f"{'regmean_fast linear':>22} {ours['time_s']:>8.2f} {ours['peak_rss_mb']:>12.0f}")
+    print(f"linear: speed-up {mk['time_s'] / ours['time_s']:.2f}x, peak RSS ratio "
+          f"{ours['peak_rss_mb'] / mk['peak_rss_mb']:.2f} (ours / mergekit)")
+
+
 def baseline_rss_mb() -> float:
     r = subprocess.run([sys.executable, "-c", "import resource, regmean_fast, safetensors.torch;"
                         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"], capture_output=True,
@@ -218,6 +238,9 @@ def main():
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None, help="where the synthetic inputs go (default: a temp folder)")
+    ap.add_argument("--mergekit", action="store_true",
+                    help="compare: also mergekit's linear merge against ours on the same folders (needs mergekit "
+                         "importable, e.g. PYTHONPATH=<a folder with mergekit 0.1.5>)")
     args = ap.parse_args()
     hidden = args.hidden or (512 if args.mode == "layers" else 1024)
     inter = args.intermediate or int(hidden * 2.75)
@@ -259,6 +282,8 @@ def main():
             print(f"speed-up {fb['time_s'] / ours['time_s']:.2f}x, peak RSS ratio "
                   f"{ours['peak_rss_mb'] / fb['peak_rss_mb']:.2f} (ours / FusionBench-style); "
                   f"max relative difference of the merged tensors {diff:.2e}")
+            if args.mergekit:
+                compare_linear_with_mergekit(root, paths)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
