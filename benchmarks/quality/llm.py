@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from regmean_fast.quality import fetch  # noqa: E402
 from regmean_fast.quality.sentiment import Log, _h, _save_atomic, _torch_setup, run_cli  # noqa: E402
+from regmean_fast.quality.sentiment import merge as sentiment_merge  # noqa: E402
 
 TASKS = ("sentiment", "topic", "headline")
 SENTIMENT_LABELS = ("negative", "positive")  # index = VADER binary label
@@ -426,20 +427,8 @@ def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
 
 
 def merge(models, gram_files, fisher_files, base, flags, out, log: Log, name: str) -> str:
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    t0 = time.perf_counter()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    args = ["merge", "--models", *models, "--out", out, "--force", *flags]
-    if flags[1] == "regmean":
-        args += ["--grams", *gram_files]
-    if flags[1] == "fisher":
-        args += ["--grams", *fisher_files]
-    if flags[1] in ("task_arithmetic", "ties"):
-        args += ["--base-model", base]
-    run_cli(args, log)
-    log(f"  regmean_fast merge {' '.join(flags)}: {time.perf_counter() - t0:.0f} s")
-    return out
+    """The sentiment setup's merge through the CLI, the Fisher's own files for --method fisher."""
+    return sentiment_merge(models, fisher_files if flags[1] == "fisher" else gram_files, base, flags, out, log, name)
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
