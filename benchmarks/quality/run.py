@@ -63,11 +63,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-sentiment", action="store_true")
     p.add_argument("--skip-digits", action="store_true")
     p.add_argument("--quick", action="store_true", help="the demo's sizes and training (400/300 examples, 3 epochs) with every method and seed")
+    p.add_argument("--plusplus", type=float, nargs="*", default=[0.9],
+                   help="RegMean++ alphas in the sentiment setup (default 0.9; none: leave it out)")
     a = p.parse_args(argv)
     if not a.skip_digits:
         run_digits(a.seeds, os.path.join(a.out, "digits"))
     if not a.skip_sentiment:
-        cfg = dataclasses.replace(sentiment.FULL, seeds=tuple(a.seeds))
+        cfg = dataclasses.replace(sentiment.FULL, seeds=tuple(a.seeds), plusplus_alphas=tuple(a.plusplus))
         if a.quick:
             d = sentiment.DEMO   # the demo's training and statistics (its seed-0 models are reused from the cache)
             cfg = dataclasses.replace(cfg, n_train=d.n_train, n_test=d.n_test, epochs=d.epochs, lr=d.lr,

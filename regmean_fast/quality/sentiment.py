@@ -38,6 +38,7 @@ class Config:
     max_length: int = 64
     stats_examples: int | None = 128   # examples per model for the statistics (Grams and Fisher; None: all)
     alphas: tuple = (0.9,)       # RegMean alphas (the first is the default shown in gain rows)
+    plusplus_alphas: tuple = ()  # RegMean++ alphas (its statistics from the training data, at merge time)
     baselines: tuple = ("average", "fisher")   # also: task_arithmetic, ties
     ta_scaling: float = 0.4      # task arithmetic lambda (a common choice; not tuned on test data)
     ties_density: float = 0.2
@@ -257,6 +258,7 @@ def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: st
 def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
     """(row name, extra merge flags) for every merge the configuration asks for."""
     specs = [(f"RegMean (alpha={a})", ["--method", "regmean", "--alpha", str(a)]) for a in cfg.alphas]
+    specs += [(f"RegMean++ (alpha={a})", ["--method", "regmean++", "--alpha", str(a)]) for a in cfg.plusplus_alphas]
     names = {"average": "simple average", "fisher": "Fisher", "task_arithmetic": f"task arithmetic (lambda={cfg.ta_scaling})",
              "ties": f"TIES (density={cfg.ties_density})"}
     for b in cfg.baselines:
@@ -269,7 +271,9 @@ def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
     return specs
 
 
-def merge(models: list[str], gram_files: list[str], base: str, flags: list[str], out: str, log: Log, name: str) -> str:
+def merge(models: list[str], gram_files: list[str], base: str, flags: list[str], out: str, log: Log, name: str,
+          data_args: list[str] = ()) -> str:
+    """data_args: RegMean++'s --data and calibration flags (the statistics' data, read at merge time)."""
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     t0 = time.perf_counter()
@@ -277,6 +281,8 @@ def merge(models: list[str], gram_files: list[str], base: str, flags: list[str],
     args = ["merge", "--models", *models, "--out", out, "--force", *flags]
     if flags[1] in ("regmean", "fisher"):
         args += ["--grams", *gram_files]
+    if flags[1] == "regmean++":
+        args += list(data_args)
     if flags[1] in ("task_arithmetic", "ties"):
         args += ["--base-model", base]
     run_cli(args, log)
@@ -312,9 +318,12 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
                   for d in doms]
         tag = "-".join(doms)
         merged = {}
+        # RegMean++ reads the data the Grams were collected on, with the same length and example cut
+        data_args = ["--data", *[data[d][0] for d in doms], "--max-length", str(cfg.max_length), "--batch-size", "32",
+                     *(["--max-examples", str(cfg.stats_examples)] if cfg.stats_examples else [])]
         for name, flags in merge_specs(cfg):
             out = os.path.join(sd, "merged", tag, _h(flags + [stats]))
-            merged[name] = merge([models[d] for d in doms], gfiles, base, flags, out, log, name)
+            merged[name] = merge([models[d] for d in doms], gfiles, base, flags, out, log, name, data_args)
         log(f"seed {seed}: evaluating on {cfg.n_test} test examples per domain ...")
         probs = {}
         for m in doms:
