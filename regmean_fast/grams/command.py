@@ -37,6 +37,16 @@ The output: docs/gram-format.md; read it with regmean_fast.load_grams(path).
 """
 
 
+# The data flags' meaning, shared with merge --method regmean++ (which reads its calibration data the same way).
+DATA_FLAG_HELP = {
+    "--text-field": "JSONL field / CSV column with the text (default: text); JSONL lines without it may carry a "
+                    "chat 'messages' list, rendered with the tokenizer's chat template",
+    "--max-length": "tokens per example, longer ones are truncated (default: min(512, the model's limit))",
+    "--batch-size": "examples per forward (default: 8)",
+    "--max-examples": "use the first N examples (default: all)",
+}
+
+
 def register_grams(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "grams",
@@ -58,16 +68,13 @@ def register_grams(sub) -> argparse.ArgumentParser:
     g.add_argument("--format", choices=("jsonl", "text", "csv", "tsv", "parquet"),
                    help="the data file's format (default: by extension: .jsonl/.json, .csv, .tsv, .parquet; "
                         "anything else is plain text)")
-    g.add_argument("--text-field", default="text",
-                   help="JSONL field / CSV column with the text (default: text); JSONL lines without it may "
-                        "carry a chat 'messages' list, rendered with the tokenizer's chat template")
+    g.add_argument("--text-field", default="text", help=DATA_FLAG_HELP["--text-field"])
     g.add_argument("--label-field", default="label",
                    help="labels for --fisher on classifiers: class indices or the config's label names; examples "
                         "without one use the model's prediction (default: label)")
-    g.add_argument("--max-length", type=int, metavar="N",
-                   help="tokens per example, longer ones are truncated (default: min(512, the model's limit))")
-    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="examples per forward (default: 8)")
-    g.add_argument("--max-examples", type=int, metavar="N", help="use the first N examples (default: all)")
+    g.add_argument("--max-length", type=int, metavar="N", help=DATA_FLAG_HELP["--max-length"])
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help=DATA_FLAG_HELP["--batch-size"])
+    g.add_argument("--max-examples", type=int, metavar="N", help=DATA_FLAG_HELP["--max-examples"])
     g.add_argument("--max-tokens", type=int, metavar="N",
                    help="stop after N (non-padding) tokens, cutting the last example (default: no limit)")
     g.add_argument("--shuffle", action="store_true", help="shuffle the examples with --seed before selecting")

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from ..grams.command import DATA_FLAG_HELP
 from .config import MergeConfig, ModelSpec, load_yaml
 from .errors import MergeError
 from .methods import METHODS
@@ -57,13 +58,9 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", metavar="FILE",
                    help="one data file per model, in the same order (JSON Lines, text, CSV/TSV, Parquet, by "
                         "extension); unlike RegMean's Gram files it must be present at merge time")
-    g.add_argument("--max-length", type=int, metavar="N",
-                   help="tokens per example, longer ones truncated (default: min(512, the model's limit))")
-    g.add_argument("--batch-size", type=int, metavar="N", help="examples per forward (default: 8)")
-    g.add_argument("--max-examples", type=int, metavar="N", help="use the first N examples of each file")
-    g.add_argument("--text-field", metavar="NAME",
-                   help="JSONL field / CSV column with the text (default: text); JSONL lines without it may carry "
-                        "a chat 'messages' list, rendered with the tokenizer's chat template")
+    for flag in ("--max-length", "--batch-size", "--max-examples"):
+        g.add_argument(flag, type=int, metavar="N", help=DATA_FLAG_HELP[flag])
+    g.add_argument("--text-field", metavar="NAME", help=DATA_FLAG_HELP["--text-field"])
     g = p.add_argument_group("method")
     g.add_argument("--method", help=f"{', '.join(METHODS)} (default regmean)")
     rm, ties, ties_model = METHODS["regmean"].params, METHODS["ties"].params, METHODS["ties"].model_params
