@@ -332,10 +332,12 @@ def die_after_shards_hook(ctx: DistContext):
     return hook
 
 
-def reduce_tensor_dict(ctx: DistContext, tensors: dict, what: str = "the Grams") -> dict:
+def reduce_tensor_dict(ctx: DistContext, tensors: dict, what: str = "the Grams", keep=None) -> dict:
     """Sum dicts {name: tensor} of every rank into rank 0, one tensor at a time (bounded memory: each
-    rank frees its copy once sent; rank 0 sums into its own). Names missing on a rank count as zeros.
-    Returns the summed dict on rank 0 and {} elsewhere. Order: sorted names, identical on every rank."""
+    rank frees its copy once sent; rank 0 sums into its own). Names missing on a rank count as zeros; a value
+    may be a stand-in with .load() (a Gram kept on disk). keep(name, sum) -> what rank 0's dict holds (default:
+    the sum itself). Returns the summed dict on rank 0 and {} elsewhere. Order: sorted names, identical on
+    every rank."""
     if not ctx.enabled:
         return tensors
     mine = {k: (list(t.shape), str(t.dtype).replace("torch.", ""), t.device.type) for k, t in tensors.items()}
@@ -357,11 +359,13 @@ def reduce_tensor_dict(ctx: DistContext, tensors: dict, what: str = "the Grams")
         t = tensors.pop(k, None)
         if t is None:
             t = torch.zeros(shape, dtype=getattr(torch, dtype), device=dev)
+        elif not torch.is_tensor(t):
+            t = t.load().to(dev)
         elif t.device != dev:
             t = t.to(dev)
         t = t.contiguous()
         ctx.reduce_sum_(t, f"{what} ({k})")
         if ctx.is_main:
-            out[k] = t
+            out[k] = t if keep is None else keep(k, t)
         del t
     return out

@@ -205,3 +205,57 @@ def test_sequential_resume_refuses_other_runs(llama_runs, tmp_path, capsys, monk
     refused(["--sequential"], "hidden states of batch 2: missing")
     save_file(dict(tensors, **{"hidden.0": tensors["hidden.0"][:, :-1].contiguous()}), ckpt, metadata=meta)
     refused(["--sequential"], "hidden states of batch 0")
+
+
+def test_sequential_finished_blocks_leave_memory(llama_runs, tmp_path, capsys, monkeypatch):
+    """A finished block's Grams go to a work file beside the checkpoint (memory and checkpoints hold the current
+    block's only); a resumed run reads them back only if this run wrote them; the work folder goes at the end."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from regmean_fast.grams.checkpoint import work_folder
+
+    m, d, files = llama_runs
+    out = tmp_path / "part.safetensors"
+    ckpt = checkpoint_path(str(out))
+    part0 = os.path.join(work_folder(ckpt), "part-00000.safetensors")
+    monkeypatch.setenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER", "4")  # block 0 (3 batches) done, 1 batch of block 1
+    assert _seq(capsys, m, d, out)[0] == 130
+    monkeypatch.delenv("REGMEAN_FAST_GRAMS_INTERRUPT_AFTER")
+    with safe_open(ckpt, "pt") as f:
+        keys, state = list(f.keys()), json.loads(f.metadata()["state"])
+    grams_kept = [k for k in keys if k.startswith("gram.")]
+    assert grams_kept and all(k.startswith("gram.model.layers.1.") for k in grams_kept), grams_kept
+    assert state["spilled"] and all(k.startswith("model.layers.0.") and path == part0
+                                    for k, (path, *_) in state["spilled"].items()), state["spilled"]
+    ref = load_grams(files["whole"])
+    with safe_open(part0, "pt") as f:  # the raw sums, upper triangle valid, as the Gram file will store them
+        for k in f.keys():
+            G = f.get_tensor(k).double()
+            torch.testing.assert_close(torch.triu(G), torch.triu(ref.raw_gram(k).double()), rtol=1e-5, atol=1e-5)
+        spilled = {k: f.get_tensor(k) for k in f.keys()}
+    before = open(ckpt, "rb").read()
+
+    def refused(what):
+        rc, err = _seq(capsys, m, d, out, "--resume")
+        assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, err
+        assert not os.path.exists(out) and open(ckpt, "rb").read() == before
+
+    save_file(spilled, part0, metadata={"signature": "another run"})
+    refused("was written by another run")
+    os.remove(part0)
+    refused("missing or changed")
+    save_file(spilled, part0, metadata={"signature": _ckpt_signature(ckpt)})  # put back
+    rc, err = _seq(capsys, m, d, out, "--resume")
+    assert rc == 0 and "resuming from" in err, err
+    assert not os.path.exists(ckpt) and not os.path.exists(work_folder(ckpt))
+    _assert_same_file(files["seq"], out, files["whole"])
+
+
+def _ckpt_signature(ckpt):
+    from safetensors import safe_open
+
+    with safe_open(ckpt, "pt") as f:
+        return f.metadata()["signature"]

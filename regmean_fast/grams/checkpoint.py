@@ -26,6 +26,17 @@ def checkpoint_path(out: str, rank: int = 0, world: int = 1) -> str:
     return os.path.abspath(out).rstrip(os.sep) + tail
 
 
+def work_folder(ckpt: str) -> str:
+    """Beside the checkpoint, the files it refers to (grams --sequential: finished blocks' Grams)."""
+    return ckpt[: -len(".safetensors")] + ".parts"
+
+
+def remove_work_folder(ckpt: str) -> None:
+    import shutil
+
+    shutil.rmtree(work_folder(ckpt), ignore_errors=True)
+
+
 def output_target(out: str) -> str:
     """The path that stands for the Gram file --out names: X.safetensors, or its index when it is sharded."""
     if out.endswith(".safetensors") and not os.path.exists(out) and os.path.exists(out + ".index.json"):
@@ -126,6 +137,7 @@ def start_from(resume: bool, force: bool, out: str, ckpt: str, signature: str, c
     if action == DONE:
         if partial is not None and partial.matches:
             os.remove(ckpt)
+        remove_work_folder(ckpt)  # what a kill after writing left of this command's work
         return None
     return action == CONTINUE
 
@@ -199,4 +211,5 @@ def remove_checkpoint(ckpt: str) -> None:
     for p in [ckpt] + glob.glob(glob.escape(ckpt) + ".tmp-*"):
         if os.path.exists(p):
             os.remove(p)
+    remove_work_folder(ckpt)  # after the checkpoint: a kill in between leaves files, never a dangling checkpoint
     kill_point("grams.finished")

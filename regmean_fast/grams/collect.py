@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
 import re
 from typing import Callable, Iterable, Mapping
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .fileformat import GramSet, GramsError, save_grams
+from .fileformat import GramSet, GramsError, OnDisk, save_grams
 
 try:  # transformers is optional for collect_grams on plain modules
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -455,7 +456,17 @@ class GramCollector:
         keys = sorted({k for mp in maps for k in mp.values()})
         sums = ctx.all_sum([self.counts.get(k, 0) for k in keys] + [self.batches, self.examples, self.tokens],
                            "the token counts")
-        grams = reduce_tensor_dict(ctx, self.grams, "the Grams")
+        keep = None
+        spilled = [G for G in self.grams.values() if isinstance(G, OnDisk)]
+        if spilled:  # the sums go to disk as they come: rank 0 holds one Gram, not all
+            from .fileformat import spill_grams
+
+            folder, number = os.path.dirname(spilled[0].path), itertools.count()
+
+            def keep(k, G):
+                return spill_grams(os.path.join(folder, f"sum-{next(number):05d}.safetensors"), {k: G},
+                                   "sum of the ranks")[k]
+        grams = reduce_tensor_dict(ctx, self.grams, "the Grams", keep)
         self.module_map = merged
         self.batches, self.examples, self.tokens = sums[-3:]
         if ctx.is_main:
@@ -464,11 +475,25 @@ class GramCollector:
         else:
             self.grams, self.counts = {}, {}
 
+    # ---- finished Grams out of memory (grams --sequential)
+    def spill(self, keys: Iterable[str], path: str, signature: str) -> None:
+        """Move the Grams of `keys` (no longer accumulating) to the work file `path`: they stay in self.grams
+        as OnDisk stand-ins, read back one at a time when saved or summed across ranks."""
+        from .fileformat import spill_grams
+
+        self.finish()
+        todo = {k: self.grams[k] for k in keys if torch.is_tensor(self.grams.get(k))}
+        if todo:
+            self.grams.update(spill_grams(path, todo, signature))
+
     # ---- checkpoints
     def state(self) -> dict:
-        """Everything needed to continue: raw accumulators (upper triangle), counts, mapping, totals."""
+        """Everything needed to continue: raw accumulators (upper triangle) in memory, where the spilled ones
+        are, counts, mapping, totals."""
         return {
-            "grams": {k: G.detach().cpu() for k, G in self.grams.items()},
+            "grams": {k: G.detach().cpu() for k, G in self.grams.items() if torch.is_tensor(G)},
+            "spilled": {k: [G.path, G.name, G.shape[0], G.finite] for k, G in self.grams.items()
+                        if isinstance(G, OnDisk)},
             "counts": dict(self.counts),
             "module_map": dict(self.module_map),
             "batches": self.batches,
@@ -476,8 +501,17 @@ class GramCollector:
             "tokens": self.tokens,
         }
 
-    def load_state(self, state: Mapping, device=None) -> None:
+    def load_state(self, state: Mapping, device=None, signature: str | None = None) -> None:
+        """Continue from state(); spilled Grams must be in their work files as this run (signature) wrote
+        them (GramsError naming the file otherwise)."""
         self.grams = {k: G.to(device or "cpu", torch.float32).contiguous() for k, G in state["grams"].items()}
+        for k, (path, name, d, finite) in (state.get("spilled") or {}).items():
+            G = OnDisk(path, name, (int(d), int(d)), bool(finite))
+            why = G.check(signature)
+            if why:
+                raise GramsError(f"cannot resume: the Gram {k!r} kept in a work file is missing or changed ({why}); "
+                                 "delete the checkpoint and rerun without --resume")
+            self.grams[k] = G
         self.counts = {k: int(v) for k, v in state["counts"].items()}
         self.module_map = dict(state["module_map"])
         self.batches = int(state["batches"])

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from .. import ops
 from ..io.output import OutputTransaction
 from ..io.resume import kill_point
+from ..io.safetensors_file import SafetensorsError, SafetensorsReader
 
 FORMAT_NAME = "regmean_fast.grams"
 FORMAT_VERSION = "1"
@@ -88,6 +89,63 @@ class Deferred:
         for s in self.shape:
             n *= s
         return n
+
+
+class OnDisk:
+    """A Gram that left memory for a file of the run's work folder (grams --sequential: a finished block's
+    Grams, see spill_grams), read back whole when it is needed (load). finite: its upper triangle was checked
+    when written, so saving need not read it twice."""
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, path: str, name: str, shape, finite: bool):
+        self.path, self.name, self.shape, self.finite = path, name, tuple(shape), finite
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, i: int) -> int:
+        return self.shape[i]
+
+    def load(self) -> torch.Tensor:
+        try:
+            with SafetensorsReader(self.path) as f:
+                return f.get(self.name)
+        except (SafetensorsError, KeyError) as e:
+            raise GramsError(f"the work file {self.path} holding Gram {self.name!r} is unreadable or was "
+                             f"changed ({e}); delete it and its checkpoint, then rerun") from None
+
+    def check(self, signature: str) -> str | None:
+        """None when the file is there, made by the run with this signature, with this Gram in this shape;
+        else why not."""
+        try:
+            with SafetensorsReader(self.path) as f:
+                info = f.tensors.get(self.name)
+                made_by = f.metadata.get("signature")
+        except SafetensorsError as e:
+            return str(e)
+        if made_by != signature:
+            return f"{self.path} was written by another run"
+        if info is None or info.shape != self.shape or info.dtype != self.dtype:
+            return f"{self.path} does not hold Gram {self.name!r} as {list(self.shape)} float32"
+        return None
+
+
+def spill_grams(path: str, grams: Mapping[str, torch.Tensor], signature: str) -> dict[str, OnDisk]:
+    """Write grams (key -> fp32 [d, d], upper triangle valid) to the work file `path` (atomically, fsync'ed;
+    signature: the run's, checked when a resumed run reads it back) -> key -> its OnDisk stand-in."""
+    tensors = {k: G.detach().to("cpu").contiguous() for k, G in grams.items()}
+    finite = {k: _upper_finite(G) for k, G in tensors.items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write_safetensors(tmp, tensors, {"signature": signature})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {k: OnDisk(path, k, G.shape, finite[k]) for k, G in tensors.items()}
 
 
 def write_safetensors(fname: str, tensors: Mapping, metadata: Mapping[str, str]) -> None:
@@ -233,7 +291,10 @@ def _gram_tensors(mods: dict, grams, counts, packed: bool, symmetrize: bool):
         if G.dim() != 2 or G.size(0) != G.size(1):
             raise GramFileError(f"Gram {key!r} is not square: shape {tuple(G.shape)}")
         d = G.size(0)
-        stored_part_finite = ops.all_finite(G.detach()) if not (symmetrize or packed) else _upper_finite(G)
+        if isinstance(G, OnDisk):  # checked when it was written; read once, when its turn comes
+            stored_part_finite = G.finite if symmetrize or packed else ops.all_finite(G.load())
+        else:
+            stored_part_finite = ops.all_finite(G.detach()) if not (symmetrize or packed) else _upper_finite(G)
         if not stored_part_finite:
             raise GramFileError(f"Gram {key!r} has non-finite values")
         c = int(counts[key])
@@ -258,6 +319,9 @@ def _upper_finite(G: torch.Tensor, rows: int = 256) -> bool:
 
 def _stored_gram(G: torch.Tensor, packed: bool, symmetrize: bool) -> torch.Tensor:
     """G as the file stores it: its packed upper triangle, or full (the upper triangle mirrored down)."""
+    if isinstance(G, OnDisk):
+        G = G.load()  # a fresh copy: mirrored in place
+        return ops.pack_triu(G) if packed else ops.symmetrize_(G) if symmetrize else G
     G = G.detach().to("cpu", torch.float32)
     if packed:
         return ops.pack_triu(G.contiguous())

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from .._version import __version__
 from ..io import models
 from ..io.resume import kill_point
-from .checkpoint import (Stop, checkpoint_path, output_target, read_checkpoint, remove_checkpoint, save_if_stopped,
-                         start_from, write_checkpoint)
+from .checkpoint import (Stop, checkpoint_path, output_target, read_checkpoint, remove_checkpoint, remove_work_folder,
+                         save_if_stopped, start_from, work_folder, write_checkpoint)
 from .distribution import strategy
 from .fileformat import GramsError, check_writable_folder, parse_size
 
@@ -359,20 +359,30 @@ def _execute_sequential(job: _Job, dist, resume: bool):
                         share_inputs=not args.no_share, trust_remote_code=args.trust_remote_code)
     if resume:
         state, others = read_checkpoint(job.ckpt, job.ckpt_signature, "sequential")
-        run.load_checkpoint(state, others, job.ckpt)
+        run.load_checkpoint(state, others, job.ckpt, job.ckpt_signature)
         print(f"regmean_fast: resuming from {job.ckpt} at {run.position()}", file=sys.stderr)
+    else:
+        remove_work_folder(job.ckpt)  # an abandoned run's
 
     def save_ckpt():
         write_checkpoint(job.ckpt, run.collector, job.ckpt_signature, "sequential", run.checkpoint_extra())
 
     def on_part_done(li):
+        # a finished block's Grams go to the work folder: memory holds one block's, and a checkpoint names them
+        run.spill_part(li, work_folder(job.ckpt), job.ckpt_signature)
+        kill_point("grams.spilled")
         if args.checkpoint_every and (li + 1) % args.checkpoint_every == 0 and not run.complete:
             save_ckpt()
 
     kill_point("grams.loaded")
     dist.ready()
-    with Stop() as stop:
-        run.run(stop, on_part_done, progress=not args.no_progress and dist.is_main)
+    try:
+        with Stop() as stop:
+            run.run(stop, on_part_done, progress=not args.no_progress and dist.is_main)
+    except BaseException:
+        if not os.path.exists(job.ckpt):  # no checkpoint refers to the work files: nothing to keep
+            remove_work_folder(job.ckpt)
+        raise
     dist.done()
     # complete yet stopped: under torchrun, another rank was interrupted
     where = "with this rank's share done" if run.complete else f"before {run.position()}"

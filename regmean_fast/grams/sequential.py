@@ -10,6 +10,7 @@ A run stops and resumes at any (part, batch) position: see SequentialRun.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -180,8 +181,9 @@ class SequentialRun:
             {f"hidden.{i}": h for i, h in enumerate(self.hidden)}
         return {"part": self.part, "batch": self.batch, "_tensors": hidden}
 
-    def load_checkpoint(self, state: dict, tensors: dict, where: str) -> None:
-        """Continue from a checkpoint's state (validated against this run: one-line GramsError)."""
+    def load_checkpoint(self, state: dict, tensors: dict, where: str, signature: str | None = None) -> None:
+        """Continue from a checkpoint's state (validated against this run: one-line GramsError; signature: the
+        run's, which the work files of spilled Grams must carry)."""
         def bad(why):
             return GramsError(f"checkpoint {where} does not fit this run ({why}); delete it or rerun the command "
                               "that wrote it")
@@ -204,7 +206,7 @@ class SequentialRun:
                     raise bad(f"hidden states of batch {i}: {got}, expected {want} {self.dtype}")
             if len(tensors) != n:
                 raise bad(f"{len(tensors)} hidden-state tensors for {n} batches")
-        self.collector.load_state(state, device="cpu")  # finished parts' Grams stay on the host
+        self.collector.load_state(state, device="cpu", signature=signature)  # finished parts' stay on the host
         self.part, self.batch, self.hidden = part, batch, hidden
 
     # ---- running
@@ -419,6 +421,11 @@ class SequentialRun:
         entries = {m: e for m, e in c.module_entries().items() if e["key"] in keys}
         fp = dict(c.fingerprint, weights={m: c.fingerprint["weights"][m] for m in entries})
         return GramSet.from_memory({k: c.grams[k] for k in keys}, {k: c.counts[k] for k in keys}, entries, fp)
+
+    def spill_part(self, li: int, folder: str, signature: str) -> None:
+        """Part li's Grams (finished) to a work file in `folder`: memory holds one block's Grams, not all."""
+        os.makedirs(folder, exist_ok=True)
+        self.collector.spill(self._part_keys(li), os.path.join(folder, f"part-{li:05d}.safetensors"), signature)
 
     def drop_part(self, li: int) -> None:
         """Forget part li's Grams (once merged: memory stays one block's Grams)."""
