@@ -76,8 +76,9 @@ class RegMean(MergeMethod):
 
         widths = self._widths(g)
         # Wide groups (gate/up: 11264 output rows for d_in 1024) solve each model's d x d term instead of
-        # the d x sum(widths) right-hand side: K d^3 flops in place of d^2 sum(widths).
-        terms_first = (widths is not None and g.d_in is not None and sum(widths) > g.k * g.d_in
+        # the d x r right-hand side (r = sum(widths)): (K - 1) 2 d^3 flops in place of 2 d^2 r, both beside
+        # the same (K - 1) 2 d^2 r of products, so it pays from r > (K - 1) d (q/k/v of 3 models: 3d > 2d).
+        terms_first = (widths is not None and g.d_in is not None and sum(widths) > (g.k - 1) * g.d_in
                        and g.device is not None and torch.device(g.device).type == "cpu")
 
         def load_weights(i, d, name):
