@@ -259,3 +259,23 @@ def _ckpt_signature(ckpt):
 
     with safe_open(ckpt, "pt") as f:
         return f.metadata()["signature"]
+
+
+def test_sequential_work_file_unwritable(llama_runs, tmp_path, capsys, monkeypatch):
+    """A full disk while a finished block's Grams are written out: one line, exit 2, no file and no work folder."""
+    import errno
+
+    from regmean_fast.grams import fileformat
+    from regmean_fast.grams.checkpoint import work_folder
+
+    m, d, _ = llama_runs
+    out = tmp_path / "g.safetensors"
+
+    def disk_full(fname, *a, **k):
+        open(fname, "wb").close()  # the temporary file it began
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileformat, "write_safetensors", disk_full)
+    rc, err = _seq(capsys, m, d, out)
+    assert rc == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == [] and not os.path.exists(work_folder(checkpoint_path(str(out))))

@@ -141,9 +141,12 @@ def spill_grams(path: str, grams: Mapping[str, torch.Tensor], signature: str) ->
     try:
         write_safetensors(tmp, tensors, {"signature": signature})
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk: the user's to fix, in one line
+            raise GramsError(f"cannot write the work file {path} ({e.strerror or e}); finished blocks' Grams wait "
+                             "there until the Gram file is written: as much space as the Gram file") from None
         raise
     return {k: OnDisk(path, k, G.shape, finite[k]) for k, G in tensors.items()}
 
