@@ -8,8 +8,9 @@ class MergeError(ValueError):
 
 
 def message_of(e: BaseException, path: str | None = None) -> str:
-    """The first line of an error's message, less a leading "path: " (the caller's message names the file)."""
+    """The first line of an error's message, less a leading "path: " or a " (path)" (the caller's message names
+    the file)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if path and msg.startswith(f"{path}: "):
         msg = msg[len(path) + 2:]
-    return msg
+    return msg.replace(f" ({path})", "") if path else msg
