@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from test_mergekit_compat import _llama  # the same tiny models
+from test_mergekit_compat import NUM_LAYERS, _llama  # the same tiny models
 from test_merge_common import read_folder
 
 from regmean_fast.cli import main
@@ -74,10 +74,17 @@ def _configs(f):
                   "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]},
                                        {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5}]},
                   "models": [{"model": f["base"]}, {"model": f["paths"][1]}]},
+        # the classic slerp config as mergekit's README writes it: one slice of whole models, t in the slice
+        "slerp_slices": {"merge_method": "slerp", "base_model": f["base"], "dtype": "float32",
+                         "slices": [{"sources": [{"model": p, "layer_range": [0, NUM_LAYERS]}
+                                                 for p in (f["base"], f["paths"][1])],
+                                     "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]},
+                                                          {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5}]}}],
+                         "parameters": {"t": 0.9}},
     }
 
 
-@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "ties_filters", "slerp"])
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "ties_filters", "slerp", "slerp_slices"])
 def test_same_tensors_as_mergekit(folders, tmp_path, name):
     cfg = _configs(folders)[name]
     theirs = _mergekit(cfg, str(tmp_path / f"mk_{name}"))

@@ -257,8 +257,13 @@ def test_refusals_are_one_line_naming_the_alternative(fx, tmp_path, capsys):
     src = [{"model": p, "layer_range": [0, NUM_LAYERS]} for p in fx["paths"][:2]]
     models = [{"model": p} for p in fx["paths"]]
     cases = [
-        ({"slices": [{"sources": src}], "merge_method": "slerp", "base_model": fx["paths"][0]},
-         ("slices", "list whole models under models:")),
+        ({"slices": [{"sources": [dict(x, layer_range=[0, NUM_LAYERS - 1]) for x in src]}], "merge_method": "slerp",
+          "base_model": fx["paths"][0]},
+         ("slices", f"has {NUM_LAYERS} layers, its layer_range is [0, {NUM_LAYERS - 1}]", "models:")),
+        ({"slices": [{"sources": src[:1]}, {"sources": src[1:]}], "merge_method": "linear"},
+         ("slices", "frankenmerges", "got 2 slices")),
+        ({"slices": [{"sources": [src[0], dict(src[1], layer_range=[1, NUM_LAYERS])]}], "merge_method": "linear"},
+         ("slices", f"layer ranges [0, {NUM_LAYERS}], [1, {NUM_LAYERS}]")),
         ({"merge_method": "passthrough", "models": models}, ("passthrough", "not supported", "linear")),
         ({"merge_method": "della", "base_model": fx["base"], "models": models}, ("della", "dare_ties")),
         ({"merge_method": "linear", "models": models, "tokenizer_source": "union"},
@@ -362,6 +367,15 @@ def test_slerp_with_gradients_and_the_parallel_fallback(fx, tmp_path, capsys):
     for n, b in fx["sd_base"].items():
         tv = mk.setting_value(t, n, mk.layer_t(n, NUM_LAYERS))
         _close(got[n], mk.slerp(tv, b, fx["sds"][1][n]), n)
+    # the same config in mergekit's slices form (as its README writes it): the same merge
+    sliced = {"slices": [{"sources": [{"model": fx["base"], "layer_range": [0, NUM_LAYERS]},
+                                      {"model": other, "layer_range": [0, NUM_LAYERS]}]}],
+              "merge_method": "slerp", "base_model": fx["base"], "parameters": {"t": 0.1}, "dtype": "float32"}
+    sliced["slices"][0]["parameters"] = {"t": t}  # the slice's parameters win over the top level's
+    got_sliced, _ = _run(sliced, tmp_path, "slerp_sliced", capsys)
+    for n, b in fx["sd_base"].items():
+        tv = mk.setting_value(t, n, mk.layer_t(n, NUM_LAYERS))
+        _close(got_sliced[n], mk.slerp(tv, b, fx["sds"][1][n]), n)
     # nearly parallel: base scaled by 1.5 plus a little noise (|cos| > 0.9995) -> lerp
     g = torch.Generator().manual_seed(1)
     near = {n: 1.5 * b + 0.03 * b.pow(2).mean().sqrt() * torch.randn(b.shape, generator=g)

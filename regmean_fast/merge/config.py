@@ -3,7 +3,8 @@
     method: regmean              # regmean (default), average (linear), task_arithmetic, ties, dare_ties,
                                  # dare_linear, slerp, fisher
     base_model: path             # task_arithmetic, ties, dare_*, slerp (under models: too, it is the base)
-    models:                      # paths relative to the working directory (as mergekit)
+    models:                      # paths relative to the working directory (as mergekit); or mergekit's
+                                 # slices: [{sources: [{model, layer_range: [0, n]}, ...]}] of whole models
       - model: path/to/model_a
         grams: path/to/grams_a.safetensors
         data: path/to/a.jsonl    # regmean++: calibration data, read at merge time
@@ -49,7 +50,6 @@ FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torc
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # mergekit keys and methods with no equivalent here: refused in one line naming the nearest supported thing
 REFUSED_KEYS = {
-    "slices": "slices (layer ranges: passthrough and frankenmerges) are not supported; list whole models under models:",
     "modules": "modules (per-module slices) are not supported; list whole models under models:",
     "tokenizer": "tokenizer (a merged vocabulary) is not supported; the tokenizer is copied from the base (or first) "
                  "model, as tokenizer_source: base",
@@ -64,6 +64,10 @@ NEAREST_METHOD = {"passthrough": "none (layer stacking); for whole models use li
 METHOD_ALIASES = {"linear": "average"}  # mergekit's name for the (normalised by default) weighted average
 PARAM_ALIASES = {"lambda": "scaling"}  # mergekit's name
 IGNORED_PARAMS = {"int8_mask": "int8_mask is ignored: in mergekit it only saves memory (the masks here are boolean)"}
+SLICES_REFUSED = ("slices: only one slice whose sources all take every layer (layer_range [0, n], the classic "
+                  "slerp config) is supported: layer ranges that cut or stack models (frankenmerges, passthrough) "
+                  "are not; list whole models under models:")
+SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
 LOW_PRECISION = ("bfloat16", "bf16", "float16", "fp16", "half")
 
 
@@ -98,6 +102,7 @@ class MergeConfig:
     notes: list = field(default_factory=list)  # one line each, said once when the merge starts
     calibration: dict = field(default_factory=dict)  # regmean++: CALIBRATION_DEFAULTS' keys
     checkpoint_every: int | None = None  # regmean++: a checkpoint every N blocks (not part of the signature)
+    slice_layers: int | None = None  # mergekit's slices form: every source's layer_range was [0, slice_layers]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +150,7 @@ class MergeConfig:
             raise MergeError("no models to merge")
         if require_paths:
             self._resolve_models()
+            self._check_whole_slices()
         self._check_parameters(meth)
         self._check_dtypes()
         if meth.needs_base and not self.base_model:
@@ -209,6 +215,21 @@ class MergeConfig:
                 self.base_hub_id = hub or self.base_hub_id
         except ModelFolderError as e:
             raise MergeError(str(e)) from None
+
+    def _check_whole_slices(self) -> None:
+        """The slices form stands for the models form only where each range covers the model's every layer."""
+        if self.slice_layers is None:
+            return
+        from ..io.models import ModelLoadError, load_config
+
+        for m in self.models:
+            try:
+                n = getattr(load_config(m.model, False), "num_hidden_layers", None)
+            except ModelLoadError as e:
+                raise MergeError(str(e)) from None
+            if n != self.slice_layers:
+                raise MergeError(f"{SLICES_REFUSED} ({m.model} has {n} layers, its layer_range is "
+                                 f"[0, {self.slice_layers}])")
 
     def _check_parameters(self, meth) -> None:
         """Every parameter at every level: known to the method, of mergekit's forms, each value it can take
@@ -349,6 +370,9 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
     for key, why in REFUSED_KEYS.items():
         if key in d:
             raise MergeError(f"{source}: {why}")
+    slice_layers, slice_notes = None, []
+    if "slices" in d:
+        d, slice_layers, slice_notes = _slices_as_models(d, source)
     unknown = sorted(set(d) - TOP_KEYS)
     if unknown:
         raise MergeError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
@@ -390,7 +414,51 @@ def config_from_dict(d: dict, *, source: str = "config") -> MergeConfig:
         raise MergeError(f"{source}: calibration must be a mapping")
     cfg.calibration = dict(cal)
     cfg.checkpoint_every = d.get("checkpoint_every")
+    cfg.slice_layers = slice_layers
+    for line in slice_notes:
+        cfg.note(line)
     return cfg
+
+
+def _slices_as_models(d: dict, source: str) -> tuple[dict, int, list[str]]:
+    """mergekit's slices form where it says what the models form says: one slice whose sources all take the
+    layers [0, n) (mergekit itself turns models: into such a slice; validate checks n against each model).
+    The slice's parameters and base_model take precedence over the top level's, as in mergekit; a source's
+    parameters are that model's. -> (d in the models form, n, notes); anything else is refused in one line."""
+    def refuse(why=""):
+        return MergeError(f"{source}: {SLICES_REFUSED}" + (f" ({why})" if why else ""))
+
+    if "models" in d:
+        raise MergeError(f"{source}: give either slices or models, not both")
+    slices = d["slices"]
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        raise refuse(f"got {len(slices) if isinstance(slices, list) else 'no list of'} slices")
+    sl = slices[0]
+    if set(sl) - SLICE_KEYS:
+        raise refuse(f"unknown slice key(s) {', '.join(sorted(set(sl) - SLICE_KEYS))}")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(x, dict) for x in sources):
+        raise refuse("a slice needs a list of sources")
+    ranges = set()
+    for x in sources:
+        r = x.get("layer_range")
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in r)):
+            raise refuse(f"layer_range {r!r} of {x.get('model')}")
+        ranges.add(tuple(r))
+    if len(ranges) != 1 or next(iter(ranges))[0] != 0:
+        raise refuse(f"layer ranges {', '.join(str(list(r)) for r in sorted(ranges))}")
+    out = {k: v for k, v in d.items() if k != "slices"}
+    out["models"] = [{k: v for k, v in x.items() if k != "layer_range"} for x in sources]
+    if sl.get("parameters") is not None:
+        if not isinstance(sl["parameters"], dict):
+            raise MergeError(f"{source}: a slice's parameters must be a mapping")
+        out["parameters"] = {**(d.get("parameters") or {}), **sl["parameters"]}
+    if sl.get("base_model") is not None:
+        out["base_model"] = sl["base_model"]
+    notes = ["residual_weight is ignored, as mergekit 0.1.5 ignores it"] if sl.get("residual_weight") is not None \
+        else []
+    return out, next(iter(ranges))[1], notes
 
 
 def _model_specs(models, source: str, path) -> list[ModelSpec]:
