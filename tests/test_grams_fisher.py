@@ -109,3 +109,35 @@ def test_fisher_labels_names_missing_and_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.strip() == f"regmean_fast: error: {bad}: line 2: label 2 is not a class index in 0..1 or name"
     assert not os.path.exists(tmp_path / "h.safetensors")
+
+
+def test_fisher_chat_answers_only(tmp_path, capsys):
+    """Chat examples that end with the assistant's turn: the log-likelihood of the answer's tokens given the
+    conversation before it, as chat fine-tuning trains (the prompt is context, not predicted)."""
+    m = hf_tiny.save_tiny(tmp_path / "gpt2", "gpt2")
+    texts = hf_tiny.random_texts(8, seed=4)
+    convs = [[{"role": "user", "content": texts[2 * i]}, {"role": "assistant", "content": texts[2 * i + 1]}]
+             for i in range(4)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    out = tmp_path / "g.safetensors"
+    rc = main(["grams", m, "--data", str(data), "--out", str(out), "--fisher", "--batch-size", "3", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    gs = load_grams(out, verify=True)
+    assert gs.metadata["fisher_examples"] == 4 and gs.metadata["fisher_labels"] == "next-token, chat answers only"
+    model, tok = hf_tiny.make_model("gpt2")
+    F: dict = {}
+    for c in convs:  # the answer begins after "[BOS] user <text> [EOS] [BOS] assistant", written out here
+        prompt = tok(f"[BOS] user {c[0]['content']} [EOS] [BOS] assistant", add_special_tokens=False)["input_ids"]
+        answer = tok(f"{c[1]['content']} [EOS]", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + answer])
+        model.zero_grad()
+        logp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
+        targets = ids[0, 1:]
+        lp = logp[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum()  # answer tokens only
+        lp.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                F[n] = F.get(n, 0) + p.grad.double() ** 2
+    for n, R in F.items():
+        torch.testing.assert_close(gs.fisher(n).double(), R, rtol=1e-3, atol=1e-9)

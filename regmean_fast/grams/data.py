@@ -198,6 +198,30 @@ def tokenize(tokenizer, examples: list[Example], max_length: int, path: str = "d
     return out
 
 
+def answer_starts(tokenizer, examples: list[Example]) -> list[int]:
+    """Per example, where its answer begins: for a chat example that ends with the assistant's turn, the
+    length of the conversation up to the assistant's generation prompt (what chat fine-tuning trains on
+    follows it); 0 (every token) for text, or where the template's rendering of the answer does not extend
+    its generation prompt. --fisher's next-token log-likelihood counts the tokens from there."""
+    out = []
+    for ex in examples:
+        start = 0
+        msgs = ex.messages
+        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant" and len(msgs) > 1:
+            try:
+                prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(msgs, tokenize=False)
+            except Exception:  # noqa: BLE001 - tokenize() has already rendered it; a template without prompts
+                prompt, full = None, ""
+            if prompt and full.startswith(prompt):
+                p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+                if ids[:len(p_ids)] == p_ids and len(ids) > len(p_ids):
+                    start = len(p_ids)
+        out.append(start)
+    return out
+
+
 def class_labels(examples: list[Example], n_classes: int | None, label2id: dict | None = None,
                  path: str = "data") -> list[int | None]:
     """The examples' labels as class indices (None where an example has none: the Fisher then uses the
@@ -233,25 +257,28 @@ def pad_id_of(tokenizer) -> int:
 
 
 def make_batches(ids: list[list[int]], batch_size: int, pad_id: int, max_tokens: int | None = None,
-                 labels: list | None = None, longest_first: bool = False) -> list[Batch]:
+                 labels: list | None = None, longest_first: bool = False,
+                 starts: list[int] | None = None) -> list[Batch]:
     """Right-padded batches. The examples are taken in data order until max_tokens real tokens (the last
     one is cut). longest_first then batches them from the longest down: each batch holds similar lengths,
     so little of the forward is spent on padding, and the largest batch comes first, so running out of
-    memory shows at once. The Grams are sums over examples, equal up to fp32 rounding either way."""
-    kept: list[tuple[list[int], object]] = []
+    memory shows at once. The Grams are sums over examples, equal up to fp32 rounding either way.
+    starts: answer_starts' positions, kept per row in extra["answer_start"]."""
+    kept: list[tuple[list[int], object, int]] = []
     total = 0
     for i, x in enumerate(ids):
         if max_tokens is not None:
             if total >= max_tokens:
                 break
             x = x[: max_tokens - total]
-        kept.append((x, labels[i] if labels is not None else None))
+        kept.append((x, labels[i] if labels is not None else None, starts[i] if starts is not None else 0))
         total += len(x)
     if longest_first:
         kept.sort(key=lambda e: -len(e[0]))  # stable: equal lengths keep data order
     batches: list[Batch] = []
     cur: list[list[int]] = []
     cur_labels: list = []
+    cur_starts: list[int] = []
 
     def flush():
         if not cur:
@@ -265,13 +292,16 @@ def make_batches(ids: list[list[int]], batch_size: int, pad_id: int, max_tokens:
         lab = None  # class indices, -1 where an example has no label
         if labels is not None:
             lab = torch.tensor([-1 if v is None else int(v) for v in cur_labels], dtype=torch.long)
-        batches.append(Batch(inp, att, lab, len(cur), int(att.sum())))
+        extra = {"answer_start": torch.tensor(cur_starts, dtype=torch.long)} if starts is not None else {}
+        batches.append(Batch(inp, att, lab, len(cur), int(att.sum()), extra))
         cur.clear()
         cur_labels.clear()
+        cur_starts.clear()
 
-    for x, label in kept:
+    for x, label, start in kept:
         cur.append(x)
         cur_labels.append(label)
+        cur_starts.append(start)
         if len(cur) == batch_size:
             flush()
     flush()

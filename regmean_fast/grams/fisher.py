@@ -2,7 +2,8 @@
 
 F[p] = sum over examples of (d log p(y | x) / d p)^2, one example at a time (no padding), where the
 log-likelihood is the model's own loss: next-token prediction for causal LMs (every real token after
-the first), the labels for classifiers when the data has them (otherwise the model's own prediction,
+the first; for a chat example that ends with the assistant's turn, the answer's tokens only, as chat
+fine-tuning trains: data.answer_starts), the labels for classifiers when the data has them (otherwise the model's own prediction,
 recorded as fisher_labels = "predicted"). Stored as raw sums; divide by metadata fisher_examples.
 """
 
@@ -30,18 +31,25 @@ class FisherAccumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.examples = 0
         self.sources: set = set()  # where the classifier's labels came from: "data", "predicted"
+        self.answers_only = False  # a causal LM's log-likelihood left a chat prompt out (answer_start > 0)
 
-    def _one(self, ids: torch.Tensor, label) -> None:
+    def _one(self, ids: torch.Tensor, label, start: int = 0) -> None:
         model = self.model
         for p in self.params.values():
             p.grad = None
             p.requires_grad_(True)
         att = torch.ones_like(ids)
         if self.kind == "causal":
-            if ids.size(1) < 2:
+            predicted = ids.size(1) - max(start, 1)  # tokens max(start, 1).. , each from the ones before it
+            if predicted < 1:
                 return  # no next token to predict
-            out = model(input_ids=ids, attention_mask=att, labels=ids)
-            loglik = -out.loss * (ids.size(1) - 1)  # the loss is the mean over predicted tokens
+            targets = ids
+            if start > 0:
+                targets = ids.clone()
+                targets[:, :start] = -100  # the prompt: context, not predicted
+                self.answers_only = True
+            out = model(input_ids=ids, attention_mask=att, labels=targets)
+            loglik = -out.loss * predicted  # the loss is the mean over predicted tokens
         else:
             logits = model(input_ids=ids, attention_mask=att).logits.float()
             if logits.size(-1) == 1:
@@ -75,7 +83,8 @@ class FisherAccumulator:
                     n = int(batch.attention_mask[r].sum())
                     ids = batch.input_ids[r : r + 1, :n].to(device)
                     label = None if batch.labels is None else int(batch.labels[r])
-                    self._one(ids, label)
+                    start = batch.extra.get("answer_start")
+                    self._one(ids, label, 0 if start is None else int(start[r]))
         finally:
             self.model.train(was)
             for p in self.params.values():

@@ -149,8 +149,10 @@ def _batches(args, D, examples, tokenizer, config, max_length: int) -> list:
                                 args.data)
     # Longest first wastes less of the forward on padding; with --include-padding the padding is data
     # (the published codes' Grams), so the batches keep the order they would have had there.
+    # --fisher on a causal LM: the log-likelihood of chat answers, as chat fine-tuning trains (answer_starts)
+    starts = D.answer_starts(tokenizer, examples) if args.fisher and labels is None else None
     return D.make_batches(ids, args.batch_size, D.pad_id_of(tokenizer), args.max_tokens, labels,
-                          longest_first=not (args.keep_order or args.include_padding))
+                          longest_first=not (args.keep_order or args.include_padding), starts=starts)
 
 
 def _metadata(args, max_length: int, signature: str) -> dict:
@@ -282,7 +284,8 @@ def _execute_whole(job: _Job, dist, resume: bool):
     if fisher_acc is not None:
         job.metadata["fisher_examples"], fisher = dist.meet_fisher(fisher_acc)
         job.metadata["fisher_labels"] = fisher_acc.label_source or (
-            "next-token" if fisher_acc.kind == "causal" else None)
+            ("next-token, chat answers only" if fisher_acc.answers_only else "next-token")
+            if fisher_acc.kind == "causal" else None)
     return collector, fisher
 
 
