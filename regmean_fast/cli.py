@@ -33,24 +33,29 @@ def cmd_info(args) -> int:
         print(f"gram_update CPU path   : {dt:<9} -> {path}{extra}")
     if rates:
         print("                         (X 2048 x 1024, medians of 5; a triangle counts n d (d + 1) flops, the full "
-              "product 2 n d^2)")
+              "product 2 n d^2;\n                          fp16: torch's fp32 product after upcasting X)")
     return 0
 
 
 def _measured_rates(n: int = 2048, d: int = 1024, repeats: int = 5) -> dict:
-    """{dtype name: (gram_update GFLOP/s, torch X.T @ X GFLOP/s)} on this CPU, for fp32 and bf16 (about a
-    second): the rate the chosen path reaches, beside the one torch's own GEMM offers anyone."""
+    """{dtype name: (gram_update GFLOP/s, torch X.T @ X GFLOP/s)} on this CPU (about a second): the rate the
+    chosen path reaches, beside the one torch's own GEMM offers anyone: in X's dtype for fp32 and bf16; for
+    fp16 torch's fp32 GEMM after upcasting X (torch's fp16 CPU GEMM is ~30x slower where the CPU has no fp16
+    arithmetic, e.g. Zen 4)."""
     import torch
 
     from . import ops
     from ._timing import median_time
 
     out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         X = torch.randn(n, d).to(dtype)
         G = torch.zeros(d, d)
         ours = median_time(lambda: ops.gram_update(G, X), repeats)
-        full = median_time(lambda: X.T @ X, repeats)
+        if dtype == torch.float16:
+            full = median_time(lambda: (lambda X32: X32.T @ X32)(X.float()), repeats)
+        else:
+            full = median_time(lambda: X.T @ X, repeats)
         out[name] = (n * d * (d + 1) / ours / 1e9, 2 * n * d * d / full / 1e9)
     return out
 

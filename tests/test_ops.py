@@ -376,7 +376,7 @@ def test_info_measures_each_dtypes_path(capsys):
         pytest.skip("no extension")
     assert main(["info", "--json"]) == 0
     rates = json.loads(capsys.readouterr().out)["measured_gflops"]
-    assert set(rates) == {"float32", "bfloat16"}
+    assert set(rates) == {"float32", "bfloat16", "float16"}
     assert all(r["gram_update"] > 0 and r["torch_full"] > 0 for r in rates.values())
     assert main(["info", "--json", "--no-measure"]) == 0
     assert "measured_gflops" not in json.loads(capsys.readouterr().out)
