@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..io.models import ModelLoadError
+from ..io.hf import ModelFolderError
 from .checkpoint import checkpoint_path
 from .fileformat import GramsError
 
@@ -127,7 +127,7 @@ def cmd_grams(args) -> int:
 
     try:
         return 0 if collect(args) else EXIT_INTERRUPTED
-    except (GramsError, ModelLoadError) as e:
+    except (GramsError, ModelFolderError) as e:  # io.models' and io.lora's refusals among them
         _report_failure(DI, e)
         return _error(str(e).replace("\n", " "))
     except KeyboardInterrupt as e:  # before the loop, or a second Ctrl-C in it: no traceback
