@@ -145,6 +145,44 @@ def test_a_hand_written_adapter_merges_to_w_plus_scaled_b_a(fx, tmp_path, capsys
     _check_merged(read_folder(tmp_path / "o16"), _expected(sd16, f16, {m: 3 / math.sqrt(2) for m in f16}), 2 ** -8)
 
 
+def test_an_adapter_bin_and_an_adapter_hub_id(fx, tmp_path, capsys, monkeypatch):
+    """adapter_model.bin (read weights-only) merges as its safetensors twin; an adapter and its base found in the
+    Hugging Face cache by Hub id, the model card naming both."""
+    base = fx["llama"]
+    factors = {"model.layers.1.self_attn.o_proj": (_rand(2, 32, seed=1), _rand(32, 2, seed=2))}
+    ad = _write_adapter(tmp_path / "ad", base, factors)
+    twin = _write_adapter(tmp_path / "twin", base, factors)
+    sd = load_file(os.path.join(twin, "adapter_model.safetensors"))
+    os.remove(os.path.join(twin, "adapter_model.safetensors"))
+    torch.save(sd, os.path.join(twin, "adapter_model.bin"))
+    for name, ref in (("st", ad), ("bin", twin)):
+        rc, err = _cli(["merge", "--method", "average", "--models", ref, "--out", tmp_path / name], capsys)
+        assert rc == 0, err
+    a, b = read_folder(tmp_path / "st"), read_folder(tmp_path / "bin")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    for repo, src in (("org--base", base), ("org--lora", ad)):
+        snap = cache / f"models--{repo}" / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for f in os.listdir(src):
+            (snap / f).write_bytes((open(os.path.join(src, f), "rb")).read())
+        (cache / f"models--{repo}" / "refs").mkdir()
+        (cache / f"models--{repo}" / "refs" / "main").write_text(commit)
+    cfg_path = cache / "models--org--lora" / "snapshots" / commit / "adapter_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), base_model_name_or_path="org/base")))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for i, ref in enumerate(("org/lora", "org/base+org/lora")):
+        out = tmp_path / f"hub{i}"
+        rc, err = _cli(["merge", "--method", "average", "--models", ref, "--out", out], capsys)
+        assert rc == 0, err
+        got = read_folder(out)
+        assert all(torch.equal(got[n], a[n]) for n in a)
+        card = (out / "README.md").read_text()
+        assert "base_model:\n- org/base\n- org/lora\n" in card and "`org/base`, with the LoRA adapter `org/lora`" in card
+        assert yaml.safe_load((out / "regmean_config.yml").read_text())["models"][0]["model"] == "org/base+org/lora"
+
+
 def test_a_hand_written_adapter_on_gpt2_conv1d(fx, tmp_path, capsys):
     """GPT-2's Conv1D weights are stored [in, out]: B @ A is transposed (fan_in_fan_out), for the square c_proj
     (only the config's flag can say) and the [32, 96] c_attn alike."""
@@ -256,9 +294,56 @@ def test_peft_adapter_grams_and_regmean_as_peft_merged(fx, tmp_path, capsys):
     got, via_peft = read_folder(outs["ad"]), read_folder(outs["merged"])
     for n in via_peft:
         assert torch.allclose(got[n], via_peft[n], rtol=1e-5, atol=1e-6), n
+    # --sequential (block by block from the folders, io.lora under it) and regmean++ (the same reader) alike
+    seq = {}
+    for name, ref in (("ad", ad), ("merged", merged)):
+        seq[name] = tmp_path / f"seq-{name}.safetensors"
+        rc, err = _cli(["grams", ref, "--data", fx["data"], "--out", seq[name], "--sequential", "--no-progress"],
+                       capsys)
+        assert rc == 0, err
+    sa, sm = load_grams(str(seq["ad"])), load_grams(str(seq["merged"]))
+    for m in sm.modules():
+        assert torch.allclose(sa.gram(m), sm.gram(m), rtol=1e-5, atol=1e-6), m
+        assert torch.allclose(sa.gram(m), gm.gram(m), rtol=1e-4, atol=1e-5), m
+    pp = {}
+    for name, ref in (("ad", ad), ("merged", merged)):
+        pp[name] = tmp_path / f"pp-{name}"
+        rc, err = _cli(["merge", "--method", "regmean++", "--models", ref, other, "--data", fx["data"], fx["data"],
+                        "--out", pp[name]], capsys)
+        assert rc == 0, err
+    got_pp, want_pp = read_folder(pp["ad"]), read_folder(pp["merged"])
+    assert set(got_pp) == set(want_pp)
+    for n in want_pp:
+        assert torch.allclose(got_pp[n], want_pp[n], rtol=1e-5, atol=1e-6), n
     go = load_grams(str(grams["other"]))
     a, b = read_folder(merged), read_folder(other)
     for mod in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
         w = f"{mod}.weight"
         want = gram_merge([ga.gram(mod), go.gram(mod)], [a[w], b[w]], alpha=0.9)  # the default alpha
         assert rel_err(got[w], want) < 1e-5, mod
+
+
+def test_peft_adapter_on_a_bf16_base_is_bit_exact(fx, tmp_path, capsys):
+    """peft merges a bf16 base with its (upcast, fp32) adapter in fp32, rounded once to bf16; so does this."""
+    peft = pytest.importorskip("peft")
+    import transformers as T
+
+    base = fx["llama_bf16"]
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
+                             peft.LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    pm.save_pretrained(tmp_path / "ad")
+    loaded = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
+                                            str(tmp_path / "ad"))
+    want = loaded.merge_and_unload().state_dict()
+    rc, err = _cli(["merge", "--method", "average", "--models", tmp_path / "ad", "--out", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    got = read_folder(tmp_path / "o")
+    assert got["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           load_file(os.path.join(base, "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.equal(got[n], want[n]) for n in got)
