@@ -58,7 +58,8 @@ def register_grams(sub) -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="Hugging Face model folder (config.json, safetensors weights, sharded or not, or "
                         "pytorch_model.bin read weights-only; tokenizer files), or a Hub id org/name[@revision] "
-                        "already in the Hugging Face cache (nothing is downloaded)")
+                        "already in the Hugging Face cache (nothing is downloaded); or a PEFT LoRA adapter folder "
+                        "(or BASE+ADAPTER), folded into its base")
     p.add_argument("--data", required=True, metavar="FILE",
                    help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet, by extension "
                         "(or --format)")
