@@ -164,7 +164,7 @@ setup(
     packages=find_packages(include=["regmean_fast", "regmean_fast.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.8", "safetensors>=0.4", "transformers>=4.40", "numpy", "tqdm", "pyyaml"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "scikit-learn", "mlxtend", "pyarrow"], "quality": ["scikit-learn", "mlxtend", "matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "scikit-learn", "mlxtend", "pyarrow", "peft"], "quality": ["scikit-learn", "mlxtend", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["regmean-fast=regmean_fast.cli:main"]},

@@ -111,7 +111,7 @@ def test_hub_ids_resolve_through_the_cache_offline(fx, tmp_path, capsys, monkeyp
     assert not (tmp_path / "x").exists()
     rc, err = _merge({"merge_method": "linear", "models": ["org/tiny-a+org/adapter", "org/tiny-b"]},
                      tmp_path / "x", capsys)
-    _one_line(rc, err, "LoRA adapters", "merge_and_unload")
+    _one_line(rc, err, "org/adapter", "not in the Hugging Face cache")  # base+adapter: both sides looked up
 
 
 def test_grams_of_a_hub_id_and_a_bin_twin_equal_the_folders(fx, tmp_path, capsys, monkeypatch):

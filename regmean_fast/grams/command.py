@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..io.models import ModelLoadError
+from ..io.hf import ModelFolderError
 from .checkpoint import checkpoint_path
 from .fileformat import GramsError
 
@@ -58,7 +58,8 @@ def register_grams(sub) -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="Hugging Face model folder (config.json, safetensors weights, sharded or not, or "
                         "pytorch_model.bin read weights-only; tokenizer files), or a Hub id org/name[@revision] "
-                        "already in the Hugging Face cache (nothing is downloaded)")
+                        "already in the Hugging Face cache (nothing is downloaded); or a PEFT LoRA adapter folder "
+                        "(or BASE+ADAPTER), folded into its base")
     p.add_argument("--data", required=True, metavar="FILE",
                    help="JSON Lines, plain text (one example per line), CSV/TSV or Parquet, by extension "
                         "(or --format)")
@@ -127,7 +128,7 @@ def cmd_grams(args) -> int:
 
     try:
         return 0 if collect(args) else EXIT_INTERRUPTED
-    except (GramsError, ModelLoadError) as e:
+    except (GramsError, ModelFolderError) as e:  # io.models' and io.lora's refusals among them
         _report_failure(DI, e)
         return _error(str(e).replace("\n", " "))
     except KeyboardInterrupt as e:  # before the loop, or a second Ctrl-C in it: no traceback

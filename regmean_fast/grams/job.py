@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .._version import __version__
 from ..io import models
+from ..io.lora import fold_into_model, open_model
 from ..io.resume import kill_point
 from .checkpoint import (Stop, checkpoint_path, output_target, read_checkpoint, remove_checkpoint, remove_work_folder,
                          save_if_stopped, start_from, work_folder, write_checkpoint)
@@ -84,8 +85,13 @@ def _check_inputs(args) -> _Job:
             shard_size = parse_size(args.shard_size)
         except ValueError as e:
             raise GramsError(str(e)) from None
-    args.model_dir, args.model_hub_id = models.resolve_model(args.model_dir)  # a folder, or a Hub id in the cache
+    ref = models.resolve_model(args.model_dir)  # a folder, or a Hub id in the cache; or a LoRA adapter and its base
+    args.model_dir, args.model_hub_id, args.adapter, args.adapter_hub_id = \
+        ref.folder, ref.hub_id, ref.adapter, ref.adapter_hub_id
     st_files = models.check_model_dir(args.model_dir)
+    if args.adapter:  # refused now (a target the base lacks, shapes that disagree), not after the data is read
+        with open_model(args.model_dir, args.adapter) as adapted:
+            st_files = st_files + adapted.adapter.files()
     check_out_spares_inputs(args.out, args.model_dir, st_files, args.data)
     check_output(args.out, args.force, args.resume)
     kill_point("grams.start")
@@ -160,8 +166,12 @@ def _metadata(args, max_length: int, signature: str) -> dict:
     return {
         "tool": "regmean_fast",
         "tool_version": __version__,
-        "model": os.path.basename(os.path.abspath(args.model_dir)),
+        # a LoRA adapter is the model (merge's check of the Grams' order compares these names), on its base
+        "model": os.path.basename(os.path.abspath(getattr(args, "adapter", None) or args.model_dir)),
         **({"hub_id": args.model_hub_id} if getattr(args, "model_hub_id", None) else {}),
+        **({"base_model": os.path.basename(os.path.abspath(args.model_dir))}
+           if getattr(args, "adapter", None) else {}),
+        **({"adapter_hub_id": args.adapter_hub_id} if getattr(args, "adapter_hub_id", None) else {}),
         "data": os.path.basename(args.data),
         "max_length": max_length,
         "batch_size": args.batch_size,
@@ -238,6 +248,9 @@ def _signature(args, model_dir: str, st_files: list[str], max_length: int, batch
     with open(os.path.join(model_dir, "config.json"), "rb") as f:
         h.update(f.read())
     for p in st_files:
+        if os.path.basename(p) == "adapter_config.json":  # a LoRA adapter's rank and scaling
+            with open(p, "rb") as f:
+                h.update(f.read())
         h.update(f"{os.path.basename(p)}:{os.path.getsize(p)}".encode())
     keys = ("format", "text_field", "batch_size", "max_examples", "max_tokens", "shuffle", "seed", "keep_order",
             "dtype", "include", "exclude", "include_padding", "no_share", "sequential", "fisher", "label_field")
@@ -295,6 +308,9 @@ def _whole_model(job: _Job, resume: bool):
 
     args = job.args
     model = models.load_model(args.model_dir, job.config, job.dtype, job.device, args.trust_remote_code)
+    if args.adapter:  # the base as loaded, with the adapted tensors replaced: the model peft's merge would save
+        with open_model(args.model_dir, args.adapter) as adapted:
+            fold_into_model(model, adapted)
     collector = GramCollector(model, include=args.include, exclude=args.exclude,
                               include_padding=args.include_padding, share_inputs=not args.no_share)
     fisher_acc = None
@@ -359,7 +375,8 @@ def _execute_sequential(job: _Job, dist, resume: bool):
     args = job.args
     run = SequentialRun(args.model_dir, job.config, job.batches, device=job.device, dtype=job.dtype,
                         include=args.include, exclude=args.exclude, include_padding=args.include_padding,
-                        share_inputs=not args.no_share, trust_remote_code=args.trust_remote_code)
+                        share_inputs=not args.no_share, trust_remote_code=args.trust_remote_code,
+                        adapter=args.adapter)
     if resume:
         state, others = read_checkpoint(job.ckpt, job.ckpt_signature, "sequential")
         run.load_checkpoint(state, others, job.ckpt, job.ckpt_signature)

@@ -41,12 +41,12 @@ def sequential_supported(config, generic: bool = False) -> tuple[bool, str]:
 
 class _WeightReader:
     """Tensor name -> tensor, read from a model folder (sharded safetensors, or pytorch_model.bin read
-    weights-only) through io.hf.ModelFolder."""
+    weights-only) through io.hf.ModelFolder, with a LoRA adapter folded in when one is given (io.lora)."""
 
-    def __init__(self, model_dir: str):
-        from ..io.hf import ModelFolder
+    def __init__(self, model_dir: str, adapter: str | None = None):
+        from ..io.lora import open_model
 
-        self.folder = ModelFolder(model_dir)
+        self.folder = open_model(model_dir, adapter)
         self.where = set(self.folder.names())
 
     def get(self, name: str) -> torch.Tensor:
@@ -133,7 +133,7 @@ class SequentialRun:
     """
 
     def __init__(self, model_dir, config, batches, device, dtype, include=None, exclude=None,
-                 include_padding=False, share_inputs=True, trust_remote_code=False, reader=None):
+                 include_padding=False, share_inputs=True, trust_remote_code=False, reader=None, adapter=None):
         from ..io.models import meta_model
         from .collect import GramCollector
 
@@ -152,7 +152,8 @@ class SequentialRun:
         self.collector = GramCollector(self.model, include=include, exclude=exclude,
                                        include_padding=include_padding, share_inputs=share_inputs)
         self.config, self.batches, self.device, self.dtype = config, batches, device, dtype
-        self.reader = reader if reader is not None else _WeightReader(model_dir)  # reader: weights in memory
+        # reader: weights in memory; adapter: a LoRA adapter folder folded into model_dir's weights
+        self.reader = reader if reader is not None else _WeightReader(model_dir, adapter)
         self.init = getattr(self.model, "_init_weights", None)  # for buffers no checkpoint holds
         self.part, self.batch = (0, 0) if batches else (self.n_parts, 0)  # no batches: nothing to run
         self.hidden: list[torch.Tensor] | None = None  # per batch, on the host

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 from .hf import ModelFolderError, weight_files
+from .lora import ADAPTER_CONFIG, adapter_base, is_adapter_folder, read_adapter_config
 from .torch_bin import TorchBinError, is_bin, load_weights_only
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hugging Face Hub names a model
@@ -36,16 +38,54 @@ def hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def resolve_model(ref: str) -> tuple[str, str | None]:
-    """A model as users name it -> (its local folder, its Hub id when it came from the Hub cache, else None).
-    A folder that exists is that folder (relative paths from the working directory); else `org/name` or
-    `org/name@revision` is looked up in huggingface_hub's cache, offline (nothing is downloaded)."""
+@dataclass
+class ModelRef:
+    """A model as resolved: its folder (the base, for an adapter), the Hub id it was found under, and the PEFT LoRA
+    adapter folded into it (with its Hub id)."""
+    folder: str
+    hub_id: str | None = None
+    adapter: str | None = None
+    adapter_hub_id: str | None = None
+
+
+def resolve_model(ref: str) -> ModelRef:
+    """A model as users name it -> ModelRef. A folder that exists is that folder (relative paths from the working
+    directory); else `org/name` or `org/name@revision` is looked up in huggingface_hub's cache, offline (nothing is
+    downloaded). A PEFT LoRA adapter folder (adapter_config.json), named either way, is the base its config names
+    (base_model_name_or_path, resolved the same way) with the adapter; mergekit's `base+adapter` names both."""
+    path = os.path.expanduser(str(ref))
+    if not os.path.exists(path) and "+" in str(ref):  # mergekit's base+adapter
+        base_ref, adapter_ref = str(ref).split("+", 1)
+        base, adapter = _find_folder(base_ref), _find_folder(adapter_ref)
+        if not is_adapter_folder(adapter[0]):
+            raise ModelLoadError(f"model {ref}: {adapter_ref} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        return _adapted(base, adapter, ref)
+    folder, hub_id = _find_folder(ref)
+    if not is_adapter_folder(folder):
+        return ModelRef(folder, hub_id)
+    base_ref = adapter_base(folder)
+    if base_ref is None:
+        raise ModelLoadError(f"adapter {ref}: its {ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
+                             "name it as BASE+ADAPTER")
+    try:
+        base = _find_folder(base_ref)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"adapter {ref}: its base model: {e}") from None
+    return _adapted(base, (folder, hub_id), ref)
+
+
+def _adapted(base: tuple, adapter: tuple, ref: str) -> ModelRef:
+    read_adapter_config(adapter[0])  # refused here (DoRA, another PEFT type) before any work
+    if is_adapter_folder(base[0]):
+        raise ModelLoadError(f"model {ref}: the base model {base[0]} is itself an adapter (one adapter at a time)")
+    return ModelRef(base[0], base[1], adapter[0], adapter[1])
+
+
+def _find_folder(ref: str) -> tuple[str, str | None]:
+    """A name -> (its local folder, its Hub id when it came from the Hub cache, else None)."""
     path = os.path.expanduser(str(ref))
     if os.path.exists(path):  # a folder (or something else there, which check_model_dir names)
         return path, None
-    if "+" in str(ref):  # mergekit's model+adapter
-        raise ModelLoadError(f"model {ref}: LoRA adapters (model+adapter) are not supported yet; merge the adapter "
-                             "into its base first (peft's merge_and_unload) and name that folder")
     repo, _, revision = str(ref).partition("@")
     if not HUB_ID.fullmatch(repo) or (not revision and "@" in str(ref)):
         raise ModelLoadError(f"model folder not found: {ref}")

@@ -12,7 +12,8 @@ import time
 import torch
 
 from .._version import __version__
-from ..io.hf import ModelFolder, ModelFolderError, copy_aux_files, copy_model_code, write_config, write_index
+from ..io.hf import ModelFolderError, copy_aux_files, copy_model_code, write_config, write_index
+from ..io.lora import open_model
 from ..io.output import NO_SPACE, OutputError, OutputTransaction, free_space_shortfall
 from ..io.resume import CONTINUE, DONE, Found, kill_point
 from ..io.shards import ShardedOutput, ShardLayout
@@ -78,8 +79,8 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def _check_output_path(cfg: MergeConfig, out: str, force: bool, resume: bool = False) -> None:
-    inputs = [m.model for m in cfg.models] + [p for m in cfg.models for p in (m.grams, m.data) if p] + (
-        [cfg.base_model] if cfg.base_model else [])
+    inputs = [m.model for m in cfg.models] + [p for m in cfg.models for p in (m.grams, m.data, m.adapter) if p] + (
+        [p for p in (cfg.base_model, cfg.base_adapter) if p])
     for p in inputs:
         if _inside(out, p) or _inside(p, out):
             raise MergeError(f"output {out} overlaps the input {p}; never writing into an input folder")
@@ -207,8 +208,10 @@ def _prepare(job: _Job) -> None:
     """Open the inputs, make the plan and the shard layout, check the memory budget, sign the plan."""
     cfg = job.cfg
     try:
-        job.sources = [ModelFolder(m.model) for m in cfg.models]
-        job.base = ModelFolder(cfg.base_model) if cfg.base_model else None
+        job.sources = []
+        for m in cfg.models:  # appended one by one: those opened are closed when one fails
+            job.sources.append(open_model(m.model, m.adapter))
+        job.base = open_model(cfg.base_model, cfg.base_adapter) if cfg.base_model else None
     except ModelFolderError as e:
         raise MergeError(str(e)) from None
     from .methods import METHODS

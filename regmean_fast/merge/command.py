@@ -50,7 +50,8 @@ def register_merge(sub) -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="mergekit-like YAML (see docs/merge.md)")
     p.add_argument("--out", required=True, help="output folder (created; refused if non-empty without --force)")
     g = p.add_argument_group("models")
-    g.add_argument("--models", nargs="+", metavar="DIR", help="model folders (replace the file's models)")
+    g.add_argument("--models", nargs="+", metavar="DIR", help="model folders or Hub ids, PEFT LoRA adapters (folders or BASE+ADAPTER) "
+                   "among them (replace the file's models)")
     g.add_argument("--grams", nargs="+", metavar="GRAMS", help="one Gram file per model, in the same order")
     g.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)")
     g.add_argument("--base-model", metavar="DIR", help="base model (task_arithmetic, ties, dare_*, slerp)")

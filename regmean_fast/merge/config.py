@@ -79,6 +79,8 @@ class ModelSpec:
     parameters: dict = field(default_factory=dict)  # the other per-model parameters (density)
     hub_id: str | None = None  # the name as given when `model` was found in the Hugging Face cache
     data: str | None = None  # calibration data (regmean++)
+    adapter: str | None = None  # a PEFT LoRA adapter folder folded into `model` (then its base) as it is read
+    adapter_hub_id: str | None = None  # as hub_id, for the adapter
 
 
 @dataclass
@@ -99,6 +101,8 @@ class MergeConfig:
     seed: int = 0  # dare_ties, dare_linear: the random drop
     tokenizer_source: str | None = None  # mergekit's; only "base" (our behaviour) is accepted
     base_hub_id: str | None = None  # as ModelSpec.hub_id, for base_model
+    base_adapter: str | None = None  # as ModelSpec.adapter, for base_model
+    base_adapter_hub_id: str | None = None
     notes: list = field(default_factory=list)  # one line each, said once when the merge starts
     calibration: dict = field(default_factory=dict)  # regmean++: CALIBRATION_DEFAULTS' keys
     checkpoint_every: int | None = None  # regmean++: a checkpoint every N blocks (not part of the signature)
@@ -133,7 +137,9 @@ class MergeConfig:
             m.model = os.path.abspath(m.model)
             m.grams = os.path.abspath(m.grams) if m.grams else m.grams
             m.data = os.path.abspath(m.data) if m.data else m.data
+            m.adapter = os.path.abspath(m.adapter) if m.adapter else m.adapter
         self.base_model = os.path.abspath(self.base_model) if self.base_model else self.base_model
+        self.base_adapter = os.path.abspath(self.base_adapter) if self.base_adapter else self.base_adapter
         return self
 
     def validate(self, *, require_paths: bool = True) -> "MergeConfig":
@@ -157,8 +163,9 @@ class MergeConfig:
             raise MergeError(f"method {self.method} needs base_model")
         self._validate_data(meth)  # first: --data given to another method is the likelier mistake
         if meth.needs_base:  # mergekit: a base_model listed under models is the base, not one more model
-            same = _same_path(self.base_model)
-            self.models = [m for m in self.models if not same(m.model)]
+            same, same_adapter = _same_path(self.base_model), _same_path(self.base_adapter)
+            self.models = [m for m in self.models if not (same(m.model) and (
+                same_adapter(m.adapter) if self.base_adapter else m.adapter is None))]
             if not self.models:
                 raise MergeError(f"method {self.method}: no models besides the base model")
         if self.method == "slerp":
@@ -202,17 +209,22 @@ class MergeConfig:
         return self
 
     def _resolve_models(self) -> None:
-        """Each model (and the base) as a local folder: a folder, or a Hub id found in the Hugging Face cache."""
+        """Each model (and the base) as a local folder: a folder, or a Hub id found in the Hugging Face cache; a LoRA
+        adapter as its base's folder and the adapter's."""
         from ..io.models import resolve_model
         from ..io.hf import ModelFolderError
 
         try:
             for m in self.models:
-                m.model, hub = resolve_model(m.model)
-                m.hub_id = hub or m.hub_id
-            if self.base_model:
-                self.base_model, hub = resolve_model(self.base_model)
-                self.base_hub_id = hub or self.base_hub_id
+                if m.adapter is None:  # not resolved yet (a MergeConfig is validated more than once)
+                    ref = resolve_model(m.model)
+                    m.model, m.adapter = ref.folder, ref.adapter
+                    m.hub_id, m.adapter_hub_id = ref.hub_id or m.hub_id, ref.adapter_hub_id or m.adapter_hub_id
+            if self.base_model and self.base_adapter is None:
+                ref = resolve_model(self.base_model)
+                self.base_model, self.base_adapter = ref.folder, ref.adapter
+                self.base_hub_id = ref.hub_id or self.base_hub_id
+                self.base_adapter_hub_id = ref.adapter_hub_id or self.base_adapter_hub_id
         except ModelFolderError as e:
             raise MergeError(str(e)) from None
 

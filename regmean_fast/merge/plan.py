@@ -150,7 +150,8 @@ def _fisher_names(gs):
 def _pairing_warnings(sources, gramsets, gram_paths) -> list[str]:
     """Gram files whose provenance names another of the input models (the Grams given in the wrong
     order: same architecture, so nothing else tells)."""
-    names = [os.path.basename(s.path) if getattr(s, "path", None) else None for s in sources]
+    names = [os.path.basename(getattr(s, "adapter_path", None) or s.path) if getattr(s, "path", None) else None
+             for s in sources]  # a LoRA adapter by its own name, as `grams` records it
     out = []
     for i, gs in enumerate(gramsets):
         made_on = (getattr(gs, "metadata", None) or {}).get("model")

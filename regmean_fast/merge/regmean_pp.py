@@ -180,7 +180,7 @@ class RegMeanPlusPlusJob:
             if batches is None:
                 batches = _batches(spec.model, spec, config, cfg.calibration_options())
             return SequentialRun(spec.model, config, batches, device=torch.device(cfg.device), dtype=cfg.torch_dtype(),
-                                 reader=reader)
+                                 reader=reader, adapter=spec.adapter)
         except (GramsError, ModelLoadError) as e:
             raise _error(where, e) from None
 

@@ -13,9 +13,11 @@ def build_report(cfg, plan, tensor_report: dict, *, shards: dict, total_s: float
     return {
         "tool": "regmean_fast", "version": __version__, "method": plan.method, "parameters": plan.params,
         "models": [m.model for m in cfg.models], "grams": [m.grams for m in cfg.models],
+        **({"adapters": [m.adapter for m in cfg.models]} if any(m.adapter for m in cfg.models) else {}),
         **({"data": [m.data for m in cfg.models], "calibration": cfg.calibration_options()}
            if any(m.data for m in cfg.models) else {}),
         "weights": plan.raw_weights, "coefficients": plan.coeffs, "base_model": cfg.base_model,
+        **({"base_adapter": cfg.base_adapter} if cfg.base_adapter else {}),
         "dtype": cfg.dtype, "solve_dtype": cfg.solve_dtype, "out_dtype": cfg.out_dtype, "device": device,
         "seed": cfg.seed, "regmean_exclude": list(cfg.regmean_exclude), "notes": list(cfg.notes),
         "warnings": list(plan.warnings),
@@ -46,8 +48,9 @@ def config_yaml(cfg, plan) -> str:
     """The merge as a YAML file that reproduces it: every parameter resolved, paths as in cfg (absolute)."""
     d = {"method": cfg.method}
     if cfg.base_model:
-        d["base_model"] = cfg.base_hub_id or cfg.base_model
-    d["models"] = [{k: v for k, v in (("model", m.hub_id or m.model), ("grams", m.grams), ("data", m.data),
+        d["base_model"] = model_name(cfg.base_model, cfg.base_hub_id, cfg.base_adapter, cfg.base_adapter_hub_id)
+    d["models"] = [{k: v for k, v in (("model", model_name(m.model, m.hub_id, m.adapter, m.adapter_hub_id)),
+                                      ("grams", m.grams), ("data", m.data),
                                       ("weight", m.weight), ("parameters", m.parameters or None)) if v is not None}
                    for m in cfg.models]
     if plan.params:
@@ -69,9 +72,18 @@ def config_yaml(cfg, plan) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
+def model_name(folder: str, hub_id: str | None, adapter: str | None = None, adapter_hub_id: str | None = None) -> str:
+    """A model as the config names it: its Hub id where it came from the Hub, else its folder; a LoRA adapter as
+    mergekit's base+adapter."""
+    name = hub_id or folder
+    return f"{name}+{adapter_hub_id or adapter}" if adapter else name
+
+
 def model_card(cfg, plan) -> str:
-    # base_model: the Hub ids where the models came from the Hub (a local folder's name is no Hub link)
-    hub = [i for i in [cfg.base_hub_id] + [m.hub_id for m in cfg.models] if i]
+    # base_model: the Hub ids where the models (a LoRA adapter and its base) came from the Hub (a local folder's
+    # name is no Hub link)
+    hub = [i for i in [cfg.base_hub_id, cfg.base_adapter_hub_id] + [i for m in cfg.models
+                                                                     for i in (m.hub_id, m.adapter_hub_id)] if i]
     hub = list(dict.fromkeys(i.partition("@")[0] for i in hub))
     lines = (["---", "library_name: transformers", "tags:", "- merge", "- regmean_fast", f"- {plan.method}"]
              + (["base_model:"] + [f"- {n}" for n in hub] if hub else [])
@@ -82,7 +94,9 @@ def model_card(cfg, plan) -> str:
                    " (RegMean++: each block's statistics through the already merged blocks, Nguyen et al. 2025)."
                    if plan.method == "regmean++" else "."), "", "## Models", ""])
     for i, m in enumerate(cfg.models):
-        lines.append(f"- `{m.hub_id or m.model}` (" + (f"coefficient {plan.coeffs[i]:.4g})" if plan.coeffs is not None
+        name = f"`{m.hub_id or m.model}`" + (f", with the LoRA adapter `{m.adapter_hub_id or m.adapter}`"
+                                              if m.adapter else "")
+        lines.append(f"- {name} (" + (f"coefficient {plan.coeffs[i]:.4g})" if plan.coeffs is not None
                                            else f"weight {plan.raw_weights[i]})"))
     if plan.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
