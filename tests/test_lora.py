@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_tiny
 from fp64_oracle import gram_merge, rel_err
-from test_merge_common import read_folder
+from test_merge_common import assert_one_line_error, read_folder
 
 from regmean_fast import load_grams
 from regmean_fast.cli import main
@@ -41,14 +41,6 @@ def _cli(argv, capsys):
     capsys.readouterr()
     rc = main([str(a) for a in argv])
     return rc, capsys.readouterr().err
-
-
-def _one_line(rc, err, *needles):
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("regmean_fast: error: "), err
-    for s in needles:
-        assert s in lines[0], lines[0]
 
 
 # -- a hand-written adapter (no peft) -------------------------------------------------------------------------
@@ -198,7 +190,7 @@ def test_a_hand_written_adapter_on_gpt2_conv1d(fx, tmp_path, capsys):
     _check_merged(read_folder(tmp_path / "o"), want, 0)
 
 
-def test_adapters_refused_in_one_line(fx, tmp_path, capsys):
+def test_adapters_refused_inassert_one_line_error(fx, tmp_path, capsys):
     base = fx["llama"]
     good = {"model.layers.0.self_attn.q_proj": (_rand(2, 32, seed=1), _rand(32, 2, seed=2))}
     cases = [
@@ -218,15 +210,15 @@ def test_adapters_refused_in_one_line(fx, tmp_path, capsys):
         ad = _write_adapter(tmp_path / name, base, factors, replaced, **kw)
         out = tmp_path / f"out-{name}"
         rc, err = _cli(["merge", "--method", "average", "--models", ad, base, "--out", out], capsys)
-        _one_line(rc, err, *needles)
+        assert_one_line_error(rc, err, *needles)
         assert not out.exists() and not any(p.name.startswith(f".out-{name}") for p in tmp_path.iterdir())
         g = tmp_path / f"g-{name}.safetensors"
         rc, err = _cli(["grams", ad, "--data", fx["data"], "--out", g, "--no-progress"], capsys)
-        _one_line(rc, err, *needles)
+        assert_one_line_error(rc, err, *needles)
         assert not g.exists()
     rc, err = _cli(["merge", "--method", "average", "--models", f"{base}+{fx['llama1']}", "--out", tmp_path / "x"],
                    capsys)
-    _one_line(rc, err, "is not a PEFT adapter folder", "adapter_config.json")
+    assert_one_line_error(rc, err, "is not a PEFT adapter folder", "adapter_config.json")
 
 
 # -- against peft ---------------------------------------------------------------------------------------------

@@ -168,3 +168,12 @@ def saved_models_and_grams(root, arch: str = "llama", k: int = 3, seed: int = 0,
     mods, acts = make_activations(models[0], k, seed=seed)
     paths = [save_model(m, root / f"{prefix}{i}") for i, m in enumerate(models)]
     return models, paths, write_gram_files(models[0], mods, acts, root)
+
+
+def assert_one_line_error(rc, err, *needles):
+    """A user mistake: exit 2 and one line `regmean_fast: error: ...` holding every needle."""
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("regmean_fast: error: "), err
+    for s in needles:
+        assert s in lines[0], lines[0]

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 import hf_tiny
-from test_merge_common import read_folder
+from test_merge_common import assert_one_line_error, read_folder
 
 from regmean_fast import load_grams
 from regmean_fast.cli import main
@@ -81,14 +81,6 @@ def _merge(cfg, out, capsys):
     return rc, capsys.readouterr().err
 
 
-def _one_line(rc, err, *needles):
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("regmean_fast: error: "), err
-    for s in needles:
-        assert s in lines[0], lines[0]
-
-
 def test_hub_ids_resolve_through_the_cache_offline(fx, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", fx["cache"])
     rc, err = _merge({"merge_method": "linear", "models": fx["st"][:2]}, tmp_path / "local", capsys)
@@ -106,12 +98,12 @@ def test_hub_ids_resolve_through_the_cache_offline(fx, tmp_path, capsys, monkeyp
     local_card = (tmp_path / "local" / "README.md").read_text()
     assert "base_model" not in local_card  # local folders: no Hub link invented
     rc, err = _merge({"merge_method": "linear", "models": ["org/tiny-a", "org/absent@v2"]}, tmp_path / "x", capsys)
-    _one_line(rc, err, "org/absent@v2", "not in the Hugging Face cache", fx["cache"],
+    assert_one_line_error(rc, err, "org/absent@v2", "not in the Hugging Face cache", fx["cache"],
               "hf download org/absent --revision v2")
     assert not (tmp_path / "x").exists()
     rc, err = _merge({"merge_method": "linear", "models": ["org/tiny-a+org/adapter", "org/tiny-b"]},
                      tmp_path / "x", capsys)
-    _one_line(rc, err, "org/adapter", "not in the Hugging Face cache")  # base+adapter: both sides looked up
+    assert_one_line_error(rc, err, "org/adapter", "not in the Hugging Face cache")  # base+adapter: both sides looked up
 
 
 def test_grams_of_a_hub_id_and_a_bin_twin_equal_the_folders(fx, tmp_path, capsys, monkeypatch):
@@ -148,9 +140,9 @@ def test_a_pickle_with_code_is_refused(fx, tmp_path, capsys):
     sd = load_file(os.path.join(fx["st"][0], "model.safetensors"))
     torch.save({**sd, "extra": _Code()}, os.path.join(evil, "pytorch_model.bin"))
     rc, err = _merge({"merge_method": "linear", "models": [evil, fx["st"][1]]}, tmp_path / "m", capsys)
-    _one_line(rc, err, "refused", "pickle", "weights_only")
+    assert_one_line_error(rc, err, "refused", "pickle", "weights_only")
     assert not (tmp_path / "m").exists()
     capsys.readouterr()
     rc = main(["grams", evil, "--data", fx["data"], "--out", str(tmp_path / "g.safetensors"), "--no-progress"])
-    _one_line(rc, capsys.readouterr().err, "refused", "pickle")
+    assert_one_line_error(rc, capsys.readouterr().err, "refused", "pickle")
     assert not (tmp_path / "g.safetensors").exists()
