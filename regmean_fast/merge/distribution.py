@@ -2,7 +2,10 @@
 
 One process (`OneProcess`) writes every shard and meets no one; under torchrun (`Ranks`) the shards are
 spread over the ranks by estimated cost, rank 0 judges the output for all, and the ranks' reports meet on
-rank 0, which publishes. The sync points' names are what a rank's DistributedError says it was doing.
+rank 0, which publishes. RegMean++ (merge/regmean_pp.py) shares the data instead: each rank runs its share of
+every model's calibration batches, a block's Grams are summed into rank 0, which merges and writes the block,
+and every rank receives the merged block to advance its own hidden states. The sync points' names are what a
+rank's DistributedError says it was doing.
 """
 
 from __future__ import annotations
@@ -46,6 +49,22 @@ class OneProcess:
         """Rank 0 has put the merge in place (report) -> the report, on every rank."""
         return report
 
+    # -- RegMean++: the data shared, the model merged on rank 0 -------------------------------------------
+    def own_batches(self, batches: list) -> list:
+        """This rank's share of a model's calibration batches."""
+        return batches
+
+    def writer_shards(self, layout):
+        """The shard files this rank writes when rank 0 writes them all (None: all of them)."""
+        return None
+
+    def meet_grams(self, collectors: list, what: str) -> None:
+        """Every rank's Grams of the part just run summed into rank 0's collectors."""
+
+    def share_merged(self, merged: dict, specs: list, what: str) -> dict:
+        """Rank 0's merged tensors {name: tensor} -> the same on every rank; specs: (name, dtype, shape) of each."""
+        return merged
+
 
 class Ranks(OneProcess):
     """torchrun: one rank per process, the same calls in the same order on every rank."""
@@ -88,6 +107,29 @@ class Ranks(OneProcess):
     def publish(self, report=None):
         self.ctx.sync(None, "the final output")  # rank 0 writes the index, config and report
         return self.ctx.broadcast_object(report, "the report")
+
+    def own_batches(self, batches: list) -> list:
+        return self.ctx.shard(batches)
+
+    def writer_shards(self, layout):
+        return {fname for fname, _ in layout.shards} if self.is_main else set()
+
+    def meet_grams(self, collectors: list, what: str) -> None:
+        self.ctx.sync(None, what)  # every rank has run its share (a failure there stops every rank here)
+        for c in collectors:
+            c.reduce_to_rank0(self.ctx, totals=False)
+
+    def share_merged(self, merged: dict, specs: list, what: str) -> dict:
+        import torch
+
+        self.ctx.sync(None, what)  # rank 0 has merged and written the part (a failure there stops every rank)
+        if self.is_main:  # on the host: the ranks' devices need not match (and gloo carries it)
+            merged = {n: merged[n].to("cpu").contiguous() for n, _, _ in specs}
+        else:
+            merged = {n: torch.empty(shape, dtype=dtype) for n, dtype, shape in specs}
+        for n, _, _ in specs:
+            self.ctx.broadcast_(merged[n], f"{what} ({n})")
+        return merged
 
 
 def strategy(ctx) -> OneProcess:
