@@ -72,13 +72,30 @@ def test_two_ranks_equal_one_process_and_the_fp64_loop(kind, three, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "two") if "manifest" in f or "checkpoint" in f]
 
 
-def test_rank_zero_killed_then_resume(three, tmp_path):
+@pytest.fixture(scope="module")
+def ref_two(three, tmp_path_factory):
+    """An uninterrupted 2-rank merge of the Llamas."""
+    root, models = three
+    folders, data = models["llama"]
+    ref = tmp_path_factory.mktemp("pp_ranks_ref") / "ref"
+    res = launch(_args(folders, data, ref))
+    assert [rc for rc, _ in res] == [0, 0], res
+    return ref
+
+
+def _assert_same_shards(out, ref):
+    names = sorted(p for p in os.listdir(ref) if p.endswith(".safetensors") or p.endswith("index.json"))
+    assert len(names) > 3
+    assert sorted(p for p in os.listdir(out) if p.endswith(".safetensors") or p.endswith("index.json")) == names
+    for name in names:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_rank_zero_killed_then_resume(three, ref_two, tmp_path):
     """Rank 0 (the writer) dies after two shards: rank 1 stops with a one-line error; --resume with 2 ranks keeps
     the two shards and ends byte-identical to an uninterrupted 2-rank merge."""
     root, models = three
     folders, data = models["llama"]
-    res = launch(_args(folders, data, tmp_path / "ref"))
-    assert [rc for rc, _ in res] == [0, 0], res
     out, partial = tmp_path / "out", tmp_path / ".out.regmean-partial"
     res = launch(_args(folders, data, out), extra_env={"REGMEAN_FAST_MERGE_DIE_AFTER_SHARDS": "0:2"})
     (rc0, _), (rc1, err1) = res
@@ -89,21 +106,41 @@ def test_rank_zero_killed_then_resume(three, tmp_path):
     assert [rc for rc, _ in res] == [0, 0], res
     rep = json.loads((out / "merge_report.json").read_text())
     assert len(rep["reused_shards"]) == 2
-    names = sorted(p for p in os.listdir(tmp_path / "ref") if p.endswith(".safetensors") or p.endswith("index.json"))
-    assert sorted(p for p in os.listdir(out) if p.endswith(".safetensors") or p.endswith("index.json")) == names
-    for name in names:
-        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    _assert_same_shards(out, ref_two)
 
 
-@pytest.mark.parametrize("extra,expect", [
-    (["--checkpoint-every", "1"], "--checkpoint-every is not available for regmean++ under torchrun"),
-    (["--batch-size", "4"], "too few for 2 ranks"),
-])
-def test_refusals_are_one_line_on_every_rank(extra, expect, three, tmp_path):
+@pytest.mark.parametrize("lost", [False, True])
+def test_checkpoint_then_resume(lost, three, ref_two, tmp_path):
+    """--checkpoint-every 1, both ranks stopped after block 1 of 2 (Stop's test hook: Ctrl-C): a checkpoint per
+    rank, exit 130 on both; --resume goes on from block 2 and ends byte-identical to the uninterrupted merge. With
+    rank 1's checkpoint lost, the ranks do not agree: every block is merged again (a note), same bytes."""
     root, models = three
     folders, data = models["llama"]
+    out, partial = tmp_path / "out", tmp_path / ".out.regmean-partial"
+    args = _args(folders, data, out, "--checkpoint-every", "1")
+    res = launch(args, extra_env={"REGMEAN_FAST_GRAMS_INTERRUPT_AFTER": "1"})
+    assert [rc for rc, _ in res] == [130, 130], res
+    ckpts = sorted(p for p in os.listdir(partial) if "checkpoint" in p)
+    assert ckpts == [f"regmean-pp-checkpoint.rank{r}-of-2.safetensors" for r in range(2)]
+    assert not out.exists()
+    if lost:
+        os.remove(partial / ckpts[1])
+    res = launch([*args, "--resume"])
+    assert [rc for rc, _ in res] == [0, 0], res
+    if lost:
+        assert "checkpoints are not of the same block (1, none)" in res[0][1], res[0][1]
+    else:
+        assert "resuming from the checkpoint at decoder block 2 of 2" in res[0][1], res[0][1]
+    _assert_same_shards(out, ref_two)
+    assert not [f for f in os.listdir(out) if "checkpoint" in f] and not partial.exists()
+
+
+def test_too_few_batches_is_one_line_on_every_rank(three, tmp_path):
+    root, models = three
+    folders, _ = models["llama"]
     small = [_data(str(tmp_path), 3, seed=70 + i) for i in range(3)]  # 3 texts: one batch of 4
-    res = launch(_args(folders, small if "4" in extra else data, tmp_path / "out", *extra))
+    expect = "its 1 calibration batches are too few for 2 ranks"
+    res = launch(_args(folders, small, tmp_path / "out", "--batch-size", "4"))
     assert [rc for rc, _ in res] == [2, 2], res
     for _, err in res:
         lines = err.strip().splitlines()

@@ -65,13 +65,25 @@ class OneProcess:
         """Rank 0's merged tensors {name: tensor} -> the same on every rank; specs: (name, dtype, shape) of each."""
         return merged
 
+    def checkpoint_name(self, name: str) -> str:
+        """This rank's checkpoint file (each rank holds its own share's hidden states)."""
+        return name
+
+    def any_stopped(self, stopped: bool) -> bool:
+        """Did this rank (under torchrun: any rank) ask to stop?"""
+        return bool(stopped)
+
+    def agree_resume(self, next_block):
+        """The block every rank's checkpoint resumes at, or None (start afresh) unless all have the same."""
+        return next_block
+
 
 class Ranks(OneProcess):
     """torchrun: one rank per process, the same calls in the same order on every rank."""
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.is_main = ctx.is_main
+        self.is_main, self.rank = ctx.is_main, ctx.rank
         self.manifest_name = rank_manifest_name(ctx.rank, ctx.world)
 
     def device(self, device: str) -> str:
@@ -130,6 +142,22 @@ class Ranks(OneProcess):
         for n, _, _ in specs:
             self.ctx.broadcast_(merged[n], f"{what} ({n})")
         return merged
+
+    def checkpoint_name(self, name: str) -> str:
+        stem, ext = name.rsplit(".", 1)
+        return f"{stem}.rank{self.rank}-of-{self.ctx.world}.{ext}"
+
+    def any_stopped(self, stopped: bool) -> bool:
+        return self.ctx.all_sum([int(stopped)], "the interruption flags")[0] > 0
+
+    def agree_resume(self, next_block):
+        every = self.ctx.all_gather_object(next_block, "the checkpoints")
+        if next_block is not None and all(b == next_block for b in every):
+            return next_block
+        if self.is_main and any(b is not None for b in every):
+            self.ctx.log("note: the ranks' checkpoints are not of the same block "
+                         f"({', '.join('none' if b is None else str(b) for b in every)}); merging every block again")
+        return None
 
 
 def strategy(ctx) -> OneProcess:

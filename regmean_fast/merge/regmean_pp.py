@@ -163,9 +163,6 @@ class RegMeanPlusPlusJob:
         cfg = self.cfg
         if self.one_process and env_world()[0] > 1:
             raise MergeError("merge_modules runs regmean++ in one process; under torchrun use the merge command")
-        if not self.one_process and cfg.checkpoint_every:
-            raise MergeError("--checkpoint-every is not available for regmean++ under torchrun yet: run it in one "
-                             "process, or without it (--resume then keeps the finished shards)")
         if cfg.max_memory not in (None, ""):
             raise MergeError("--max-memory is not available for regmean++ yet (its working set holds the cached "
                              "hidden states of every model's data)")
@@ -257,13 +254,17 @@ class RegMeanPlusPlusJob:
         checkpoint_every N (with `folder`, the partial output folder): after every N blocks, and at the end of
         the block under way on Ctrl-C (then KeyboardInterrupt), a checkpoint in `folder` holds every model's
         hidden states, where to go on, and the merged tensors written into shards not yet finished (kept in
-        memory meanwhile: at most one shard). resume: go on from that checkpoint when there is one."""
+        memory meanwhile: at most one shard). resume: go on from that checkpoint when there is one. Under torchrun
+        each rank keeps its own checkpoint (its share's hidden states; rank 0's also the rest) and every rank stops
+        at the same block: they resume when every rank's checkpoint is of the same block, else start afresh."""
         from ..grams.checkpoint import Stop
         from ..grams.sequential import TensorOverlay
 
         cfg, runs, dist = self.cfg, self.runs, self.dist
-        ckpt = os.path.join(folder, CHECKPOINT_NAME) if folder and checkpoint_every else None
+        ckpt = os.path.join(folder, dist.checkpoint_name(CHECKPOINT_NAME)) if folder and checkpoint_every else None
         state = _read_checkpoint(ckpt, signature, runs) if ckpt and resume else None
+        if ckpt and resume and dist.agree_resume(state and state["next_block"]) is None:
+            state = None  # under torchrun: every rank's checkpoint, of the same block, or none
         sub_cfg = copy.deepcopy(cfg)
         sub_cfg.method, sub_cfg.calibration = "regmean", {}
         for m in sub_cfg.models:
@@ -290,7 +291,7 @@ class RegMeanPlusPlusJob:
                 report.update(rep)
             if share:
                 merged = dist.share_merged(merged, [specs[n] for n in names], f"the merged {what}")
-            if ckpt:
+            if ckpt and dist.is_main:
                 pending.update((n, t) for n, t in merged.items() if not output.is_done(n))
             if bar is not None:
                 bar.update(1)
@@ -307,7 +308,7 @@ class RegMeanPlusPlusJob:
 
         merged = merge_part(0, None)  # averaging: recomputed on resume, written where its shard is not done
         if state is not None:
-            self._restore(state, output, pending, report)
+            self._restore(state, output, pending, report)  # rank 0's (the others' hold hidden states only)
         for i, r in enumerate(runs):  # the data enters through the merged embeddings (the heads: merged norm)
             r.reader = TensorOverlay(r.reader, merged)
             if state is not None:
@@ -327,12 +328,14 @@ class RegMeanPlusPlusJob:
                 for n in [n for n in pending if output.is_done(n)]:
                     del pending[n]
                 stop.step()
-                if ckpt and li + 1 < L and ((li + 1) % checkpoint_every == 0 or stop.flag):
+                stopped = dist.any_stopped(stop.flag) if ckpt else stop.flag  # _NoStop: never
+                saved = ckpt and li + 1 < L and ((li + 1) % checkpoint_every == 0 or stopped)
+                if saved:
                     self._save_checkpoint(ckpt, signature, li + 1, pending, report)
-                if stop.flag:
+                if stopped:
                     where = f"after decoder block {li + 1} of {L}"
-                    print(f"regmean_fast: interrupted {where}" + (f"; checkpoint saved in {ckpt}" if ckpt else ""),
-                          file=sys.stderr)
+                    msg = f"interrupted {where}" + (f"; checkpoint saved in {ckpt}" if saved else "")
+                    dist.ctx.log(msg)  # stopped: only with a checkpoint, so through merge(), which has a context
                     raise KeyboardInterrupt
             if len(self.parts) > L + 1:
                 merge_part(L + 1, grams_of_part(), share=False)
@@ -360,6 +363,8 @@ class RegMeanPlusPlusJob:
     def _restore(self, state: dict, output, pending: dict, report: dict) -> None:
         """The blocks before the checkpoint: their report entries, groups and warnings, and their tensors that were
         in shards not finished then, written again in order (the finished shards are kept as they are)."""
+        if not self.dist.is_main:
+            return
         report.update(state["report"])
         self._items += state["items"]
         self.plan.warnings[:] = state["warnings"]
