@@ -5,6 +5,7 @@
     mine = ctx.shard(batches)                  # a disjoint, deterministic share: batches[rank::world]
     ctx.sync(error=None)                       # status all-reduce: raises DistributedError if any rank failed
     ctx.reduce_sum_(tensor)                    # SUM into rank 0, in place (rank 0's tensor holds the total)
+    ctx.broadcast_(tensor)                     # rank 0's tensor into every rank's, in place
     assign_greedy(costs, world)                # largest cost first onto the least loaded rank
 
 Failures. Every command reaches the same sequence of sync points on every rank. A rank that raises
@@ -175,6 +176,18 @@ class DistContext:
         import torch.distributed as dist
 
         self._comm(what, dist.reduce, t, dst=0, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast_(self, t: torch.Tensor, what: str = "a broadcast") -> torch.Tensor:
+        """Rank 0's `t` into every rank's `t` (in place; same shape and dtype everywhere, contiguous). Sent as
+        bytes: any dtype, whatever the backend supports."""
+        if not self.enabled:
+            return t
+        import torch.distributed as dist
+
+        if not t.is_contiguous():
+            raise ValueError("broadcast_ needs a contiguous tensor")
+        self._comm(what, dist.broadcast, t.reshape(-1).view(torch.uint8), src=0)
         return t
 
     def all_sum(self, values: list[int], what: str = "the counts") -> list[int]:

@@ -39,6 +39,8 @@ def test_splits_fixed_and_disjoint(vader):
     assert te1 == te2 and tr1 == tr2[:100]              # the test set does not move with n_train
     assert not {t for t, _ in tr2} & {t for t, _ in te2}
     assert fetch.split(rows, 100, 50, seed=1)[1] != te1
+    val = fetch.validation_split(rows, 100, 50, 30, seed=0)  # the 30 after the training ones: tr2[100:130]
+    assert val == tr2[100:130] and not {t for t, _ in val} & {t for t, _ in tr1 + te1}
 
 
 @pytest.mark.slow

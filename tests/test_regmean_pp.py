@@ -467,3 +467,39 @@ def test_checkpoint_every_block_then_resume(tmp_path, capsys, monkeypatch):
     a, b = (json.loads((tmp_path / d / "merge_report.json").read_text()) for d in ("ref", "out"))
     assert a["groups"] == b["groups"] and a["warnings"] == b["warnings"]
     assert {n: e["method"] for n, e in a["tensors"].items()} == {n: e["method"] for n, e in b["tensors"].items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_holds_one_block_at_a_time(tmp_path, capsys):
+    """--device cuda: the CPU run's result (fp32 on another device; the fp64 loop's for 2 blocks), and the peak
+    device memory does not grow with the number of blocks (2 against 8): only the current block (each model's
+    own, then the merged one) is on the device, never the models."""
+    peaks, block_bytes = {}, None
+    for layers in (2, 8):
+        root = tmp_path / f"L{layers}"
+        folders = [str(root / f"m{i}") for i in range(2)]
+        for i, f in enumerate(folders):
+            _save(f, "llama", seed=i, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers)
+        data = [_data(str(root), 6, seed=40 + i) for i in range(2)]
+        args = ["--method", "regmean++", "--models", *folders, "--data", *data, "--batch-size", "3"]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        rc, err = _merge(capsys, *args, "--out", root / "gpu", "--device", "cuda")
+        assert rc == 0, err
+        torch.cuda.synchronize()
+        peaks[layers] = torch.cuda.max_memory_allocated() - before
+        rc, err = _merge(capsys, *args, "--out", root / "cpu")
+        assert rc == 0, err
+        gpu, cpu = _load(root / "gpu"), _load(root / "cpu")
+        assert set(gpu) == set(cpu)
+        for n in cpu:
+            assert _rel_err(gpu[n], cpu[n]) < 1e-4, (n, _rel_err(gpu[n], cpu[n]))
+        if layers == 2:
+            want = regmean_pp_oracle(folders, data)
+            for n in gpu:
+                assert _rel_err(gpu[n], want[n]) < 1e-4, (n, _rel_err(gpu[n], want[n]))
+        block_bytes = sum(4 * t.numel() for n, t in cpu.items() if n.startswith("model.layers.0."))
+    # the 6 more blocks of 2 models resident would add 12 blocks; one block at a time adds nothing
+    assert peaks[8] - peaks[2] < block_bytes, (peaks, block_bytes)

@@ -438,9 +438,10 @@ class GramCollector:
         )
 
     # ---- several processes (torchrun)
-    def reduce_to_rank0(self, ctx) -> None:
-        """Sum every rank's Grams, counts and totals into rank 0 (regmean_fast.distributed.DistContext),
-        one Gram at a time; the other ranks are left empty. A no-op in a world of one."""
+    def reduce_to_rank0(self, ctx, totals: bool = True) -> None:
+        """Sum every rank's Grams, counts and (totals=True) batch, example and token totals into rank 0
+        (regmean_fast.distributed.DistContext), one Gram at a time; the other ranks are left without Grams. A no-op
+        in a world of one. totals=False: a later reduction of the same run (RegMean++, once per block)."""
         if not ctx.enabled:
             return
         from ..distributed import reduce_tensor_dict
@@ -454,8 +455,8 @@ class GramCollector:
                     raise SharingChangedError(f"module {m!r} shares its input differently on different ranks; "
                                               "collect with share_inputs=False (--no-share)")
         keys = sorted({k for mp in maps for k in mp.values()})
-        sums = ctx.all_sum([self.counts.get(k, 0) for k in keys] + [self.batches, self.examples, self.tokens],
-                           "the token counts")
+        run_totals = [self.batches, self.examples, self.tokens] if totals else []
+        sums = ctx.all_sum([self.counts.get(k, 0) for k in keys] + run_totals, "the token counts")
         keep = None
         spilled = [G for G in self.grams.values() if isinstance(G, OnDisk)]
         if spilled:  # the sums go to disk as they come: rank 0 holds one Gram, not all
@@ -468,7 +469,8 @@ class GramCollector:
                                    "sum of the ranks")[k]
         grams = reduce_tensor_dict(ctx, self.grams, "the Grams", keep)
         self.module_map = merged
-        self.batches, self.examples, self.tokens = sums[-3:]
+        if totals:
+            self.batches, self.examples, self.tokens = sums[-3:]
         if ctx.is_main:
             self.grams = grams
             self.counts = {k: n for k, n in zip(keys, sums) if k in grams}

@@ -143,8 +143,8 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this with the same arguments: the shards are spread
     over the ranks by estimated cost, each rank computes and writes its own, and rank 0 writes the
-    index, config and report after all are done (bit-identical to one process with the same shards).
-    Any rank failing stops every rank (DistributedError) and leaves the partial folder for resume=True.
+    index, config and report after all are done (bit-identical to one process with the same shards);
+    regmean++ shares its calibration batches instead (rank 0 merges and writes, merge/regmean_pp.py). Any rank failing stops every rank (DistributedError) and leaves the partial folder for resume=True.
     """
     t_start = time.perf_counter()
     kill_point("merge.start")
@@ -158,7 +158,7 @@ def merge(config=None, out: str | None = None, *, force: bool = False, resume: b
     job = _Job(cfg, out)
     try:
         with tx:
-            _prepare(job)
+            _prepare(job, dist)
             action, stored = dist.decide(lambda: _start_from(tx, job.signature, resume, force))
             if action == DONE:
                 return dict(stored, already_complete=True)
@@ -204,7 +204,7 @@ def _checked_config(config, out, overrides: dict, force: bool, resume: bool) -> 
     return cfg, out
 
 
-def _prepare(job: _Job) -> None:
+def _prepare(job: _Job, dist) -> None:
     """Open the inputs, make the plan and the shard layout, check the memory budget, sign the plan."""
     cfg = job.cfg
     try:
@@ -218,7 +218,7 @@ def _prepare(job: _Job) -> None:
     if METHODS[cfg.method].needs_data:  # regmean++: its plan is made part by part as it runs
         from .regmean_pp import RegMeanPlusPlusJob
 
-        job.block_by_block = RegMeanPlusPlusJob(cfg, job.sources).prepare()
+        job.block_by_block = RegMeanPlusPlusJob(cfg, job.sources, dist=dist).prepare()
         job.plan = job.block_by_block.plan
     else:
         if METHODS[cfg.method].needs_stats:
@@ -240,7 +240,8 @@ def _execute(job: _Job, tx: OutputTransaction, dist, resume: bool, progress: boo
     """This rank's shards through the engine into the partial folder -> the whole merge's (tensor report,
     shard records, reused shards) on rank 0."""
     cfg, plan, layout = job.cfg, job.plan, job.layout
-    owned = dist.owned_shards(plan, layout, job.sources)
+    # regmean++: rank 0 merges and writes every part (the ranks share its data instead)
+    owned = dist.writer_shards(layout) if job.block_by_block else dist.owned_shards(plan, layout, job.sources)
     try:
         output = tx.writer = ShardedOutput(tx.tmp, layout, job.signature, resume=resume,
                                            on_shard_done=dist.on_shard_done(on_shard_done), owned=owned,

@@ -2,7 +2,10 @@
 
 One process (`OneProcess`) writes every shard and meets no one; under torchrun (`Ranks`) the shards are
 spread over the ranks by estimated cost, rank 0 judges the output for all, and the ranks' reports meet on
-rank 0, which publishes. The sync points' names are what a rank's DistributedError says it was doing.
+rank 0, which publishes. RegMean++ (merge/regmean_pp.py) shares the data instead: each rank runs its share of
+every model's calibration batches, a block's Grams are summed into rank 0, which merges and writes the block,
+and every rank receives the merged block to advance its own hidden states. The sync points' names are what a
+rank's DistributedError says it was doing.
 """
 
 from __future__ import annotations
@@ -46,13 +49,41 @@ class OneProcess:
         """Rank 0 has put the merge in place (report) -> the report, on every rank."""
         return report
 
+    # -- RegMean++: the data shared, the model merged on rank 0 -------------------------------------------
+    def own_batches(self, batches: list) -> list:
+        """This rank's share of a model's calibration batches."""
+        return batches
+
+    def writer_shards(self, layout):
+        """The shard files this rank writes when rank 0 writes them all (None: all of them)."""
+        return None
+
+    def meet_grams(self, collectors: list, what: str) -> None:
+        """Every rank's Grams of the part just run summed into rank 0's collectors."""
+
+    def share_merged(self, merged: dict, specs: list, what: str) -> dict:
+        """Rank 0's merged tensors {name: tensor} -> the same on every rank; specs: (name, dtype, shape) of each."""
+        return merged
+
+    def checkpoint_name(self, name: str) -> str:
+        """This rank's checkpoint file (each rank holds its own share's hidden states)."""
+        return name
+
+    def any_stopped(self, stopped: bool) -> bool:
+        """Did this rank (under torchrun: any rank) ask to stop?"""
+        return bool(stopped)
+
+    def agree_resume(self, next_block):
+        """The block every rank's checkpoint resumes at, or None (start afresh) unless all have the same."""
+        return next_block
+
 
 class Ranks(OneProcess):
     """torchrun: one rank per process, the same calls in the same order on every rank."""
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.is_main = ctx.is_main
+        self.is_main, self.rank = ctx.is_main, ctx.rank
         self.manifest_name = rank_manifest_name(ctx.rank, ctx.world)
 
     def device(self, device: str) -> str:
@@ -88,6 +119,45 @@ class Ranks(OneProcess):
     def publish(self, report=None):
         self.ctx.sync(None, "the final output")  # rank 0 writes the index, config and report
         return self.ctx.broadcast_object(report, "the report")
+
+    def own_batches(self, batches: list) -> list:
+        return self.ctx.shard(batches)
+
+    def writer_shards(self, layout):
+        return {fname for fname, _ in layout.shards} if self.is_main else set()
+
+    def meet_grams(self, collectors: list, what: str) -> None:
+        self.ctx.sync(None, what)  # every rank has run its share (a failure there stops every rank here)
+        for c in collectors:
+            c.reduce_to_rank0(self.ctx, totals=False)
+
+    def share_merged(self, merged: dict, specs: list, what: str) -> dict:
+        import torch
+
+        self.ctx.sync(None, what)  # rank 0 has merged and written the part (a failure there stops every rank)
+        if self.is_main:  # on the host: the ranks' devices need not match (and gloo carries it)
+            merged = {n: merged[n].to("cpu").contiguous() for n, _, _ in specs}
+        else:
+            merged = {n: torch.empty(shape, dtype=dtype) for n, dtype, shape in specs}
+        for n, _, _ in specs:
+            self.ctx.broadcast_(merged[n], f"{what} ({n})")
+        return merged
+
+    def checkpoint_name(self, name: str) -> str:
+        stem, ext = name.rsplit(".", 1)
+        return f"{stem}.rank{self.rank}-of-{self.ctx.world}.{ext}"
+
+    def any_stopped(self, stopped: bool) -> bool:
+        return self.ctx.all_sum([int(stopped)], "the interruption flags")[0] > 0
+
+    def agree_resume(self, next_block):
+        every = self.ctx.all_gather_object(next_block, "the checkpoints")
+        if next_block is not None and all(b == next_block for b in every):
+            return next_block
+        if self.is_main and any(b is not None for b in every):
+            self.ctx.log("note: the ranks' checkpoints are not of the same block "
+                         f"({', '.join('none' if b is None else str(b) for b in every)}); merging every block again")
+        return None
 
 
 def strategy(ctx) -> OneProcess:

