@@ -28,8 +28,11 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> None:
 
 
 # Per-tensor items larger than this free the group scratch buffers first (embeddings, heads); the small
-# ones between groups (norms, biases) keep them.
+# ones between groups (norms, biases) keep them. The per-tensor items' own buffers (names starting with
+# TENSOR_SCRATCH: a model's tensor as read and converted) are kept from one per-tensor item to the next
+# and freed by a group.
 SCRATCH_KEEP_BYTES = 1 << 20
+TENSOR_SCRATCH = "tensor."
 
 
 def _item_bytes(src, item) -> int:
@@ -72,6 +75,16 @@ class Engine:
         t = self.sources[i].get(name)
         _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
         return t.to(device=self.device, dtype=None if stored_dtype else self.compute_dtype)
+
+    def _load_reused(self, i: int, name: str) -> torch.Tensor:
+        """Model i's tensor on the device in the compute dtype, read (and converted) into the per-tensor scratch
+        buffers: valid until the next call."""
+        src = self.sources[i]
+        shape, stored = tuple(src.shape(name)), src.dtype(name)
+        t = self._load(i, name, out=self._scratch(TENSOR_SCRATCH + "stored", shape, stored))
+        if stored == self.compute_dtype:
+            return t
+        return self._scratch(TENSOR_SCRATCH + "compute", shape, self.compute_dtype).copy_(t)
 
     def _load_base(self, name: str) -> torch.Tensor:
         t = self.base.get(name)
@@ -180,7 +193,7 @@ class Engine:
             base=(lambda: self._load_base(name)) if self.base is not None else (lambda: None),
             fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None),
             model_params=r.model_params, seed=plan.seed,
-            load_stored=lambda i: self._load(i, name, stored_dtype=True))
+            load_reused=lambda i: self._load_reused(i, name))
         if item.method == "fisher":
             fs = [self._load_fisher(i, name) for i in range(self.k)]
             have = [f is not None for f in fs]
@@ -213,8 +226,11 @@ class Engine:
                     progress(item)
                 continue
             group = isinstance(item, GroupItem)
-            if not group and self._buffers and _item_bytes(self.sources[0], item) > SCRATCH_KEEP_BYTES:
-                self._buffers.clear()  # the group buffers would add to this tensor's own working set
+            # Each kind's buffers would add to the other's working set: a group drops the per-tensor ones, a
+            # large tensor the group ones.
+            if group or _item_bytes(self.sources[0], item) > SCRATCH_KEEP_BYTES:
+                for key in [k for k in self._buffers if k.startswith(TENSOR_SCRATCH) == group]:
+                    del self._buffers[key]
             t0 = time.perf_counter()
             outs, info = self.compute(item)
             dt = time.perf_counter() - t0
