@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -33,6 +34,21 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> None:
 # and freed by a group.
 SCRATCH_KEEP_BYTES = 1 << 20
 TENSOR_SCRATCH = "tensor."
+
+
+@contextmanager
+def _one_intra_op_thread():
+    """A per-tensor item on one CPU thread: its operations are streaming, memory-bound passes that a second
+    thread hardly speeds up, and each parallel one ends at a barrier where the first thread spins until the
+    second is done; with another process on the other core (a shared machine) those waits dominated (2 cores,
+    load average 5-6: a 322M-parameter linear merge 4.9 s on one thread, 13-20 s on two; a 4-layer ties merge
+    12 s against 43-56 s). The shard writer's thread has the other core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _item_bytes(src, item) -> int:
@@ -231,20 +247,21 @@ class Engine:
             if group or _item_bytes(self.sources[0], item) > SCRATCH_KEEP_BYTES:
                 for key in [k for k in self._buffers if k.startswith(TENSOR_SCRATCH) == group]:
                     del self._buffers[key]
-            t0 = time.perf_counter()
-            outs, info = self.compute(item)
-            dt = time.perf_counter() - t0
-            for n in names:
-                report[n] = dict(info, time_s=round(dt, 6))
-                if skip is not None and skip(n):
-                    _finite_or_raise(outs[n], f"merged tensor {n}")
-                    continue
-                # A group's outputs may live in the scratch buffers: always a copy of those. Checked as
-                # written (half the bytes for bf16; an fp32 value that overflows the output dtype is caught).
-                t = outs[n].to(device="cpu", dtype=self._out_dtypes[n], copy=group)
-                _finite_or_raise(t, f"merged tensor {n}")
-                write(n, t)
-            del outs
+            with _one_intra_op_thread() if not group and self.device.type == "cpu" else nullcontext():
+                t0 = time.perf_counter()
+                outs, info = self.compute(item)
+                dt = time.perf_counter() - t0
+                for n in names:
+                    report[n] = dict(info, time_s=round(dt, 6))
+                    if skip is not None and skip(n):
+                        _finite_or_raise(outs[n], f"merged tensor {n}")
+                        continue
+                    # A group's outputs may live in the scratch buffers: always a copy of those. Checked as
+                    # written (half the bytes for bf16; an fp32 value that overflows the output dtype is caught).
+                    t = outs[n].to(device="cpu", dtype=self._out_dtypes[n], copy=group)
+                    _finite_or_raise(t, f"merged tensor {n}")
+                    write(n, t)
+                del outs
             if progress is not None:
                 progress(item)
         return report
