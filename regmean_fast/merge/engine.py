@@ -51,6 +51,39 @@ def _one_intra_op_thread():
         torch.set_num_threads(n)
 
 
+# Tensors under glibc's mmap threshold (up to 32 MB) come from the heap, and what per-tensor items free stays
+# there, scattered: a 322M-parameter ties merge peaked at 2.1 GB resident after 20 layers against 1.25 GB with
+# the free pages returned. Returned when more than this is free (after every item, the page faults cost ~10%).
+HEAP_FREE_RETURN_BYTES = 128 << 20
+
+
+def _heap_trimmer():
+    """-> a function that returns the heap's free pages to the system (glibc's malloc_trim) when more than
+    HEAP_FREE_RETURN_BYTES are free, or None where there is no glibc >= 2.33."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim, info = libc.malloc_trim, libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    info.restype = MallInfo2
+    trim.argtypes = [ctypes.c_size_t]
+
+    def release():
+        if info().fordblks > HEAP_FREE_RETURN_BYTES:
+            trim(0)
+    return release
+
+
+_RELEASE_FREED = _heap_trimmer()
+
+
 def _item_bytes(src, item) -> int:
     n = 1
     for s in src.shape(item.name):
@@ -262,6 +295,8 @@ class Engine:
                     _finite_or_raise(t, f"merged tensor {n}")
                     write(n, t)
                 del outs
+            if not group and _RELEASE_FREED is not None and self.device.type == "cpu":
+                _RELEASE_FREED()
             if progress is not None:
                 progress(item)
         return report
