@@ -111,7 +111,13 @@ def main():
                         res[side].append(run_measured(MERGEKIT, [y, out]))
                     else:
                         res[side].append(run_measured(CLI, ["merge", y, "--out", out]))
-            diff = max_rel_diff(os.path.join(root, f"out_{method}_ours"), os.path.join(root, f"out_{method}_mergekit"))
+            # In a child: this process stays small (a child's peak RSS starts from the parent's at the fork;
+            # reading both outputs here made every later method's figures ~2.1 GB at least).
+            diff = float(subprocess.run(
+                [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from bench_mergekit import "
+                 "max_rel_diff; print(max_rel_diff(sys.argv[2], sys.argv[3]))", HERE,
+                 os.path.join(root, f"out_{method}_ours"), os.path.join(root, f"out_{method}_mergekit")],
+                capture_output=True, text=True, check=True).stdout.split()[-1])
             t = {s: statistics.median(x["time_s"] for x in v) for s, v in res.items()}
             m = {s: statistics.median(x["peak_rss_mb"] for x in v) for s, v in res.items()}
             print(f"{method:>10} {t['mergekit']:>11.1f} {t['ours']:>8.1f} {t['mergekit'] / t['ours']:>8.2f}x "
