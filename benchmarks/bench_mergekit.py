@@ -9,7 +9,10 @@ Runs only where mergekit is importable (it prints how to get it otherwise). Four
 method in mergekit's format (dtype bfloat16, density 0.5, weight 1), then per repeat mergekit and regmean_fast
 in turn, each in a fresh process (`mergekit.merge.run_merge` on the CPU, lazy loading, no tokenizer copy;
 `python -m regmean_fast merge CONFIG --out DIR`). Prints the medians, the ratios and the largest difference of
-the two outputs (linear and ties agree to rounding; dare draws different random masks in each tool).
+the two outputs (linear and ties agree to rounding; dare draws different random masks in each tool), compared in
+a child process so that this one stays small (a child's peak RSS starts from its parent's). The figures, and the
+load they were measured under: README.md, "Against mergekit 0.1.5". On a shared machine quote `uptime` with them:
+both tools run torch, and a busy second core slows every multi-threaded operation.
 """
 
 from __future__ import annotations
