@@ -9,7 +9,10 @@ Runs only where mergekit is importable (it prints how to get it otherwise). Four
 method in mergekit's format (dtype bfloat16, density 0.5, weight 1), then per repeat mergekit and regmean_fast
 in turn, each in a fresh process (`mergekit.merge.run_merge` on the CPU, lazy loading, no tokenizer copy;
 `python -m regmean_fast merge CONFIG --out DIR`). Prints the medians, the ratios and the largest difference of
-the two outputs (linear and ties agree to rounding; dare draws different random masks in each tool).
+the two outputs (linear and ties agree to rounding; dare draws different random masks in each tool), compared in
+a child process so that this one stays small (a child's peak RSS starts from its parent's). The figures, and the
+load they were measured under: README.md, "Against mergekit 0.1.5". On a shared machine quote `uptime` with them:
+both tools run torch, and a busy second core slows every multi-threaded operation.
 """
 
 from __future__ import annotations
@@ -111,7 +114,13 @@ def main():
                         res[side].append(run_measured(MERGEKIT, [y, out]))
                     else:
                         res[side].append(run_measured(CLI, ["merge", y, "--out", out]))
-            diff = max_rel_diff(os.path.join(root, f"out_{method}_ours"), os.path.join(root, f"out_{method}_mergekit"))
+            # In a child: this process stays small (a child's peak RSS starts from the parent's at the fork;
+            # reading both outputs here made every later method's figures ~2.1 GB at least).
+            diff = float(subprocess.run(
+                [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from bench_mergekit import "
+                 "max_rel_diff; print(max_rel_diff(sys.argv[2], sys.argv[3]))", HERE,
+                 os.path.join(root, f"out_{method}_ours"), os.path.join(root, f"out_{method}_mergekit")],
+                capture_output=True, text=True, check=True).stdout.split()[-1])
             t = {s: statistics.median(x["time_s"] for x in v) for s, v in res.items()}
             m = {s: statistics.median(x["peak_rss_mb"] for x in v) for s, v in res.items()}
             print(f"{method:>10} {t['mergekit']:>11.1f} {t['ours']:>8.1f} {t['mergekit'] / t['ours']:>8.2f}x "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -28,8 +29,59 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> None:
 
 
 # Per-tensor items larger than this free the group scratch buffers first (embeddings, heads); the small
-# ones between groups (norms, biases) keep them.
+# ones between groups (norms, biases) keep them. The per-tensor items' own buffers (names starting with
+# TENSOR_SCRATCH: a model's tensor as read and converted) are kept from one per-tensor item to the next
+# and freed by a group.
 SCRATCH_KEEP_BYTES = 1 << 20
+TENSOR_SCRATCH = "tensor."
+
+
+@contextmanager
+def _one_intra_op_thread():
+    """A per-tensor item on one CPU thread: its operations are streaming, memory-bound passes that a second
+    thread hardly speeds up, and each parallel one ends at a barrier where the first thread spins until the
+    second is done; with another process on the other core (a shared machine) those waits dominated (2 cores,
+    load average 5-6: a 322M-parameter linear merge 4.9 s on one thread, 13-20 s on two; a 4-layer ties merge
+    12 s against 43-56 s). The shard writer's thread has the other core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# Tensors under glibc's mmap threshold (up to 32 MB) come from the heap, and what per-tensor items free stays
+# there, scattered: a 322M-parameter ties merge peaked at 2.1 GB resident after 20 layers against 1.25 GB with
+# the free pages returned. Returned when more than this is free (after every item, the page faults cost ~10%).
+HEAP_FREE_RETURN_BYTES = 128 << 20
+
+
+def _heap_trimmer():
+    """-> a function that returns the heap's free pages to the system (glibc's malloc_trim) when more than
+    HEAP_FREE_RETURN_BYTES are free, or None where there is no glibc >= 2.33."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim, info = libc.malloc_trim, libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    info.restype = MallInfo2
+    trim.argtypes = [ctypes.c_size_t]
+
+    def release():
+        if info().fordblks > HEAP_FREE_RETURN_BYTES:
+            trim(0)
+    return release
+
+
+_RELEASE_FREED = _heap_trimmer()
 
 
 def _item_bytes(src, item) -> int:
@@ -72,6 +124,16 @@ class Engine:
         t = self.sources[i].get(name)
         _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
         return t.to(device=self.device, dtype=None if stored_dtype else self.compute_dtype)
+
+    def _load_reused(self, i: int, name: str) -> torch.Tensor:
+        """Model i's tensor on the device in the compute dtype, read (and converted) into the per-tensor scratch
+        buffers: valid until the next call."""
+        src = self.sources[i]
+        shape, stored = tuple(src.shape(name)), src.dtype(name)
+        t = self._load(i, name, out=self._scratch(TENSOR_SCRATCH + "stored", shape, stored))
+        if stored == self.compute_dtype:
+            return t
+        return self._scratch(TENSOR_SCRATCH + "compute", shape, self.compute_dtype).copy_(t)
 
     def _load_base(self, name: str) -> torch.Tensor:
         t = self.base.get(name)
@@ -180,7 +242,7 @@ class Engine:
             base=(lambda: self._load_base(name)) if self.base is not None else (lambda: None),
             fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None),
             model_params=r.model_params, seed=plan.seed,
-            load_stored=lambda i: self._load(i, name, stored_dtype=True))
+            load_reused=lambda i: self._load_reused(i, name))
         if item.method == "fisher":
             fs = [self._load_fisher(i, name) for i in range(self.k)]
             have = [f is not None for f in fs]
@@ -213,22 +275,28 @@ class Engine:
                     progress(item)
                 continue
             group = isinstance(item, GroupItem)
-            if not group and self._buffers and _item_bytes(self.sources[0], item) > SCRATCH_KEEP_BYTES:
-                self._buffers.clear()  # the group buffers would add to this tensor's own working set
-            t0 = time.perf_counter()
-            outs, info = self.compute(item)
-            dt = time.perf_counter() - t0
-            for n in names:
-                report[n] = dict(info, time_s=round(dt, 6))
-                if skip is not None and skip(n):
-                    _finite_or_raise(outs[n], f"merged tensor {n}")
-                    continue
-                # A group's outputs may live in the scratch buffers: always a copy of those. Checked as
-                # written (half the bytes for bf16; an fp32 value that overflows the output dtype is caught).
-                t = outs[n].to(device="cpu", dtype=self._out_dtypes[n], copy=group)
-                _finite_or_raise(t, f"merged tensor {n}")
-                write(n, t)
-            del outs
+            # Each kind's buffers would add to the other's working set: a group drops the per-tensor ones, a
+            # large tensor the group ones.
+            if group or _item_bytes(self.sources[0], item) > SCRATCH_KEEP_BYTES:
+                for key in [k for k in self._buffers if k.startswith(TENSOR_SCRATCH) == group]:
+                    del self._buffers[key]
+            with _one_intra_op_thread() if not group and self.device.type == "cpu" else nullcontext():
+                t0 = time.perf_counter()
+                outs, info = self.compute(item)
+                dt = time.perf_counter() - t0
+                for n in names:
+                    report[n] = dict(info, time_s=round(dt, 6))
+                    if skip is not None and skip(n):
+                        _finite_or_raise(outs[n], f"merged tensor {n}")
+                        continue
+                    # A group's outputs may live in the scratch buffers: always a copy of those. Checked as
+                    # written (half the bytes for bf16; an fp32 value that overflows the output dtype is caught).
+                    t = outs[n].to(device="cpu", dtype=self._out_dtypes[n], copy=group)
+                    _finite_or_raise(t, f"merged tensor {n}")
+                    write(n, t)
+                del outs
+            if not group and _RELEASE_FREED is not None and self.device.type == "cpu":
+                _RELEASE_FREED()
             if progress is not None:
                 progress(item)
         return report

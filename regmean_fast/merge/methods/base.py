@@ -16,9 +16,10 @@ REQUIRED = object()  # a parameter without a default
 class TensorInputs:
     """One output tensor's inputs, loaded lazily (so a method can stream over the K models).
 
-    load(i) -> model i's tensor in the compute dtype on the compute device (load_stored(i): in its stored
-    dtype, when the caller can accumulate it as it is); base() likewise for the base model (None without
-    one); fisher(i) -> model i's diagonal Fisher or None.
+    load(i) -> model i's tensor in the compute dtype on the compute device, a fresh one (load_reused(i): the
+    same values in buffers reused from call to call, valid until the next call: for a method that only reads
+    it, with no fresh pages per model); base() likewise for the base model (None without one); fisher(i) ->
+    model i's diagonal Fisher or None.
     coeffs: the models' weights scaled to sum to 1; raw_weights: as given.
     """
 
@@ -32,7 +33,7 @@ class TensorInputs:
     model_params: list = field(default_factory=list)
     seed: int = 0
     info: dict = field(default_factory=dict)
-    load_stored: Callable[[int], torch.Tensor] | None = None
+    load_reused: Callable[[int], torch.Tensor] | None = None
 
 
 class MergeMethod:
@@ -84,14 +85,15 @@ class MergeMethod:
 def weighted_average(inputs: TensorInputs, coeffs=None) -> torch.Tensor:
     """sum_i c_i W_i (c: inputs.coeffs unless given), streaming over the models."""
     c = inputs.coeffs if coeffs is None else coeffs
+    load = inputs.load_reused or inputs.load
     acc = None
     for i in range(inputs.k):
-        if acc is not None and inputs.load_stored is not None:
-            acc.add_(inputs.load_stored(i), alpha=c[i])  # bf16 read as it is: no upcast copy, the same sum
-            continue
-        t = inputs.load(i)
-        if acc is None:
-            acc = t.mul_(c[i]) if c[i] != 1.0 else t
+        t = load(i)
+        if acc is None:  # the result: a fresh tensor (a reused buffer is copied)
+            if c[i] != 1.0:
+                acc = torch.mul(t, c[i])
+            else:
+                acc = t.clone() if inputs.load_reused else t
         else:
             acc.add_(t, alpha=c[i])
         del t

@@ -14,7 +14,10 @@ Defaults (mergekit's): density 1, lambda 1; normalize true for ties only; rescal
 Ties at the magnitude cut-off: exactly int(density * n) entries are kept, as mergekit; among entries of equal
 magnitude at the cut-off the earliest (flat index) are kept, where mergekit takes torch.argsort's order, which
 is unspecified (not even stable on CPU). The random masks come from a generator seeded by (seed, tensor name,
-model index): the same for a seed whatever the device, the order or the shards of the run."""
+model index): the same for a seed whatever the device, the order or the shards of the run.
+The passes over a whole tensor (top-k, draws, L1 norms, consensus) go a slice of SLICE entries at a time:
+the same values as on the whole tensor, with a slice's temporaries only (the L1 norms are fp64 sums of the
+slices' fp64 sums: an order of summation of their own, within fp64 rounding of one whole-tensor sum)."""
 
 from __future__ import annotations
 
@@ -29,36 +32,97 @@ RESCALE_EPS = 1e-7  # below it an L1 norm is not rescaled to (mergekit's)
 DIVISOR_EPS = 1e-8  # |sum of weights| below it is not divided by (mergekit's, without consensus)
 
 
+# Elements per slice of the passes over a whole tensor below: their temporaries are a slice's size, not the
+# tensor's (an embedding matrix has 32M+ entries; whole-tensor temporaries, K models' at once, were the peak
+# memory of a ties merge), and a slice's stay in the cache between one operation and the next.
+SLICE = 1 << 20
+
+_BITS_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _slices(*tensors):
+    """Matching flat slices of contiguous tensors of the same number of entries, in order (views: writing
+    into a slice writes into the tensor)."""
+    flats = [t.view(-1) for t in tensors]
+    for a in range(0, flats[0].numel(), SLICE):
+        yield [f[a:a + SLICE] for f in flats]
+
+
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x|'s bit patterns as integers (the sign bit cleared): ordered as the magnitudes are (finite or inf)."""
+    return x.view(_BITS_DTYPE[x.element_size()]) & ((1 << (8 * x.element_size() - 1)) - 1)
+
+
+def _kth_largest_magnitude(x: torch.Tensor, k: int) -> tuple[int, int]:
+    """(the bit pattern of the k-th largest |entry| of x, how many entries are strictly larger). A radix
+    select over the magnitudes' bit patterns, 16 bits a pass, each pass a histogram (bincount) built a slice
+    at a time: the exact order statistic without a copy of x (torch.kthvalue copies it and adds int64
+    indices: 3x the tensor's size)."""
+    width = 8 * x.element_size() - 1
+    prefix, done, need, larger = 0, 0, k, 0  # the answer's top `done` bits; `need`: its rank among those
+    while done < width:
+        digits = min(16, width - done)
+        shift = width - done - digits
+        hist = torch.zeros(1 << digits, dtype=torch.int64, device=x.device)
+        for (part,) in _slices(x):
+            m = _magnitude_bits(part)
+            if done:
+                m = m[(m >> (shift + digits)) == prefix]
+            hist += torch.bincount((m >> shift) & ((1 << digits) - 1), minlength=1 << digits)
+        from_top = hist.flip(0).cumsum(0)  # entries whose digit is >= (top digit - j)
+        j = int(torch.searchsorted(from_top, need))
+        digit = (1 << digits) - 1 - j
+        above = int(from_top[j]) - int(hist[digit])
+        larger, need = larger + above, need - above
+        prefix, done = (prefix << digits) | digit, done + digits
+    return prefix, larger
+
+
 def magnitude_keep(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k entries of largest magnitude; ties at the k-th magnitude go to the earliest entries."""
-    mag = x.abs().reshape(-1)
-    n = mag.numel()
-    threshold = torch.kthvalue(mag.float().cpu() if mag.device.type == "mps" else mag, n - k + 1).values
-    keep = mag > threshold
-    short = k - int(keep.sum())
-    if short > 0:
-        at = mag == threshold
-        # the first `short` of them (int32 running count: half the memory of the default int64)
-        count_dtype = torch.int32 if n < 2**31 else torch.int64
-        keep |= at & (torch.cumsum(at, 0, dtype=count_dtype) <= short)
-    return keep.view_as(x)
+    src = (x.cpu() if x.device.type == "mps" else x).contiguous()  # (no bincount on MPS)
+    threshold, larger = _kth_largest_magnitude(src, k)
+    short = k - larger  # entries at the k-th magnitude that are kept: the first ones
+    keep = torch.empty(src.shape, dtype=torch.bool, device=src.device)
+    for part, keep_part in _slices(src, keep):
+        m = _magnitude_bits(part)
+        torch.gt(m, threshold, out=keep_part)
+        if short > 0:
+            at = m == threshold
+            n_at = int(at.sum())
+            if n_at > short:  # the first `short` of them (int32 running count: half the memory of int64)
+                at &= torch.cumsum(at, 0, dtype=torch.int32) <= short
+                n_at = short
+            keep_part |= at
+            short -= n_at
+    return keep.to(x.device)
 
 
 def random_keep(shape, density: float, seed: int, name: str, i: int, device) -> torch.Tensor:
     """Each entry kept with probability density: uniform draws on the CPU from a generator seeded by
-    (seed, name, i), so a seed gives the same mask on any device and in any order."""
+    (seed, name, i), so a seed gives the same mask on any device and in any order. Drawn a slice at a time
+    (the generator's stream is the same as in one draw of the whole shape: no fp32 copy of it)."""
     digest = hashlib.sha256(f"{seed}\0{name}\0{i}".encode()).digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return (torch.rand(shape, generator=g) < density).to(device)
+    keep = torch.empty(shape, dtype=torch.bool)
+    for (part,) in _slices(keep):
+        torch.lt(torch.rand(part.numel(), generator=g), density, out=part)
+    return keep.to(device)
+
+
+def _l1(x: torch.Tensor) -> float:
+    """sum |x| in fp64, a slice at a time (a whole-tensor fp64 sum makes an fp64 copy of x)."""
+    return sum(float(part.abs().sum(dtype=torch.float64)) for (part,) in _slices(x))
 
 
 def rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    before = delta.abs().sum(dtype=torch.float64) if rescale else None
-    delta.mul_(keep)
+    before = _l1(delta) if rescale else None
+    for part, keep_part in _slices(delta, keep):
+        part.mul_(keep_part)
     if rescale:
-        after = delta.abs().sum(dtype=torch.float64)
+        after = _l1(delta)
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
-            delta.mul_(float(before / after))
+            delta.mul_(before / after)
     return delta
 
 
@@ -95,7 +159,7 @@ class TaskVectorMerge(MergeMethod):
         return p
 
     def _delta(self, inputs, i, base, rescale):
-        d = inputs.load(i).sub_(base)
+        d = inputs.load(i).sub_(base).contiguous()  # (the passes below take flat slices)
         density = inputs.model_params[i]["density"] if inputs.model_params else 1.0
         if self.sparsification is None or density >= 1.0:
             return d
@@ -109,7 +173,7 @@ class TaskVectorMerge(MergeMethod):
         return rescaled(d, keep, rescale)
 
     def merge(self, inputs, params):
-        base = inputs.base()
+        base = inputs.base().contiguous()
         w = inputs.raw_weights
         if not self.consensus:  # streaming: one model's delta at a time
             mixed = None
@@ -121,18 +185,23 @@ class TaskVectorMerge(MergeMethod):
             if params["normalize"] and abs(divisor) >= DIVISOR_EPS:
                 mixed.div_(divisor)
             return base.add_(mixed, alpha=params["scaling"])
-        taus = [self._delta(inputs, i, base, params["rescale"]).mul_(w[i]) for i in range(inputs.k)]
-        elected = torch.where(sum(taus) >= 0, 1.0, -1.0).to(base.dtype)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
+        taus = [self._delta(inputs, i, base, params["rescale"]) for i in range(inputs.k)]
         for i, tau in enumerate(taus):
-            agree = torch.sign(tau) == elected
-            mixed.add_(torch.where(agree, tau, torch.zeros((), dtype=tau.dtype, device=tau.device)))
-            divisor.add_(agree.to(divisor.dtype), alpha=w[i])
-        del taus
-        if params["normalize"]:
-            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        return base.add_(mixed, alpha=params["scaling"])
+            if w[i] != 1.0:  # (times 1 changes nothing)
+                tau.mul_(w[i])
+        # The consensus a slice at a time, into base: its temporaries are a slice's, not K whole tensors'.
+        for base_part, *tau_parts in _slices(base, *taus):
+            elected = torch.where(sum(tau_parts) >= 0, 1.0, -1.0).to(base.dtype)
+            mixed = torch.zeros_like(base_part)
+            divisor = torch.zeros_like(base_part)
+            for i, tau in enumerate(tau_parts):
+                agree = torch.sign(tau) == elected
+                mixed.add_(torch.where(agree, tau, torch.zeros((), dtype=tau.dtype, device=tau.device)))
+                divisor.add_(agree.to(divisor.dtype), alpha=w[i])
+            if params["normalize"]:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+            base_part.add_(mixed, alpha=params["scaling"])
+        return base
 
 
 class TaskArithmetic(TaskVectorMerge):
