@@ -37,14 +37,14 @@ TENSOR_SCRATCH = "tensor."
 
 
 @contextmanager
-def _one_intra_op_thread():
-    """A per-tensor item on one CPU thread: its operations are streaming, memory-bound passes that a second
-    thread hardly speeds up, and each parallel one ends at a barrier where the first thread spins until the
-    second is done; with another process on the other core (a shared machine) those waits dominated (2 cores,
-    load average 5-6: a 322M-parameter linear merge 4.9 s on one thread, 13-20 s on two; a 4-layer ties merge
-    12 s against 43-56 s). The shard writer's thread has the other core."""
+def _per_tensor_threads():
+    """A per-tensor item on one CPU thread fewer than torch's: the shard writer's thread has a core of its own.
+    Its operations are streaming, memory-bound passes, and each parallel one ends at a barrier where the
+    threads spin until the slowest is done; with the writer (or another process) on a core torch counts,
+    those waits dominated (2 cores, load average 5-6: a 322M-parameter linear merge 4.9 s on one thread, 13-20 s
+    on two; a 4-layer ties merge 12 s against 43-56 s). A large machine keeps the rest of its cores."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, n - 1))
     try:
         yield
     finally:
@@ -280,7 +280,7 @@ class Engine:
             if group or _item_bytes(self.sources[0], item) > SCRATCH_KEEP_BYTES:
                 for key in [k for k in self._buffers if k.startswith(TENSOR_SCRATCH) == group]:
                     del self._buffers[key]
-            with _one_intra_op_thread() if not group and self.device.type == "cpu" else nullcontext():
+            with _per_tensor_threads() if not group and self.device.type == "cpu" else nullcontext():
                 t0 = time.perf_counter()
                 outs, info = self.compute(item)
                 dt = time.perf_counter() - t0
