@@ -98,3 +98,33 @@ def test_normalised_mean():
     own = {"sentiment": 0.8, "topic": 0.9, "headline": 20.0}
     res = {"sentiment": 0.4, "topic": 0.9, "headline": 40.0}
     assert llm.normalised(res, own) == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+
+
+def test_regmean_pp_reads_the_grams_data_as_grams_does(tmp_path, monkeypatch):
+    """RegMean++'s merge gets every model's training file, in the models' order, read with the flags the
+    RegMean Grams were collected with (length, batch); RegMean's merge gets the Gram files only."""
+    from regmean_fast.quality import sentiment
+
+    calls = []
+    for module in (sentiment, llm):  # llm's grams() and the sentiment setup's merge() run the CLI
+        monkeypatch.setattr(module, "run_cli", lambda args, log: calls.append(list(args)))
+    cfg = llm.Config(max_length=96)
+    log = sentiment.Log(quiet=True)
+    models, train = ["m_sent", "m_topic", "m_head"], ["s.jsonl", "t.jsonl", "h.jsonl"]
+    llm.grams(models[0], train[0], str(tmp_path / "g" / "s.safetensors"), cfg, log, "sentiment")
+    specs = dict(llm.merge_specs(cfg))
+    assert specs["RegMean++ (alpha=0.9)"] == ["--method", "regmean++", "--alpha", "0.9"]
+    for i, name in enumerate(("RegMean++ (alpha=0.9)", "RegMean (alpha=0.9)")):
+        llm.merge(models, ["g1", "g2", "g3"], ["f1", "f2", "f3"], train, "base", specs[name],
+                  str(tmp_path / f"out{i}"), cfg, log, name)
+    grams_args, pp_args, rm_args = calls
+
+    def flag(args, name, n=1):
+        i = args.index(name)
+        return args[i + 1:i + 1 + n]
+
+    assert flag(pp_args, "--models", 3) == models and flag(pp_args, "--data", 3) == train
+    for name in ("--max-length", "--batch-size"):
+        assert flag(pp_args, name) == flag(grams_args, name)
+    assert flag(grams_args, "--max-length") == ["96"] and "--grams" not in pp_args
+    assert flag(rm_args, "--grams", 3) == ["g1", "g2", "g3"] and "--data" not in rm_args

@@ -19,10 +19,10 @@ perplexity is measured on a fixed slice of CPython's pydoc_data/topics.py (Engli
 
 Per seed (the seed changes the training order only; data splits, base and hyper-parameters are fixed):
 one full fine-tune per task (the tied embedding matrix frozen), statistics with `python -m regmean_fast
-grams --fisher`, merges with `python -m regmean_fast merge` (RegMean over alpha, average, task arithmetic,
-TIES, Fisher), a multi-task fine-tune on the union (one epoch of the union: as many steps as the three
-fine-tunes together). Everything is cached under ~/.cache/regmean_fast/quality/llm/<settings hash>/, so
-a re-run prints the table in seconds. Writes OUT/llm.json and OUT/llm.md.
+grams --fisher`, merges with `python -m regmean_fast merge` (RegMean over alpha, RegMean++ on the
+training files, average, task arithmetic, TIES, Fisher), a multi-task fine-tune on the union (one epoch of
+the union: as many steps as the three fine-tunes together). Everything is cached under
+~/.cache/regmean_fast/quality/llm/<settings hash>/, so a re-run prints the table in seconds. Writes OUT/llm.json and OUT/llm.md.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class Config:
     ppl_tokens: int = 4096      # general-text perplexity: this many tokens of pydoc_data/topics.py
     ppl_window: int = 256
     alphas: tuple = (0.9, 0.5, 1.0)
+    plusplus_alphas: tuple = (0.9,)  # RegMean++ (its statistics from the training files, read at merge time)
     ta_scalings: tuple = (0.3, 0.5, 1.0)
     ties_density: float = 0.2
     fisher_examples: int = 100  # per model (one backward each); 0: no Fisher merge
@@ -397,6 +398,11 @@ def general_perplexity(model, tok, cfg: Config) -> float:
 
 # ---------------------------------------------------------------------------------------------------- CLI steps
 
+def calibration_args(cfg: Config) -> list[str]:
+    """How the training files are read for statistics: grams' flags, and RegMean++'s at merge time."""
+    return ["--max-length", str(cfg.max_length), "--batch-size", "16"]
+
+
 def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: str, fisher: bool = False) -> str:
     """Grams of every training example, or (fisher) the diagonal Fisher of the first fisher_examples (one
     backward pass each; the Grams in that file are not used)."""
@@ -404,8 +410,8 @@ def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: st
         return out
     t0 = time.perf_counter()
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    args = ["grams", model, "--data", train_file, "--out", out, "--max-length", str(cfg.max_length),
-            "--batch-size", "16", "--dtype", "bf16" if cfg.bf16 else "fp32", "--no-progress"]
+    args = ["grams", model, "--data", train_file, "--out", out, *calibration_args(cfg),
+            "--dtype", "bf16" if cfg.bf16 else "fp32", "--no-progress"]
     if fisher:
         args += ["--fisher", "--max-examples", str(cfg.fisher_examples)]
     run_cli(args, log)
@@ -416,6 +422,7 @@ def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: st
 def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
     """(row name, merge flags) for every merge."""
     specs = [(f"RegMean (alpha={a})", ["--method", "regmean", "--alpha", str(a)]) for a in cfg.alphas]
+    specs += [(f"RegMean++ (alpha={a})", ["--method", "regmean++", "--alpha", str(a)]) for a in cfg.plusplus_alphas]
     specs.append(("simple average", ["--method", "average"]))
     specs += [(f"task arithmetic (lambda={s})", ["--method", "task_arithmetic", "--scaling", str(s)])
               for s in cfg.ta_scalings]
@@ -426,9 +433,11 @@ def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
     return specs
 
 
-def merge(models, gram_files, fisher_files, base, flags, out, log: Log, name: str) -> str:
-    """The sentiment setup's merge through the CLI, the Fisher's own files for --method fisher."""
-    return sentiment_merge(models, fisher_files if flags[1] == "fisher" else gram_files, base, flags, out, log, name)
+def merge(models, gram_files, fisher_files, train_files, base, flags, out, cfg: Config, log: Log, name: str) -> str:
+    """The sentiment setup's merge through the CLI, the Fisher's own files for --method fisher; RegMean++
+    reads the training files the Grams were collected on, read as grams() reads them."""
+    return sentiment_merge(models, fisher_files if flags[1] == "fisher" else gram_files, base, flags, out, log, name,
+                           ["--data", *train_files, *calibration_args(cfg)])
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
@@ -479,7 +488,8 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False, cached_only: 
         for name, flags in merge_specs(cfg):
             out = os.path.join(sd, "merged", _h(flags + [cfg.fisher_examples] * (flags[1] == "fisher")))
             if not cached_only:
-                merge([models[t] for t in TASKS], gfiles, ffiles, base, flags, out, log, name)
+                merge([models[t] for t in TASKS], gfiles, ffiles, [data[t][0] for t in TASKS], base, flags, out, cfg,
+                      log, name)
             put(name, seed, out, "merged-" + os.path.basename(out))
     # The multi-task references last: the most expensive training (as many steps as the three fine-tunes).
     for seed in cfg.seeds if cfg.multitask_seeds is None else cfg.multitask_seeds:
