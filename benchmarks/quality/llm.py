@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from regmean_fast.quality import fetch  # noqa: E402
-from regmean_fast.quality.sentiment import Log, _h, _save_atomic, _torch_setup, run_cli  # noqa: E402
+from regmean_fast.quality.sentiment import Log, _h, _save_atomic, _torch_setup, regmean_specs, run_cli  # noqa: E402
 from regmean_fast.quality.sentiment import merge as sentiment_merge  # noqa: E402
 
 TASKS = ("sentiment", "topic", "headline")
@@ -421,8 +421,7 @@ def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: st
 
 def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
     """(row name, merge flags) for every merge."""
-    specs = [(f"RegMean (alpha={a})", ["--method", "regmean", "--alpha", str(a)]) for a in cfg.alphas]
-    specs += [(f"RegMean++ (alpha={a})", ["--method", "regmean++", "--alpha", str(a)]) for a in cfg.plusplus_alphas]
+    specs = regmean_specs(cfg.alphas, cfg.plusplus_alphas)
     specs.append(("simple average", ["--method", "average"]))
     specs += [(f"task arithmetic (lambda={s})", ["--method", "task_arithmetic", "--scaling", str(s)])
               for s in cfg.ta_scalings]

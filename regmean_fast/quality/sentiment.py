@@ -262,10 +262,16 @@ def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: st
     return out
 
 
+def regmean_specs(alphas, plusplus_alphas) -> list[tuple[str, list[str]]]:
+    """(row name, merge flags) of RegMean at each alpha, then RegMean++ at each of its alphas (the quality
+    setups' rows, named alike)."""
+    return ([(f"RegMean (alpha={a})", ["--method", "regmean", "--alpha", str(a)]) for a in alphas]
+            + [(f"RegMean++ (alpha={a})", ["--method", "regmean++", "--alpha", str(a)]) for a in plusplus_alphas])
+
+
 def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
     """(row name, extra merge flags) for every merge the configuration asks for."""
-    specs = [(f"RegMean (alpha={a})", ["--method", "regmean", "--alpha", str(a)]) for a in cfg.alphas]
-    specs += [(f"RegMean++ (alpha={a})", ["--method", "regmean++", "--alpha", str(a)]) for a in cfg.plusplus_alphas]
+    specs = regmean_specs(cfg.alphas, cfg.plusplus_alphas)
     names = {"average": "simple average", "fisher": "Fisher", "task_arithmetic": f"task arithmetic (lambda={cfg.ta_scaling})",
              "ties": f"TIES (density={cfg.ties_density})"}
     for b in cfg.baselines:
