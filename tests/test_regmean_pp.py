@@ -24,6 +24,14 @@ def _data(folder, n, seed):
     return path
 
 
+def _save_models(root, k, kind, seed=0, **overrides):
+    """k tiny random models root/m0 .. m{k-1}, seeds seed .. seed + k - 1 -> their folders."""
+    folders = [str(root / f"m{i}") for i in range(k)]
+    for i, f in enumerate(folders):
+        _save(f, kind, seed=seed + i, **overrides)
+    return folders
+
+
 def _save(folder, kind, seed, embed_from=None, **overrides):
     """A tiny random model; embed_from: another model whose input embeddings it takes (so the data enters
     every model's first block the same way)."""
@@ -211,9 +219,7 @@ def test_equals_independent_fp64_loop(kind, groups, tmp_path, capsys):
     """Gemma-3: scaled embeddings, q/k norms, sliding-window layers, a head tied to the embeddings (no Grams).
     BERT, RoBERTa and GPT-2 through the generic path: a pooler and a classifier, RoBERTa's head on the first
     token, a score head on every token, Conv1D weights, a tied LM head."""
-    folders = [str(tmp_path / f"m{i}") for i in range(3)]
-    for i, f in enumerate(folders):
-        _save(f, kind, seed=i)
+    folders = _save_models(tmp_path, 3, kind)
     data = [_data(str(tmp_path), 5 + i, seed=20 + i) for i in range(3)]
     out = tmp_path / "out"
     rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out", out,
@@ -235,9 +241,7 @@ def test_equals_independent_fp64_loop(kind, groups, tmp_path, capsys):
 
 def test_weights_and_alpha(tmp_path, capsys):
     """Unequal model weights (c_i in the solve and in the averages) and another alpha, as RegMean takes them."""
-    folders = [str(tmp_path / f"m{i}") for i in range(3)]
-    for i, f in enumerate(folders):
-        _save(f, "llama", seed=10 + i)
+    folders = _save_models(tmp_path, 3, "llama", seed=10)
     data = [_data(str(tmp_path), 4, seed=70 + i) for i in range(3)]
     rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out", tmp_path / "o",
                      "--weights", "1", "2", "5", "--alpha", "0.5")
@@ -251,9 +255,7 @@ def test_weights_and_alpha(tmp_path, capsys):
 
 def test_out_dtype_is_what_the_next_blocks_read(tmp_path, capsys):
     """--out-dtype bfloat16: each merged block is written in bf16, and the data goes on through those weights."""
-    folders = [str(tmp_path / f"m{i}") for i in range(2)]
-    for i, f in enumerate(folders):
-        _save(f, "llama", seed=20 + i)
+    folders = _save_models(tmp_path, 2, "llama", seed=20)
     data = [_data(str(tmp_path), 4, seed=80 + i) for i in range(2)]
     rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out", tmp_path / "o",
                      "--out-dtype", "bfloat16")
@@ -270,9 +272,7 @@ def test_out_dtype_is_what_the_next_blocks_read(tmp_path, capsys):
 
 def test_chat_messages(tmp_path, capsys):
     """JSON Lines of chat `messages` (no text field): rendered with each model's chat template, as by grams."""
-    folders = [str(tmp_path / f"m{i}") for i in range(2)]
-    for i, f in enumerate(folders):
-        _save(f, "llama", seed=30 + i)
+    folders = _save_models(tmp_path, 2, "llama", seed=30)
     data = []
     for i in range(2):
         texts = hf_tiny.random_texts(6, seed=100 + i)
@@ -328,9 +328,7 @@ def test_one_block_equals_regmean(tmp_path, capsys):
 
 
 def test_yaml_equals_flags(tmp_path, capsys):
-    folders = [str(tmp_path / f"m{i}") for i in range(2)]
-    for i, f in enumerate(folders):
-        _save(f, "llama", seed=i)
+    folders = _save_models(tmp_path, 2, "llama")
     data = [_data(str(tmp_path), 5, seed=40 + i) for i in range(2)]
     rc, err = _merge(capsys, "--method", "regmean++", "--models", *folders, "--data", *data, "--out",
                      tmp_path / "a", "--alpha", "0.5", "--max-examples", "3", "--max-length", "6")
@@ -443,9 +441,7 @@ def test_merge_modules_equals_the_loop_and_the_cli(tmp_path, capsys):
 def test_checkpoint_every_block_then_resume(tmp_path, capsys, monkeypatch):
     """--checkpoint-every 1, stopped after two of four blocks (Stop's test hook: Ctrl-C): --resume goes on from
     the checkpoint (the first blocks are not merged again) and ends byte-identical, report included."""
-    folders = [str(tmp_path / f"m{i}") for i in range(2)]
-    for i, f in enumerate(folders):
-        _save(f, "llama", seed=i, num_hidden_layers=4)
+    folders = _save_models(tmp_path, 2, "llama", num_hidden_layers=4)
     data = [_data(str(tmp_path), 5, seed=90 + i) for i in range(2)]
     args = ["--method", "regmean++", "--models", *folders, "--data", *data, "--shard-size", "10KB"]
     rc, err = _merge(capsys, *args, "--out", tmp_path / "ref")
