@@ -11,6 +11,9 @@ gram_update: two baselines of the same shape, each taking turns with the fast op
 half its time). Each bf16 path this machine can run is timed (forced with REGMEAN_FAST_CPU_PATH). At the
 collector's shapes (a few hundred rows, many Grams in turn) the full product `torch.mm(X.T, X)` in the
 input dtype is the baseline; the reduction: the tensor expression sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)).
+The task-vector passes of ties / dare_*: dare_drop_ against torch's way (torch.rand from a CPU generator, < density,
+the mask multiplied in, fp64 L1 norms before and after, a slice of 2^20 entries at a time; mergekit draws
+torch.bernoulli, no faster) and consensus_merge_ against its tensor expressions (ops.torch_consensus_merge_).
 Times are medians; the machine may be shared, so read the ratios.
 """
 
@@ -113,6 +116,62 @@ def bench_reduce(d: int, k: int, repeats: int, packed: bool = False):
     }
 
 
+def bench_dare_drop(n: int, repeats: int):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g)
+    work = x.clone()
+    key, threshold = (123, 456), 1 << 31
+
+    def fast():
+        work.copy_(x)
+        ops.dare_drop_(work, key, threshold)
+
+    def plain():  # the same contract the way torch offers: its serial CPU generator
+        work.copy_(x)
+        gen = torch.Generator().manual_seed(7)
+        for a in range(0, n, 1 << 20):
+            part = work[a:a + (1 << 20)]
+            part.abs().sum(dtype=torch.float64)
+            part.mul_(torch.rand(part.numel(), generator=gen) < 0.5)
+            part.abs().sum(dtype=torch.float64)
+
+    def copy():
+        work.copy_(x)
+
+    t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
+    fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]  # (the refill timed apart, taken off)
+    return {"op": "dare_drop_", "shape": f"n={n} fp32 density 0.5", "path": "avx512" if _avx512() else "cpu",
+            "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
+
+
+def bench_consensus(n: int, k: int, repeats: int):
+    g = torch.Generator().manual_seed(4)
+    deltas = [torch.randn(n, generator=g) for _ in range(k)]
+    base = torch.randn(n, generator=g)
+    out = base.clone()
+    coeffs, weights = [1.0, 0.5, 0.8][:k] + [1.0] * max(0, k - 3), [1.0] * k
+
+    def fast():
+        out.copy_(base)
+        ops.consensus_merge_(out, deltas, coeffs, weights, True, 1.0)
+
+    def plain():
+        out.copy_(base)
+        ops.torch_consensus_merge_(out, deltas, coeffs, weights, True, 1.0)
+
+    def copy():
+        out.copy_(base)
+
+    t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
+    fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]
+    return {"op": "consensus_merge_", "shape": f"K={k} n={n} fp32", "path": "cpu",
+            "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
+
+
+def _avx512() -> bool:
+    return "avx512" in rf.build_info().get("cpu_features", "")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -142,6 +201,9 @@ def main(argv=None) -> int:
           for da in ((256,) if args.quick else (768, 3072))),
         bench_reduce(dr, 4, args.repeats),
         bench_reduce(dr, 4, args.repeats, packed=True),
+        # an embedding matrix's worth of entries (32000 x 1024), then a layer's projection
+        *(bench_dare_drop(n, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
+        *(bench_consensus(n, 3, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
     ]
 
     def bf16mm(r, key):
@@ -154,7 +216,8 @@ def main(argv=None) -> int:
         ["op", "shape", "path", "fast ms", "torch ms", "speed-up", "bf16 mm ms", "fast/bf16 mm"],
     )
     print("torch ms: fp32 G.addmm_(X.T, X) for gram_update (X already fp32), torch.mm(X.T, X) in X's dtype for the "
-          "collector's shapes, the tensor expression for gram_reduce; bf16 mm: torch's full bf16 X.T @ X, same shape.")
+          "collector's shapes, the tensor expression for gram_reduce and consensus_merge_, torch.rand's drop for "
+          "dare_drop_; bf16 mm: torch's full bf16 X.T @ X, same shape.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": where, "results": results}, f, indent=2)

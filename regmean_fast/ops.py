@@ -500,3 +500,97 @@ def addmm_bf16x3_(C: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor, alpha: flo
     times one fp32 GEMM). CPU with MKL or CUDA (exact_bf16_products_available)."""
     torch.ops.regmean_fast.addmm_bf16x3_(C, A, Bs, float(alpha))
     return C
+
+
+# -- The task-vector merges' per-entry passes (ties, dare_ties, dare_linear) ---------------------------------
+# Compiled for contiguous float32 CPU tensors (kernels/task_vectors_cpu.h); the torch_* functions are the same
+# contracts in tensor expressions: the reference the kernels are tested against, and the path on other
+# devices and dtypes (the same DARE masks bit for bit: the generator is counter-based).
+
+_WORD = 0xFFFFFFFF
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox4x32-10's round multipliers (kernels/philox.h)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # its key increments
+
+
+def philox_words(first: int, count: int, key: tuple[int, int], device=None) -> torch.Tensor:
+    """Words [first, first + count) of the Philox4x32-10 stream of ``key`` (two 32-bit words), as int64 in
+    [0, 2^32): word j is word j % 4 of Philox4x32-10(counter (j // 4 low 32 bits, high 32 bits, 0, 0), key).
+    (int64 products of two 32-bit words wrap as uint64 ones do: their bits are the 64-bit product's.)"""
+    b0 = first // 4
+    blocks = torch.arange(b0, (first + count + 3) // 4, dtype=torch.int64, device=device)
+    c0, c1 = blocks & _WORD, (blocks >> 32) & _WORD
+    c2 = c3 = torch.zeros_like(blocks)
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & _WORD, (k1 + PHILOX_W[1]) & _WORD
+        p0, p1 = c0 * PHILOX_M[0], c2 * PHILOX_M[1]
+        c0, c1, c2, c3 = ((p1 >> 32) & _WORD) ^ c1 ^ k0, p1 & _WORD, ((p0 >> 32) & _WORD) ^ c3 ^ k1, p0 & _WORD
+    words = torch.stack((c0, c1, c2, c3), dim=1).view(-1)
+    return words[first - 4 * b0:first - 4 * b0 + count]
+
+
+TASK_VECTOR_SLICE = 1 << 20  # entries per pass of the torch paths (their temporaries are a slice's)
+
+
+def torch_dare_drop_(delta: torch.Tensor, key: tuple[int, int], threshold: int) -> tuple[float, float]:
+    """dare_drop_ in tensor expressions, a slice of TASK_VECTOR_SLICE entries at a time (any device, dtype)."""
+    flat = delta.view(-1)
+    before = after = 0.0
+    for a in range(0, flat.numel(), TASK_VECTOR_SLICE):
+        part = flat[a:a + TASK_VECTOR_SLICE]
+        before += float(part.abs().sum(dtype=torch.float64))
+        part.mul_(philox_words(a, part.numel(), key, part.device) < threshold)
+        after += float(part.abs().sum(dtype=torch.float64))
+    return before, after
+
+
+def dare_drop_(delta: torch.Tensor, key: tuple[int, int], threshold: int) -> tuple[float, float]:
+    """In place: DARE's random drop of a contiguous tensor. Entry j is kept when word j of the Philox4x32-10
+    stream of ``key`` (philox_words) is below ``threshold`` (ceil(density * 2^32): kept with probability
+    density), else multiplied by 0. Returns (sum |delta| before, after), summed in fp64. The same mask on any
+    device and thread count."""
+    if not delta.is_contiguous():
+        raise ValueError("dare_drop_: delta must be contiguous")
+    if not 0 <= threshold <= 1 << 32:
+        raise ValueError(f"dare_drop_: threshold {threshold} is outside [0, 2^32]")
+    if (_ext.HAVE_EXTENSION and hasattr(_ext._C, "dare_drop_") and delta.device.type == "cpu"
+            and delta.dtype == torch.float32):
+        return _ext._C.dare_drop_(delta, key[0] & _WORD, key[1] & _WORD, threshold)
+    return torch_dare_drop_(delta, key, threshold)
+
+
+def torch_consensus_merge_(base, deltas, coeffs, weights, normalize: bool, scaling: float) -> torch.Tensor:
+    """consensus_merge_ in tensor expressions, a slice at a time (any device, dtype)."""
+    flats = [t.view(-1) for t in (base, *deltas)]
+    for a in range(0, base.numel(), TASK_VECTOR_SLICE):
+        base_part, *parts = (f[a:a + TASK_VECTOR_SLICE] for f in flats)
+        taus = [p * c for p, c in zip(parts, coeffs)]
+        elected = torch.where(sum(taus) >= 0, 1.0, -1.0).to(base.dtype)
+        mixed = torch.zeros_like(base_part)
+        divisor = torch.zeros_like(base_part)
+        for tau, w in zip(taus, weights):
+            agree = torch.sign(tau) == elected
+            mixed.add_(torch.where(agree, tau, torch.zeros((), dtype=tau.dtype, device=tau.device)))
+            divisor.add_(agree.to(divisor.dtype), alpha=w)
+        if normalize:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        base_part.add_(mixed, alpha=scaling)
+    return base
+
+
+def consensus_merge_(base: torch.Tensor, deltas, coeffs, weights, normalize: bool, scaling: float) -> torch.Tensor:
+    """In place, TIES's sign consensus and disjoint mean: with tau_i = coeffs[i] * deltas[i], the elected sign
+    is + where sum_i tau_i >= 0, else -; ``base += scaling * mixed`` where mixed = the sum of the tau_i whose
+    sign is the elected one, divided (normalize) by the sum of their ``weights[i]`` (1 where none agrees).
+    base and deltas: contiguous, one shape and dtype. Returns base."""
+    if not deltas or len(coeffs) != len(deltas) or len(weights) != len(deltas):
+        raise ValueError("consensus_merge_: one coefficient and one weight per delta, at least one delta")
+    if any(not t.is_contiguous() or t.shape != base.shape or t.dtype != base.dtype for t in (base, *deltas)):
+        raise ValueError("consensus_merge_: base and deltas must be contiguous, of one shape and dtype")
+    if (_ext.HAVE_EXTENSION and hasattr(_ext._C, "consensus_merge_") and base.device.type == "cpu"
+            and base.dtype == torch.float32):
+        _ext._C.consensus_merge_(base, list(deltas), [float(c) for c in coeffs], [float(w) for w in weights],
+                                 bool(normalize), float(scaling))
+        return base
+    return torch_consensus_merge_(base, deltas, coeffs, weights, normalize, scaling)

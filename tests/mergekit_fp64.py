@@ -7,13 +7,16 @@ evaluate_setting, plan.py's layer position t), independently of regmean_fast, fo
     linear(tensors, weights, normalize=True)
     task_vectors(base, tensors, weights, densities, *, consensus, sparsify, normalize, rescale, lam, masks=None)
     slerp(t, v0, v1)
+    philox4x32_10(counters, key), dare_mask(shape, density, seed, name, i)   regmean_fast's DARE masks
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 
+import numpy as np
 import torch
 
 
@@ -101,3 +104,31 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         return (1 - t) * a + t * b
     theta = math.acos(dot)
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def philox4x32_10(counters: np.ndarray, key) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al., SC11) of each row of counters (uint64 [n, 4], words < 2^32) under key
+    (two words), in numpy's unsigned arithmetic: uint64 [n, 4]. Written from the paper, independently of the
+    package's C++ and torch versions."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [counters[:, w].astype(np.uint64) for w in range(4)]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+        p0, p1 = c[0] * np.uint64(0xD2511F53), c[2] * np.uint64(0xCD9E8D57)
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+    return np.stack(c, axis=1)
+
+
+def dare_mask(shape, density: float, seed: int, name: str, i: int) -> torch.Tensor:
+    """regmean_fast's documented DARE mask (docs/merge.md): key = the first 8 bytes of sha256(f"{seed}\\0{name}
+    \\0{i}") as two little-endian words; entry j (flat) is kept when word j % 4 of Philox4x32-10(counter
+    (j // 4, 0, 0, 0), key) < ceil(density * 2^32)."""
+    digest = hashlib.sha256(f"{seed}\0{name}\0{i}".encode()).digest()
+    key = (int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little"))
+    n = math.prod(shape)
+    blocks = np.zeros(((n + 3) // 4, 4), dtype=np.uint64)
+    blocks[:, 0] = np.arange(blocks.shape[0], dtype=np.uint64)
+    words = philox4x32_10(blocks, key).reshape(-1)[:n]
+    return torch.from_numpy(words < math.ceil(density * 2 ** 32)).view(shape)

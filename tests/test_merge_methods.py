@@ -63,7 +63,7 @@ def test_magnitude_keep_in_slices(monkeypatch):
     import importlib
 
     tv = importlib.import_module("regmean_fast.merge.methods.task_vectors")
-    monkeypatch.setattr(tv, "SLICE", 100)
+    monkeypatch.setattr(tv.ops, "TASK_VECTOR_SLICE", 100)
     g = torch.Generator().manual_seed(4)
     tied = torch.randint(-3, 4, (1037,), generator=g).double() * 2.0 ** -9  # 7 magnitudes, zeros included
     tied[::17] = -0.0
@@ -76,34 +76,31 @@ def test_magnitude_keep_in_slices(monkeypatch):
 
 
 def test_ties_and_dare_in_slices(sds, monkeypatch):
-    """The slice-by-slice passes (top-k, random draws, L1 norms, consensus) with slices of 1000 entries,
-    against the definition on whole tensors: ties on a grid (ties at the cut-off in most tensors), dare_ties
-    with the masks drawn here in one piece from the documented generator (seed, tensor name, model index)."""
-    import hashlib
-    import importlib
+    """The compiled passes and the slice-by-slice torch passes (top-k, random draws, L1 norms, consensus;
+    slices of 1000 entries) against the definition on whole tensors: ties on a grid (ties at the cut-off in
+    most tensors), dare_ties with the masks drawn in one piece by the test's own Philox (mergekit_fp64)."""
+    from regmean_fast import ops
 
-    tv = importlib.import_module("regmean_fast.merge.methods.task_vectors")
-    monkeypatch.setattr(tv, "SLICE", 1000)
     base, ms, _ = sds
     base = {n: torch.round(b * 256) / 256 for n, b in base.items()}
     ms = [{n: torch.round(t * 256) / 256 for n, t in m.items()} for m in ms]
     w = [1.0, 0.5, -0.25]
-    got = merge_state_dicts(ms, method="ties", base=base, density=0.3, weights=w)
-    for n in ms[0]:
-        exp = mk.task_vectors(base[n], [m[n] for m in ms], w, [0.3] * 3, consensus=True, sparsify="magnitude",
-                              normalize=True, rescale=False, lam=1.0)
-        torch.testing.assert_close(got[n].double(), exp, atol=1e-6, rtol=1e-5, msg=lambda s: f"{n}: {s}")
+    for compiled in (True, False):  # the kernels (float32 CPU) and the torch paths, in slices of 1000
+        monkeypatch.setattr(ops, "TASK_VECTOR_SLICE", 1000)
+        if not compiled:
+            monkeypatch.setattr(ops._ext, "HAVE_EXTENSION", False)
+        got = merge_state_dicts(ms, method="ties", base=base, density=0.3, weights=w)
+        for n in ms[0]:
+            exp = mk.task_vectors(base[n], [m[n] for m in ms], w, [0.3] * 3, consensus=True, sparsify="magnitude",
+                                  normalize=True, rescale=False, lam=1.0)
+            torch.testing.assert_close(got[n].double(), exp, atol=1e-6, rtol=1e-5, msg=lambda s: f"{n}: {s}")
 
-    def mask(n, i, density, seed):
-        digest = hashlib.sha256(f"{seed}\0{n}\0{i}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        return torch.rand(base[n].shape, generator=gen) < density
-
-    got = merge_state_dicts(ms, method="dare_ties", base=base, density=0.4, weights=w, seed=9)
-    for n in ms[0]:
-        exp = mk.task_vectors(base[n], [m[n] for m in ms], w, [0.4] * 3, consensus=True, sparsify="random",
-                              normalize=False, rescale=True, lam=1.0, masks=[mask(n, i, 0.4, 9) for i in range(3)])
-        torch.testing.assert_close(got[n].double(), exp, atol=1e-6, rtol=1e-5, msg=lambda s: f"{n}: {s}")
+        got = merge_state_dicts(ms, method="dare_ties", base=base, density=0.4, weights=w, seed=9)
+        for n in ms[0]:
+            masks = [mk.dare_mask(base[n].shape, 0.4, 9, n, i) for i in range(3)]
+            exp = mk.task_vectors(base[n], [m[n] for m in ms], w, [0.4] * 3, consensus=True, sparsify="random",
+                                  normalize=False, rescale=True, lam=1.0, masks=masks)
+            torch.testing.assert_close(got[n].double(), exp, atol=1e-6, rtol=1e-5, msg=lambda s: f"{n}: {s}")
 
 
 def test_fisher_in_memory_and_from_files(sds, tmp_path):

@@ -4,9 +4,11 @@
 #include <torch/version.h>
 
 #include <string>
+#include <vector>
 
 #include "../kernels/check_cpu.h"
 #include "../kernels/gram_cpu.h"
+#include "../kernels/task_vectors_cpu.h"
 #include "aten_runner.h"
 #include "checks.h"
 
@@ -83,6 +85,45 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return pybind11::make_tuple(s.finite, s.max_abs, s.max_asym, s.min_diag);
       },
       "(all finite, max |G|, max |G - G^T|, min diag) of a square float32 CPU matrix, in one pass.");
+  // The task-vector merges' per-entry passes (kernels/task_vectors_cpu.h): float32 contiguous CPU tensors
+  // only; regmean_fast.ops checks and dispatches (torch expressions on other devices and dtypes).
+  m.def(
+      "dare_drop_",
+      [](at::Tensor delta, uint32_t key0, uint32_t key1, uint64_t threshold) {
+        TORCH_CHECK_VALUE(delta.device().is_cpu() && delta.scalar_type() == at::kFloat && delta.is_contiguous(),
+                          "dare_drop_: a contiguous float32 CPU tensor is expected");
+        const uint32_t key[2] = {key0, key1};
+        double l1[2];
+        regmean_fast::kernels::dare_drop_cpu(delta.data_ptr<float>(), delta.numel(), key, threshold, l1,
+                                             regmean_fast::binding::AtenRunner());
+        return pybind11::make_tuple(l1[0], l1[1]);
+      },
+      "In place: DARE's drop of the Philox stream of (key0, key1) below threshold; returns (L1 before, after).");
+  m.def(
+      "consensus_merge_",
+      [](at::Tensor base, const std::vector<at::Tensor>& deltas, const std::vector<double>& coeffs,
+         const std::vector<double>& weights, bool normalize, double scaling) {
+        auto ok = [&](const at::Tensor& t) {
+          return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                 t.numel() == base.numel();
+        };
+        TORCH_CHECK_VALUE(ok(base) && !deltas.empty() && coeffs.size() == deltas.size() &&
+                              weights.size() == deltas.size(),
+                          "consensus_merge_: contiguous float32 CPU tensors of one size and one coefficient "
+                          "and weight per delta are expected");
+        std::vector<const float*> ptrs;
+        for (const at::Tensor& d : deltas) {
+          TORCH_CHECK_VALUE(ok(d), "consensus_merge_: every delta must be contiguous float32 on the CPU, of "
+                                   "the base's size");
+          ptrs.push_back(d.const_data_ptr<float>());
+        }
+        const std::vector<float> c(coeffs.begin(), coeffs.end()), w(weights.begin(), weights.end());
+        regmean_fast::kernels::consensus_merge_cpu(base.data_ptr<float>(), ptrs.data(),
+                                                   static_cast<int64_t>(ptrs.size()), c.data(), w.data(),
+                                                   normalize, static_cast<float>(scaling), base.numel(),
+                                                   regmean_fast::binding::AtenRunner());
+      },
+      "In place: base += scaling * TIES's consensus mean of the coeffs[i] * deltas[i] (weights: its divisor).");
   m.def("have_bf16_gemm", &regmean_fast::kernels::have_bf16_gemm,
         "True when MKL's bf16 GEMM is in this process (addmm_bf16x3_ needs it; fast only with AMX).");
   m.def(

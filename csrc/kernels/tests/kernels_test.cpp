@@ -5,6 +5,7 @@
 #include <limits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -14,7 +15,9 @@
 #include "cpu_path.h"
 #include "gram_avx512.h"
 #include "gram_cpu.h"
+#include "philox.h"
 #include "reduce_cpu.h"
+#include "task_vectors_cpu.h"
 #include "tiling.h"
 #include "cuda/gram_wmma_layout.h"
 
@@ -742,6 +745,121 @@ static void test_gram_term() {
   }
 }
 
+// Philox4x32-10 against the published known-answer vectors (Random123 kat_vectors: counter, key -> words).
+static void test_philox_known_answers() {
+  struct Kat {
+    uint32_t ctr[4], key[2], want[4];
+  };
+  const Kat kats[] = {
+      {{0u, 0u, 0u, 0u}, {0u, 0u}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{~0u, ~0u, ~0u, ~0u}, {~0u, ~0u}, {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}, {0xa4093822u, 0x299f31d0u},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  for (const Kat& k : kats) {
+    uint32_t out[4];
+    philox4x32_10(k.ctr, k.key, out);
+    for (int w = 0; w < 4; ++w) CHECK(out[w] == k.want[w], "word %d: %08x, expected %08x", w, out[w], k.want[w]);
+  }
+}
+
+// dare_drop_cpu against a loop over the one-block definition: the same kept entries bit for bit (the
+// kernel draws 16 blocks at a time, lane by lane), fp64 L1 sums, the same bits on 1 and 3 threads, a
+// dropped inf is NaN (as torch's mul by a bool mask), and the kept fraction is the density.
+static void test_dare_drop() {
+  const uint32_t key[2] = {0x12345678u, 0x9abcdef0u};
+  for (int64_t n : {int64_t(1), int64_t(63), int64_t(65), int64_t(4099), int64_t(200001)}) {
+    for (double density : {0.1, 0.5, 0.9, 1.0}) {
+      const uint64_t threshold = static_cast<uint64_t>(std::ceil(density * 4294967296.0));
+      std::mt19937 rng(static_cast<uint32_t>(n));
+      std::normal_distribution<float> normal;
+      std::vector<float> x(static_cast<size_t>(n));
+      for (auto& v : x) v = normal(rng);
+      if (n > 10) x[7] = std::numeric_limits<float>::infinity();
+      std::vector<float> a = x, b = x, c = x;
+      double l1a[2], l1b[2], l1c[2];
+      dare_drop_cpu(a.data(), n, key, threshold, l1a, SerialRunner());
+      dare_drop_cpu(b.data(), n, key, threshold, l1b, ThreadRunner(3));
+      dare_drop_cpu(c.data(), n, key, threshold, l1c, ThreadRunner(2), /*allow_avx512=*/false);
+      CHECK(std::memcmp(a.data(), c.data(), sizeof(float) * a.size()) == 0 &&
+                std::memcmp(l1a, l1c, sizeof(l1a)) == 0,
+            "n %lld: the AVX-512 path (%s here) and the portable one differ", (long long)n,
+            dare_drop_avx512_compiled() && cpu_features().avx512 ? "taken" : "not taken");
+      double before = 0.0, after = 0.0;
+      int64_t kept = 0, mismatched = 0, nan_mismatch = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        uint32_t words[4];
+        philox_stream_block(static_cast<uint64_t>(j / 4), key, words);
+        const bool keep = words[j % 4] < threshold;
+        const float expect = keep ? x[j] : x[j] * 0.0f;
+        kept += keep;
+        before += std::fabs(static_cast<double>(x[j]));
+        after += std::fabs(static_cast<double>(expect));
+        if (std::isnan(expect)) {
+          nan_mismatch += !std::isnan(a[j]);
+        } else if (std::memcmp(&expect, &a[j], sizeof(float)) != 0) {
+          ++mismatched;
+        }
+      }
+      CHECK(mismatched == 0 && nan_mismatch == 0, "n %lld density %g: %lld entries differ", (long long)n, density,
+            (long long)(mismatched + nan_mismatch));
+      CHECK(std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0,
+            "n %lld: 1 and 3 threads differ", (long long)n);
+      CHECK(std::memcmp(l1a, l1b, sizeof(l1a)) == 0, "n %lld: the L1 sums depend on the threads", (long long)n);
+      if (n > 10) {
+        CHECK(std::isinf(l1a[0]), "the inf is in the L1 before");
+      } else {
+        CHECK(std::fabs(l1a[0] - before) <= 1e-12 * before, "L1 before %.17g, expected %.17g", l1a[0], before);
+      }
+      if (std::isfinite(after)) {
+        CHECK(std::fabs(l1a[1] - after) <= 1e-12 * after, "L1 after %.17g, expected %.17g", l1a[1], after);
+      }
+      if (n == 200001) {
+        const double frac = static_cast<double>(kept) / n;  // binomial: sd <= 0.0012
+        CHECK(std::fabs(frac - density) < 0.006, "density %g: kept fraction %g", density, frac);
+      }
+    }
+  }
+}
+
+// consensus_merge_cpu against the definition in double (TIES's sign election and disjoint mean).
+static void test_consensus_merge() {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  for (int64_t n : {int64_t(1), int64_t(1023), int64_t(70001)}) {
+    for (bool normalize : {true, false}) {
+      const int64_t K = 3;
+      std::vector<std::vector<float>> deltas(K, std::vector<float>(static_cast<size_t>(n)));
+      for (auto& d : deltas) {
+        for (auto& v : d) v = normal(rng);
+        d[0] = 0.0f;  // a zero agrees with neither sign
+      }
+      const float coeffs[3] = {1.0f, 0.5f, -0.25f}, weights[3] = {1.0f, 2.0f, 0.5f};
+      std::vector<float> base(static_cast<size_t>(n));
+      for (auto& v : base) v = normal(rng);
+      std::vector<float> got = base;
+      const float* ptrs[3] = {deltas[0].data(), deltas[1].data(), deltas[2].data()};
+      consensus_merge_cpu(got.data(), ptrs, K, coeffs, weights, normalize, 0.7f, n, ThreadRunner(2));
+      double worst = 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        double total = 0.0, tau[3];
+        for (int i = 0; i < K; ++i) total += tau[i] = static_cast<double>(coeffs[i]) * deltas[i][j];
+        const double elected = total >= 0.0 ? 1.0 : -1.0;
+        double mixed = 0.0, divisor = 0.0;
+        for (int i = 0; i < K; ++i) {
+          if ((tau[i] > 0.0 && elected > 0.0) || (tau[i] < 0.0 && elected < 0.0)) {
+            mixed += tau[i];
+            divisor += weights[i];
+          }
+        }
+        const double expect = base[j] + 0.7 * (normalize ? mixed / (divisor == 0.0 ? 1.0 : divisor) : mixed);
+        worst = std::max(worst, std::fabs(expect - got[j]) / (1.0 + std::fabs(expect)));
+      }
+      CHECK(worst < 2e-6, "n %lld normalize %d: worst relative error %g", (long long)n, int(normalize), worst);
+    }
+  }
+}
+
 int main() {
   test_triangle_enumeration();
   test_ranges();
@@ -757,6 +875,9 @@ int main() {
   test_checks();
   test_split_bf16x3();
   test_gram_term();
+  test_philox_known_answers();
+  test_dare_drop();
+  test_consensus_merge();
   test_wmma_layout();
   test_wmma_kernel_twin();
   std::printf("kernels_test: %d checks, %d failures\n", g_checks, g_failures);

@@ -13,18 +13,24 @@
 Defaults (mergekit's): density 1, lambda 1; normalize true for ties only; rescale true for dare_* only.
 Ties at the magnitude cut-off: exactly int(density * n) entries are kept, as mergekit; among entries of equal
 magnitude at the cut-off the earliest (flat index) are kept, where mergekit takes torch.argsort's order, which
-is unspecified (not even stable on CPU). The random masks come from a generator seeded by (seed, tensor name,
-model index): the same for a seed whatever the device, the order or the shards of the run.
-The passes over a whole tensor (top-k, draws, L1 norms, consensus) go a slice of SLICE entries at a time:
-the same values as on the whole tensor, with a slice's temporaries only (the L1 norms are fp64 sums of the
-slices' fp64 sums: an order of summation of their own, within fp64 rounding of one whole-tensor sum)."""
+is unspecified (not even stable on CPU). The random masks are the Philox4x32-10 stream of a key derived from
+(seed, tensor name, model index) (ops.dare_drop_): the same for a seed whatever the device, the thread count,
+the order or the shards of the run. (mergekit draws torch.bernoulli from the global generator: its masks
+differ from ours for any seed; the distribution is the same.) The rescale factor ||delta||_1 / ||kept||_1 is
+folded into the model's coefficient (one multiply per entry, in the consensus pass).
+The passes over a whole tensor (top-k, draws, L1 norms, consensus) go a slice of ops.TASK_VECTOR_SLICE entries
+at a time, or through compiled kernels on float32 CPU tensors (ops.dare_drop_, ops.consensus_merge_): the
+same values as on the whole tensor, with a slice's temporaries only (the L1 norms are fp64 sums of partial
+fp64 sums: an order of summation of their own, within fp64 rounding of one whole-tensor sum)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
+from ... import ops
 from ..errors import MergeError
 from .base import MergeMethod, check_number, check_unit_interval
 
@@ -32,20 +38,15 @@ RESCALE_EPS = 1e-7  # below it an L1 norm is not rescaled to (mergekit's)
 DIVISOR_EPS = 1e-8  # |sum of weights| below it is not divided by (mergekit's, without consensus)
 
 
-# Elements per slice of the passes over a whole tensor below: their temporaries are a slice's size, not the
-# tensor's (an embedding matrix has 32M+ entries; whole-tensor temporaries, K models' at once, were the peak
-# memory of a ties merge), and a slice's stay in the cache between one operation and the next.
-SLICE = 1 << 20
-
 _BITS_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _slices(*tensors):
     """Matching flat slices of contiguous tensors of the same number of entries, in order (views: writing
     into a slice writes into the tensor)."""
-    flats = [t.view(-1) for t in tensors]
-    for a in range(0, flats[0].numel(), SLICE):
-        yield [f[a:a + SLICE] for f in flats]
+    flats, step = [t.view(-1) for t in tensors], ops.TASK_VECTOR_SLICE
+    for a in range(0, flats[0].numel(), step):
+        yield [f[a:a + step] for f in flats]
 
 
 def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -98,16 +99,15 @@ def magnitude_keep(x: torch.Tensor, k: int) -> torch.Tensor:
     return keep.to(x.device)
 
 
-def random_keep(shape, density: float, seed: int, name: str, i: int, device) -> torch.Tensor:
-    """Each entry kept with probability density: uniform draws on the CPU from a generator seeded by
-    (seed, name, i), so a seed gives the same mask on any device and in any order. Drawn a slice at a time
-    (the generator's stream is the same as in one draw of the whole shape: no fp32 copy of it)."""
+def dare_key(seed: int, name: str, i: int) -> tuple[int, int]:
+    """The Philox key of model i's mask of tensor `name` under `seed`: the first 8 bytes of a sha256."""
     digest = hashlib.sha256(f"{seed}\0{name}\0{i}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    keep = torch.empty(shape, dtype=torch.bool)
-    for (part,) in _slices(keep):
-        torch.lt(torch.rand(part.numel(), generator=g), density, out=part)
-    return keep.to(device)
+    return int.from_bytes(digest[0:4], "little"), int.from_bytes(digest[4:8], "little")
+
+
+def keep_threshold(density: float) -> int:
+    """The Philox word below which an entry is kept: ceil(density * 2^32) (exact: a power-of-two scaling)."""
+    return math.ceil(density * (1 << 32))
 
 
 def _l1(x: torch.Tensor) -> float:
@@ -115,15 +115,9 @@ def _l1(x: torch.Tensor) -> float:
     return sum(float(part.abs().sum(dtype=torch.float64)) for (part,) in _slices(x))
 
 
-def rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    before = _l1(delta) if rescale else None
-    for part, keep_part in _slices(delta, keep):
-        part.mul_(keep_part)
-    if rescale:
-        after = _l1(delta)
-        if before >= RESCALE_EPS and after >= RESCALE_EPS:
-            delta.mul_(before / after)
-    return delta
+def rescale_factor(before: float, after: float) -> float:
+    """mergekit's rescale of a sparsified delta: ||delta||_1 / ||kept||_1, when both are >= RESCALE_EPS."""
+    return before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0
 
 
 def kept_count(density: float, n: int) -> int:
@@ -158,19 +152,23 @@ class TaskVectorMerge(MergeMethod):
         p["density"] = check_unit_interval("density", p["density"], open_left=True)
         return p
 
-    def _delta(self, inputs, i, base, rescale):
+    def _delta(self, inputs, i, base, rescale) -> tuple[torch.Tensor, float]:
+        """(model i's sparsified delta W_i - B, its rescale factor: 1 unless rescaling)."""
         d = inputs.load(i).sub_(base).contiguous()  # (the passes below take flat slices)
         density = inputs.model_params[i]["density"] if inputs.model_params else 1.0
         if self.sparsification is None or density >= 1.0:
-            return d
-        if self.sparsification == "magnitude":
-            k = kept_count(density, d.numel())
-            if k <= 0:  # refused up front (plan); mergekit asserts
-                raise MergeError(f"{inputs.name}: density {density} keeps no entry of {d.numel()}")
-            keep = magnitude_keep(d, k)
-        else:
-            keep = random_keep(d.shape, density, inputs.seed, inputs.name, i, d.device)
-        return rescaled(d, keep, rescale)
+            return d, 1.0
+        if self.sparsification == "random":
+            before, after = ops.dare_drop_(d, dare_key(inputs.seed, inputs.name, i), keep_threshold(density))
+            return d, rescale_factor(before, after) if rescale else 1.0
+        k = kept_count(density, d.numel())
+        if k <= 0:  # refused up front (plan); mergekit asserts
+            raise MergeError(f"{inputs.name}: density {density} keeps no entry of {d.numel()}")
+        keep = magnitude_keep(d, k)
+        before = _l1(d) if rescale else None
+        for part, keep_part in _slices(d, keep):
+            part.mul_(keep_part)
+        return d, rescale_factor(before, _l1(d)) if rescale else 1.0
 
     def merge(self, inputs, params):
         base = inputs.base().contiguous()
@@ -178,30 +176,20 @@ class TaskVectorMerge(MergeMethod):
         if not self.consensus:  # streaming: one model's delta at a time
             mixed = None
             for i in range(inputs.k):
-                tau = self._delta(inputs, i, base, params["rescale"]).mul_(w[i])
-                mixed = tau if mixed is None else mixed.add_(tau)
-                del tau
+                delta, factor = self._delta(inputs, i, base, params["rescale"])
+                if mixed is None:
+                    mixed = delta if factor * w[i] == 1.0 else delta.mul_(factor * w[i])
+                else:
+                    mixed.add_(delta, alpha=factor * w[i])
+                del delta
             divisor = sum(w)
             if params["normalize"] and abs(divisor) >= DIVISOR_EPS:
                 mixed.div_(divisor)
             return base.add_(mixed, alpha=params["scaling"])
-        taus = [self._delta(inputs, i, base, params["rescale"]) for i in range(inputs.k)]
-        for i, tau in enumerate(taus):
-            if w[i] != 1.0:  # (times 1 changes nothing)
-                tau.mul_(w[i])
-        # The consensus a slice at a time, into base: its temporaries are a slice's, not K whole tensors'.
-        for base_part, *tau_parts in _slices(base, *taus):
-            elected = torch.where(sum(tau_parts) >= 0, 1.0, -1.0).to(base.dtype)
-            mixed = torch.zeros_like(base_part)
-            divisor = torch.zeros_like(base_part)
-            for i, tau in enumerate(tau_parts):
-                agree = torch.sign(tau) == elected
-                mixed.add_(torch.where(agree, tau, torch.zeros((), dtype=tau.dtype, device=tau.device)))
-                divisor.add_(agree.to(divisor.dtype), alpha=w[i])
-            if params["normalize"]:
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
-            base_part.add_(mixed, alpha=params["scaling"])
-        return base
+        deltas, coeffs = zip(*(self._delta(inputs, i, base, params["rescale"]) for i in range(inputs.k)))
+        # tau_i = coeffs[i] * w_i * delta_i; the consensus a slice at a time (or compiled), into base.
+        return ops.consensus_merge_(base, deltas, [c * wi for c, wi in zip(coeffs, w)], w, params["normalize"],
+                                    params["scaling"])
 
 
 class TaskArithmetic(TaskVectorMerge):
