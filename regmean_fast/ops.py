@@ -594,3 +594,25 @@ def consensus_merge_(base: torch.Tensor, deltas, coeffs, weights, normalize: boo
                                  bool(normalize), float(scaling))
         return base
     return torch_consensus_merge_(base, deltas, coeffs, weights, normalize, scaling)
+
+
+def torch_scaled_add_(acc: torch.Tensor, x: torch.Tensor, c: float, assign: bool = False) -> torch.Tensor:
+    """scaled_add_ in tensor expressions (any device and dtypes)."""
+    if assign:
+        return acc.copy_(x).mul_(c)
+    return acc.add_(x, alpha=c)
+
+
+def scaled_add_(acc: torch.Tensor, x: torch.Tensor, c: float, assign: bool = False) -> torch.Tensor:
+    """In place: ``acc = c * x`` (assign) or ``acc += c * x``, computed in acc's dtype from x as stored (a
+    bfloat16/float16 x is widened exactly, no copy of it in acc's dtype first): the weighted sums of the
+    merge, straight from the bytes read from a checkpoint. Compiled for a contiguous float32 CPU acc and a
+    contiguous float32/bfloat16/float16 CPU x of its size; elsewhere torch. Returns acc."""
+    if x.shape != acc.shape:
+        raise ValueError(f"scaled_add_: x's shape {tuple(x.shape)} is not acc's {tuple(acc.shape)}")
+    if (_ext.HAVE_EXTENSION and hasattr(_ext._C, "scaled_add_") and acc.device.type == "cpu"
+            and x.device.type == "cpu" and acc.dtype == torch.float32 and x.dtype in GRAM_DTYPES
+            and acc.is_contiguous() and x.is_contiguous()):
+        _ext._C.scaled_add_(acc, x, float(c), bool(assign))
+        return acc
+    return torch_scaled_add_(acc, x, c, assign)

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "../kernels/axpy_cpu.h"
 #include "../kernels/check_cpu.h"
 #include "../kernels/gram_cpu.h"
 #include "../kernels/task_vectors_cpu.h"
@@ -85,6 +86,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return pybind11::make_tuple(s.finite, s.max_abs, s.max_asym, s.min_diag);
       },
       "(all finite, max |G|, max |G - G^T|, min diag) of a square float32 CPU matrix, in one pass.");
+  m.def(
+      "scaled_add_",
+      [](at::Tensor acc, const at::Tensor& x, double c, bool assign) {
+        TORCH_CHECK_VALUE(acc.device().is_cpu() && acc.scalar_type() == at::kFloat && acc.is_contiguous() &&
+                              x.device().is_cpu() && x.is_contiguous() && x.numel() == acc.numel(),
+                          "scaled_add_: a contiguous float32 CPU acc and a contiguous CPU x of its size are expected");
+        regmean_fast::kernels::scaled_add_cpu(acc.data_ptr<float>(), x.const_data_ptr(),
+                                              regmean_fast::binding::kernel_dtype(x.scalar_type()), acc.numel(),
+                                              static_cast<float>(c), assign, regmean_fast::binding::AtenRunner());
+      },
+      "In place: acc = c * x (assign) or acc += c * x, x float32/bfloat16/float16 widened exactly.");
   // The task-vector merges' per-entry passes (kernels/task_vectors_cpu.h): float32 contiguous CPU tensors
   // only; regmean_fast.ops checks and dispatches (torch expressions on other devices and dtypes).
   m.def(

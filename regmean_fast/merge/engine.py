@@ -130,10 +130,17 @@ class Engine:
         buffers: valid until the next call."""
         src = self.sources[i]
         shape, stored = tuple(src.shape(name)), src.dtype(name)
-        t = self._load(i, name, out=self._scratch(TENSOR_SCRATCH + "stored", shape, stored))
+        t = self._load_stored(i, name)
         if stored == self.compute_dtype:
             return t
         return self._scratch(TENSOR_SCRATCH + "compute", shape, self.compute_dtype).copy_(t)
+
+    def _load_stored(self, i: int, name: str) -> torch.Tensor:
+        """Model i's tensor on the device as stored, read into the per-tensor scratch buffer: valid until the
+        next call."""
+        src = self.sources[i]
+        return self._load(i, name, out=self._scratch(TENSOR_SCRATCH + "stored", tuple(src.shape(name)),
+                                                     src.dtype(name)))
 
     def _load_base(self, name: str) -> torch.Tensor:
         t = self.base.get(name)
@@ -242,7 +249,8 @@ class Engine:
             base=(lambda: self._load_base(name)) if self.base is not None else (lambda: None),
             fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None),
             model_params=r.model_params, seed=plan.seed,
-            load_reused=lambda i: self._load_reused(i, name))
+            load_reused=lambda i: self._load_reused(i, name), load_stored=lambda i: self._load_stored(i, name),
+            compute_dtype=self.compute_dtype)
         if item.method == "fisher":
             fs = [self._load_fisher(i, name) for i in range(self.k)]
             have = [f is not None for f in fs]

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "axpy_cpu.h"
 #include "check_cpu.h"
 #include "common.h"
 #include "cpu_path.h"
@@ -860,6 +861,38 @@ static void test_consensus_merge() {
   }
 }
 
+// scaled_add_cpu from each stored type: acc = c0 x0, then += c1 x1, each step two fp32 roundings of the exact
+// value (x widened exactly: the float of its bits), on 3 threads across chunks.
+static void test_scaled_add() {
+  const int64_t n = 3 * (int64_t(1) << 16) + 5;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal;
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    std::vector<uint16_t> h0(n), h1(n);
+    std::vector<float> f0(n), f1(n);
+    for (int64_t j = 0; j < n; ++j) {
+      f0[j] = normal(rng);
+      f1[j] = normal(rng);
+      h0[j] = dt == DType::BF16 ? float_to_bf16_bits(f0[j]) : static_cast<uint16_t>(0x3c00u + (j % 977));
+      h1[j] = dt == DType::BF16 ? float_to_bf16_bits(f1[j]) : static_cast<uint16_t>(0xbc00u + (j % 1013));
+    }
+    const void* x0 = dt == DType::F32 ? static_cast<const void*>(f0.data()) : h0.data();
+    const void* x1 = dt == DType::F32 ? static_cast<const void*>(f1.data()) : h1.data();
+    std::vector<float> acc(n, 0.0f);
+    scaled_add_cpu(acc.data(), x0, dt, n, 0.3f, true, ThreadRunner(3));
+    std::vector<float> first = acc;
+    scaled_add_cpu(acc.data(), x1, dt, n, -1.7f, false, ThreadRunner(3));
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double a = load_as_float(x0, dt, j), b = load_as_float(x1, dt, j);
+      const double e0 = 0.3f * a, e1 = static_cast<double>(first[j]) + -1.7f * b;
+      bad += std::fabs(first[j] - e0) > std::ldexp(std::fabs(e0), -24) * 1.01;
+      bad += std::fabs(acc[j] - e1) > std::ldexp(std::fabs(first[j]) + 2 * std::fabs(1.7 * b), -23) + 1e-44;
+    }
+    CHECK(bad == 0, "%s: %lld entries off", dtype_name(dt), (long long)bad);
+  }
+}
+
 int main() {
   test_triangle_enumeration();
   test_ranges();
@@ -878,6 +911,7 @@ int main() {
   test_philox_known_answers();
   test_dare_drop();
   test_consensus_merge();
+  test_scaled_add();
   test_wmma_layout();
   test_wmma_kernel_twin();
   std::printf("kernels_test: %d checks, %d failures\n", g_checks, g_failures);

@@ -1,6 +1,6 @@
-"""The task-vector merges' per-entry passes (regmean_fast.ops.dare_drop_, consensus_merge_): the Philox
-generator against its published known answers, the compiled kernels against the torch paths and both against
-definitions written here (numpy's unsigned Philox, fp64 loops)."""
+"""The merge's compiled per-entry passes (regmean_fast.ops.dare_drop_, consensus_merge_, scaled_add_): the
+Philox generator against its published known answers, the compiled kernels against the torch paths and both
+against definitions written here (numpy's unsigned Philox, fp64 loops)."""
 
 from __future__ import annotations
 
@@ -163,3 +163,30 @@ def test_bad_arguments_are_one_line_errors():
         ops.consensus_merge_(x, [x], [1.0, 2.0], [1.0], True, 1.0)
     with pytest.raises(ValueError, match="one shape"):
         ops.consensus_merge_(x, [torch.zeros(11)], [1.0], [1.0], True, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_scaled_add_equals_fp64(dtype, path, monkeypatch):
+    """acc = c0 x0, then += c1 x1 and += c2 x2 from the stored dtype: each step within one fp32 rounding of
+    the fp64 value of the same step (x widened exactly), odd sizes crossing the kernel's chunks."""
+    if path == "torch":
+        monkeypatch.setattr(ops._ext, "HAVE_EXTENSION", False)
+    n = 3 * (1 << 16) + 5
+    xs = [_data(n, seed=20 + i, dtype=dtype) for i in range(3)]
+    xs[1][7] = 1e-40 if dtype != torch.float16 else 2.0 ** -20  # a subnormal (of fp32 / fp16), widened exactly
+    cs = [0.3, -1.7, 2.0]
+    acc = torch.full((n,), float("nan"))
+    prev = torch.zeros(n, dtype=torch.float64)
+    for i, (x, c) in enumerate(zip(xs, cs)):
+        ops.scaled_add_(acc, x, c, assign=i == 0)
+        step = c * x.double()
+        # two fp32 roundings (the product, the sum) of the exact prev + step, prev being the fp32 acc before
+        bound = 2.0 ** -23 * (prev.abs() + 2 * step.abs()) + 1e-44
+        assert bool(((acc.double() - (prev + step)).abs() <= bound).all()), (dtype, i)
+        prev = acc.double()
+
+
+def test_scaled_add_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        ops.scaled_add_(torch.zeros(4), torch.zeros(5), 1.0)
