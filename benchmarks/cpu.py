@@ -13,7 +13,8 @@ collector's shapes (a few hundred rows, many Grams in turn) the full product `to
 input dtype is the baseline; the reduction: the tensor expression sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)).
 The task-vector passes of ties / dare_*: dare_drop_ against torch's way (torch.rand from a CPU generator, < density,
 the mask multiplied in, fp64 L1 norms before and after, a slice of 2^20 entries at a time; mergekit draws
-torch.bernoulli, no faster) and consensus_merge_ against its tensor expressions (ops.torch_consensus_merge_).
+torch.bernoulli, no faster), consensus_merge_ against its tensor expressions (ops.torch_consensus_merge_), and the
+weighted sum scaled_add_ from bf16 against converting each tensor to fp32, then mul / add_.
 Times are medians; the machine may be shared, so read the ratios.
 """
 
@@ -168,6 +169,31 @@ def bench_consensus(n: int, k: int, repeats: int):
             "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
 
 
+def bench_scaled_add(n: int, k: int, repeats: int):
+    """The merge's weighted sum of K bf16 tensors into fp32: scaled_add_ from the stored bf16 against torch's
+    way (each tensor converted to fp32, then mul / add_ with alpha)."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(n, generator=g).bfloat16() for _ in range(k)]
+    acc, conv = torch.empty(n), torch.empty(n)
+    cs = [1.0 / k] * k
+
+    def fast():
+        for i, x in enumerate(xs):
+            ops.scaled_add_(acc, x, cs[i], assign=i == 0)
+
+    def plain():
+        for i, x in enumerate(xs):
+            conv.copy_(x)
+            if i == 0:
+                torch.mul(conv, cs[i], out=acc)
+            else:
+                acc.add_(conv, alpha=cs[i])
+
+    t = interleaved_medians({"fast": fast, "plain": plain}, repeats)
+    return {"op": "scaled_add_", "shape": f"K={k} n={n} bf16 -> fp32", "path": "cpu",
+            "fast_s": t["fast"], "torch_s": t["plain"], "speedup": t["plain"] / t["fast"]}
+
+
 def _avx512() -> bool:
     return "avx512" in rf.build_info().get("cpu_features", "")
 
@@ -204,6 +230,7 @@ def main(argv=None) -> int:
         # an embedding matrix's worth of entries (32000 x 1024), then a layer's projection
         *(bench_dare_drop(n, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
         *(bench_consensus(n, 3, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
+        *(bench_scaled_add(n, 3, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
     ]
 
     def bf16mm(r, key):
@@ -217,7 +244,7 @@ def main(argv=None) -> int:
     )
     print("torch ms: fp32 G.addmm_(X.T, X) for gram_update (X already fp32), torch.mm(X.T, X) in X's dtype for the "
           "collector's shapes, the tensor expression for gram_reduce and consensus_merge_, torch.rand's drop for "
-          "dare_drop_; bf16 mm: torch's full bf16 X.T @ X, same shape.")
+          "dare_drop_, convert + mul/add_ for scaled_add_; bf16 mm: torch's full bf16 X.T @ X, same shape.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": where, "results": results}, f, indent=2)
