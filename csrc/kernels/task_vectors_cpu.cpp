@@ -28,28 +28,33 @@ constexpr int64_t kGroup = 4 * kLanes;     // entries per group of blocks
 constexpr int64_t kDropChunk = 1 << 16;    // entries per task and per partial sum (a multiple of kGroup)
 constexpr int kAcc = 8;                    // partial sums per chunk (vertical adds vectorise; fixed order)
 
-// The keep flags of entries [4 * first_block, 4 * first_block + kGroup) into keep: philox4x32_10 (philox.h,
+// The keep factors (1 kept, 0 dropped: v * 1 is v, v * 0 is torch's drop) of entries [4 * first_block,
+// 4 * first_block + kGroup) into keep: philox4x32_10 (philox.h,
 // the one-block definition) written lane by lane so that the lanes vectorise (32x32->64-bit products:
 // vpmuludq).
-void draw_group(uint64_t first_block, const uint32_t key[2], uint64_t threshold, bool* keep) {
-  uint32_t w0[kLanes], w1[kLanes], w2[kLanes], w3[kLanes];
-  const uint32_t key0 = key[0], key1 = key[1];
+void draw_group(uint64_t first_block, const uint32_t key[2], uint64_t threshold, float* keep) {
+  // The words live in 64-bit lanes (always < 2^32): a product of two values masked to 32 bits is the idiom
+  // compilers turn into the vector 32x32->64-bit multiply (pmuludq), where uint32 lanes widened for the
+  // product become a full 64-bit multiply (several times slower).
+  constexpr uint64_t kLow = 0xFFFFFFFFull;
+  uint64_t w0[kLanes], w1[kLanes], w2[kLanes], w3[kLanes];
+  const uint64_t key0 = key[0], key1 = key[1];
 #pragma omp simd
   for (int64_t l = 0; l < kLanes; ++l) {
     const uint64_t b = first_block + static_cast<uint64_t>(l);
-    uint32_t c0 = static_cast<uint32_t>(b), c1 = static_cast<uint32_t>(b >> 32), c2 = 0u, c3 = 0u;
-    uint32_t k0 = key0, k1 = key1;
+    uint64_t c0 = b & kLow, c1 = b >> 32, c2 = 0, c3 = 0;
+    uint64_t k0 = key0, k1 = key1;
     for (int r = 0; r < 10; ++r) {
-      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
-      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-      c1 = static_cast<uint32_t>(p1);
-      c3 = static_cast<uint32_t>(p0);
+      const uint64_t p0 = (c0 & kLow) * kPhiloxM0;
+      const uint64_t p1 = (c2 & kLow) * kPhiloxM1;
+      const uint64_t n0 = (p1 >> 32) ^ c1 ^ k0;
+      const uint64_t n2 = (p0 >> 32) ^ c3 ^ k1;
+      c1 = p1 & kLow;
+      c3 = p0 & kLow;
       c0 = n0;
       c2 = n2;
-      k0 += kPhiloxW0;  // (bumped after the last round too: unused then)
-      k1 += kPhiloxW1;
+      k0 = (k0 + kPhiloxW0) & kLow;  // (bumped after the last round too: unused then)
+      k1 = (k1 + kPhiloxW1) & kLow;
     }
     w0[l] = c0;
     w1[l] = c1;
@@ -57,10 +62,10 @@ void draw_group(uint64_t first_block, const uint32_t key[2], uint64_t threshold,
     w3[l] = c3;
   }
   for (int64_t l = 0; l < kLanes; ++l) {
-    keep[4 * l + 0] = w0[l] < threshold;
-    keep[4 * l + 1] = w1[l] < threshold;
-    keep[4 * l + 2] = w2[l] < threshold;
-    keep[4 * l + 3] = w3[l] < threshold;
+    keep[4 * l + 0] = w0[l] < threshold ? 1.0f : 0.0f;
+    keep[4 * l + 1] = w1[l] < threshold ? 1.0f : 0.0f;
+    keep[4 * l + 2] = w2[l] < threshold ? 1.0f : 0.0f;
+    keep[4 * l + 3] = w3[l] < threshold ? 1.0f : 0.0f;
   }
 }
 
@@ -76,6 +81,12 @@ RF_TARGET_AVX512_BMI2 inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, _
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
   *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
   *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// The 8 floats of each half (AVX-512F only: _mm512_extractf32x8_ps would need AVX512DQ).
+RF_TARGET_AVX512_BMI2 inline __m256 low_half(__m512 v) { return _mm512_castps512_ps256(v); }
+RF_TARGET_AVX512_BMI2 inline __m256 high_half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
 // drop_range's groups of 64 entries (16 Philox blocks, one per 32-bit lane) from begin while whole ones fit
@@ -121,10 +132,10 @@ RF_TARGET_AVX512_BMI2 int64_t drop_avx512(float* delta, int64_t begin, int64_t e
       const __mmask16 drop = static_cast<__mmask16>(~(keep >> (16 * q)));
       const __m512 kept = _mm512_mask_mul_ps(v, drop, v, zero);  // v * 0, as torch's mul by a bool mask
       _mm512_storeu_ps(x, kept);
-      sum_before = _mm512_add_pd(sum_before, _mm512_abs_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v))));
-      sum_before = _mm512_add_pd(sum_before, _mm512_abs_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1))));
-      sum_after = _mm512_add_pd(sum_after, _mm512_abs_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(kept))));
-      sum_after = _mm512_add_pd(sum_after, _mm512_abs_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(kept, 1))));
+      sum_before = _mm512_add_pd(sum_before, _mm512_abs_pd(_mm512_cvtps_pd(low_half(v))));
+      sum_before = _mm512_add_pd(sum_before, _mm512_abs_pd(_mm512_cvtps_pd(high_half(v))));
+      sum_after = _mm512_add_pd(sum_after, _mm512_abs_pd(_mm512_cvtps_pd(low_half(kept))));
+      sum_after = _mm512_add_pd(sum_after, _mm512_abs_pd(_mm512_cvtps_pd(high_half(kept))));
     }
   }
   _mm512_storeu_pd(acc_before, sum_before);
@@ -142,7 +153,7 @@ void drop_range(float* delta, int64_t begin, int64_t end, const uint32_t key[2],
 #if RF_TV_AVX512
   if (avx512) g = drop_avx512(delta, begin, end, key, threshold, acc_before, acc_after);
 #endif
-  bool keep[kGroup];
+  float keep[kGroup];
   for (; g < end; g += kGroup) {
     draw_group(static_cast<uint64_t>(g / 4), key, threshold, keep);
     float* x = delta + g;
@@ -151,7 +162,7 @@ void drop_range(float* delta, int64_t begin, int64_t end, const uint32_t key[2],
       for (int64_t e = 0; e < kGroup; e += kAcc) {
         for (int k = 0; k < kAcc; ++k) {
           const float v = x[e + k];
-          const float kept = keep[e + k] ? v : v * 0.0f;
+          const float kept = v * keep[e + k];
           acc_before[k] += std::fabs(static_cast<double>(v));
           acc_after[k] += std::fabs(static_cast<double>(kept));
           x[e + k] = kept;
@@ -160,7 +171,7 @@ void drop_range(float* delta, int64_t begin, int64_t end, const uint32_t key[2],
     } else {
       for (int64_t e = 0; e < m; ++e) {
         const float v = x[e];
-        const float kept = keep[e] ? v : v * 0.0f;
+        const float kept = v * keep[e];
         acc_before[e % kAcc] += std::fabs(static_cast<double>(v));
         acc_after[e % kAcc] += std::fabs(static_cast<double>(kept));
         x[e] = kept;
