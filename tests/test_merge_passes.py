@@ -190,3 +190,29 @@ def test_scaled_add_equals_fp64(dtype, path, monkeypatch):
 def test_scaled_add_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         ops.scaled_add_(torch.zeros(4), torch.zeros(5), 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_passes_equal_the_cpu():
+    """On CUDA the torch paths run: the same DARE mask as the CPU kernel (a counter-based stream), the
+    consensus and the weighted sum within fp32 rounding of the CPU's."""
+    x = _data(100003, seed=3)
+    key, threshold = (0x01020304, 0x05060708), math.ceil(0.3 * 2 ** 32)
+    cpu = x.clone()
+    cpu_l1 = ops.dare_drop_(cpu, key, threshold)
+    dev = x.cuda()
+    dev_l1 = ops.dare_drop_(dev, key, threshold)
+    assert torch.equal(dev.cpu(), cpu)
+    assert dev_l1 == pytest.approx(cpu_l1, rel=1e-12)
+    deltas = [_data(100003, seed=30 + i) for i in range(3)]
+    base = _data(100003, seed=40)
+    args = ([1.0, -0.5, 0.7], [1.0, 2.0, 1.0], True, 0.9)
+    got = ops.consensus_merge_(base.cuda(), [d.cuda() for d in deltas], *args)
+    torch.testing.assert_close(got.cpu(), ops.consensus_merge_(base.clone(), deltas, *args), atol=1e-6, rtol=1e-6)
+    xs = [d.bfloat16() for d in deltas]
+    acc_cpu, acc_dev = torch.empty(100003), torch.empty(100003, device="cuda")
+    for i, t in enumerate(xs):
+        ops.scaled_add_(acc_cpu, t, 0.3 * (i + 1), assign=i == 0)
+        ops.scaled_add_(acc_dev, t.cuda(), 0.3 * (i + 1), assign=i == 0)
+    torch.testing.assert_close(acc_dev.cpu(), acc_cpu, atol=1e-6, rtol=1e-6)
