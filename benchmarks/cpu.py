@@ -141,7 +141,7 @@ def bench_dare_drop(n: int, repeats: int):
 
     t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
     fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]  # (the refill timed apart, taken off)
-    return {"op": "dare_drop_", "shape": f"n={n} fp32 density 0.5", "path": "avx512" if _avx512() else "cpu",
+    return {"op": "dare_drop_", "shape": f"n={n} fp32 density 0.5", "path": rf.build_info().get("dare_drop_path", "torch"),
             "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
 
 
@@ -192,10 +192,6 @@ def bench_scaled_add(n: int, k: int, repeats: int):
     t = interleaved_medians({"fast": fast, "plain": plain}, repeats)
     return {"op": "scaled_add_", "shape": f"K={k} n={n} bf16 -> fp32", "path": "cpu",
             "fast_s": t["fast"], "torch_s": t["plain"], "speedup": t["plain"] / t["fast"]}
-
-
-def _avx512() -> bool:
-    return "avx512" in rf.build_info().get("cpu_features", "")
 
 
 def main(argv=None) -> int:

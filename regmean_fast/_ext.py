@@ -67,6 +67,7 @@ def build_info() -> dict:
         cpu_model=compiled.get("cpu_model", "unknown"),
         cpu_features=compiled.get("cpu_features", "unknown"),
         cpu_paths=compiled.get("cpu_paths", ""),
+        dare_drop_path=compiled.get("dare_drop_path", "torch"),
         torch_compiled=compiled["torch_version"],
         cuda_reduce=bool(compiled.get("cuda_reduce", False)),
         cuda_gram_wmma=bool(compiled.get("cuda_gram_wmma", False)),

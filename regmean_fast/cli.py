@@ -27,6 +27,7 @@ def cmd_info(args) -> int:
     if info["extension"]:
         print(f"CPU                    : {info['cpu_model']} ({info['cpu_features']})")
         print(f"CPU paths available    : {info['cpu_paths']} (REGMEAN_FAST_CPU_PATH picks one)")
+        print(f"DARE draws (dare_*)    : {info['dare_drop_path']} (Philox4x32-10; the same masks on every path)")
     for dt, path in info["cpu_gemm_path"].items():
         rate = rates.get(dt)
         extra = (f"  {rate[0]:.0f} GFLOP/s here (torch's full X^T X: {rate[1]:.0f})" if rate else "")

@@ -379,6 +379,10 @@ def test_info_measures_each_dtypes_path(capsys):
     assert set(rates) == {"float32", "bfloat16", "float16"}
     assert all(r["gram_update"] > 0 and r["torch_full"] > 0 for r in rates.values())
     assert main(["info", "--json", "--no-measure"]) == 0
-    assert "measured_gflops" not in json.loads(capsys.readouterr().out)
+    info = json.loads(capsys.readouterr().out)
+    assert "measured_gflops" not in info
+    avx512 = "avx512" in info["cpu_features"].split()
+    assert info["dare_drop_path"] == ("avx512" if avx512 else "portable")  # (x86-64 GCC >= 10 builds have it)
     assert main(["info"]) == 0
-    assert "GFLOP/s here" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GFLOP/s here" in out and f"DARE draws (dare_*)    : {info['dare_drop_path']}" in out
