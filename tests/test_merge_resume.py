@@ -215,3 +215,21 @@ def test_resume_with_nothing_or_everything_done(fx, tmp_path, capsys):
     assert main(args[:-1] + [str(foreign), "--resume"]) == 2
     assert "exists but holds no merge_report.json" in capsys.readouterr().err
     assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_a_dare_merge_of_another_generator_is_another_merge(fx, tmp_path, capsys, monkeypatch):
+    """The masks' generator is part of what made a dare folder: a folder whose masks another build drew is not
+    "complete and made by this command" (--resume refuses it rather than keep masks this build would not draw)."""
+    from regmean_fast.merge.methods import METHODS
+
+    out = tmp_path / "out"
+    models = [m["model"] for m in fx["models"]]
+    args = ["merge", "--method", "dare_linear", "--base-model", models[0], "--models", *models[1:], "--density",
+            "0.5", "--seed", "3", "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    monkeypatch.setattr(METHODS["dare_linear"], "draws", "another generator")
+    assert main(args + ["--resume"]) == 2
+    assert "was made by another merge" in capsys.readouterr().err

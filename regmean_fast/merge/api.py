@@ -21,6 +21,7 @@ from .config import MergeConfig, ModelSpec, config_from_dict, load_yaml
 from .distribution import strategy
 from .engine import Engine
 from .errors import MergeError, message_of
+from .methods import METHODS
 from .plan import build_plan, estimate_working_bytes
 from .report import build_report, config_yaml, model_card, write_json
 from .sources import DictGramSet, StateDictSource
@@ -102,9 +103,11 @@ def _plan_hash(cfg, plan, layout, sources, device, extra: dict | None = None) ->
             if p and os.path.exists(p):
                 st = os.stat(p)
                 stats.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    # (A method's random draws are part of what made the folder: a generator of another build draws other masks.)
+    draws = METHODS[cfg.method].draws
     blob = json.dumps({"plan": plan.describe(), "layout": layout.describe(), "dtype": cfg.dtype,
                        "solve_dtype": cfg.solve_dtype, "device": torch.device(device).type, "inputs": stats,
-                       **(extra or {})}, sort_keys=True, default=str)
+                       **({"draws": draws} if draws else {}), **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -214,7 +217,6 @@ def _prepare(job: _Job, dist) -> None:
         job.base = open_model(cfg.base_model, cfg.base_adapter) if cfg.base_model else None
     except ModelFolderError as e:
         raise MergeError(str(e)) from None
-    from .methods import METHODS
     if METHODS[cfg.method].needs_data:  # regmean++: its plan is made part by part as it runs
         from .regmean_pp import RegMeanPlusPlusJob
 

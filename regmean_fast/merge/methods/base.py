@@ -48,6 +48,7 @@ class MergeMethod:
     needs_base: bool = False
     needs_stats: bool = False  # one statistics (Gram) file per model
     needs_data: bool = False  # one calibration data file per model, read at merge time (RegMean++)
+    draws: str | None = None  # the generator of the method's random draws, if any (part of a merge's signature)
     params: dict = {}  # parameter -> default (REQUIRED: must be given)
     # Per-model parameters (a models[i].parameters entry, else the global value, else this default), as
     # mergekit's tensor parameters; weight is every method's.

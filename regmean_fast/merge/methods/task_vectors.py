@@ -203,14 +203,21 @@ class Ties(TaskVectorMerge):
     default_normalize = True
 
 
+# The random masks' generator: recorded in the merge's signature, so that --resume never mixes shards whose
+# masks another build drew (earlier builds used torch's CPU generator).
+MASK_DRAWS = "philox4x32-10 (sha256 key, counter j // 4)"
+
+
 class DareTies(TaskVectorMerge):
     name = "dare_ties"
     consensus = True
     sparsification = "random"
     default_rescale = True
+    draws = MASK_DRAWS
 
 
 class DareLinear(TaskVectorMerge):
     name = "dare_linear"
     sparsification = "random"
     default_rescale = True
+    draws = MASK_DRAWS
