@@ -78,7 +78,8 @@ def register_merge(sub) -> argparse.ArgumentParser:
     g.add_argument("--density", type=float,
                    help=f"ties, dare_*: fraction of entries kept per task vector, for every model (default "
                    f"{ties_model['density']}: all, as mergekit)")
-    g.add_argument("--seed", type=int, help="dare_*: seed of the random drop (default 0)")
+    g.add_argument("--seed", type=int, help="dare_*: seed of the random drop (default 0): the same seed draws the same "
+                   "masks on any device, thread count or resumed run (Philox4x32-10; docs/merge.md)")
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method parameter, as JSON: normalize=true (task_arithmetic), t=0.5 (slerp), "
                    f"fisher_floor=1e-5 (fisher, default {METHODS['fisher'].params['fisher_floor']}); "
