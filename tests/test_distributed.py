@@ -50,12 +50,13 @@ def _env(extra=None):
     return env
 
 
-def launch(argv, n=2, extra_env=None):
-    """Run `python -m regmean_fast ARGV` as n ranks (torchrun's variables); -> [(rc, stderr)] per rank."""
+def launch(argv, n=2, extra_env=None, rank_env=None):
+    """Run `python -m regmean_fast ARGV` as n ranks (torchrun's variables); -> [(rc, stderr)] per rank.
+    rank_env: {rank: variables} for some ranks only."""
     port = str(_free_port())
     procs = []
     for r in range(n):
-        env = _env(extra_env)
+        env = _env(dict(extra_env or {}, **(rank_env or {}).get(r, {})))
         env.update({"WORLD_SIZE": str(n), "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(n),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         procs.append(subprocess.Popen([sys.executable, "-m", "regmean_fast", *map(str, argv)], env=env,

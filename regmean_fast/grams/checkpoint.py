@@ -193,6 +193,19 @@ class Stop:
             self._old = None
 
 
+class PartEndStop:
+    """A Stop as a --sequential run under torchrun obeys it: the ranks sum each finished part's Grams together (a
+    collective every rank must reach), so a stop asked on any rank (`asked`, a Stop) raises `flag` on every rank
+    at the same part end (distribution.Ranks.meet_part), never mid-part."""
+
+    def __init__(self, asked: Stop):
+        self.asked = asked
+        self.flag = False
+
+    def step(self) -> None:
+        self.asked.step()
+
+
 def save_if_stopped(dist, stop: Stop, finished: bool, save, ckpt: str, where: str) -> bool:
     """After the loop, on every rank: if this rank stopped early (under torchrun: if any rank did: every rank
     saves its checkpoint and stops), save the checkpoint, say how to resume and return True (the command then

@@ -159,6 +159,8 @@ class GramCollector:
         self.fingerprint = model_fingerprint(model, self.targets)
         self.grams: dict[str, torch.Tensor] = {}  # key -> fp32 [d, d], upper triangle valid
         self.counts: dict[str, int] = {}
+        # keys already summed across ranks (rank 0 holds the sums, the others nothing): reduce_to_rank0
+        self.summed: set[str] = set()
         self.module_map: dict[str, str] = {}  # module -> key
         self.batches = 0
         self.tokens = 0
@@ -438,27 +440,31 @@ class GramCollector:
         )
 
     # ---- several processes (torchrun)
-    def reduce_to_rank0(self, ctx, totals: bool = True) -> None:
+    def reduce_to_rank0(self, ctx, totals: bool = True, keys: Iterable[str] | None = None) -> None:
         """Sum every rank's Grams, counts and (totals=True) batch, example and token totals into rank 0
-        (regmean_fast.distributed.DistContext), one Gram at a time; the other ranks are left without Grams. A no-op
-        in a world of one. totals=False: a later reduction of the same run (RegMean++, once per block)."""
+        (regmean_fast.distributed.DistContext), one Gram at a time; the other ranks are left without those Grams. A
+        no-op in a world of one. totals=False: a later reduction of the same run (RegMean++, once per block).
+        keys: only these Grams (grams --sequential: the block just finished); default: every Gram not summed by an
+        earlier call (self.summed), so a final call after per-block ones sums only the totals."""
         if not ctx.enabled:
             return
         from ..distributed import reduce_tensor_dict
 
         self.finish()
-        maps = ctx.all_gather_object(dict(self.module_map), "the Gram sharing maps")
+        mine = set(self.module_map.values()) - self.summed if keys is None else set(keys)
+        every = ctx.all_gather_object((dict(self.module_map), sorted(mine)), "the Gram sharing maps")
         merged: dict = {}
-        for mp in maps:
+        for mp, _ in every:
             for m, k in mp.items():
                 if merged.setdefault(m, k) != k:
                     raise SharingChangedError(f"module {m!r} shares its input differently on different ranks; "
                                               "collect with share_inputs=False (--no-share)")
-        keys = sorted({k for mp in maps for k in mp.values()})
+        keys = sorted({k for _, ks in every for k in ks})  # the same list on every rank
         run_totals = [self.batches, self.examples, self.tokens] if totals else []
         sums = ctx.all_sum([self.counts.get(k, 0) for k in keys] + run_totals, "the token counts")
+        part = {k: self.grams.pop(k) for k in keys if k in self.grams}  # sent one at a time, each freed once sent
         keep = None
-        spilled = [G for G in self.grams.values() if isinstance(G, OnDisk)]
+        spilled = [G for G in part.values() if isinstance(G, OnDisk)]
         if spilled:  # the sums go to disk as they come: rank 0 holds one Gram, not all
             from .fileformat import spill_grams
 
@@ -467,15 +473,16 @@ class GramCollector:
             def keep(k, G):
                 return spill_grams(os.path.join(folder, f"sum-{next(number):05d}.safetensors"), {k: G},
                                    "sum of the ranks")[k]
-        grams = reduce_tensor_dict(ctx, self.grams, "the Grams", keep)
+        grams = reduce_tensor_dict(ctx, part, "the Grams", keep)
         self.module_map = merged
+        self.summed.update(keys)
         if totals:
             self.batches, self.examples, self.tokens = sums[-3:]
-        if ctx.is_main:
-            self.grams = grams
-            self.counts = {k: n for k, n in zip(keys, sums) if k in grams}
-        else:
-            self.grams, self.counts = {}, {}
+        for k, n in zip(keys, sums):
+            if ctx.is_main and k in grams:
+                self.grams[k], self.counts[k] = grams[k], n
+            else:
+                self.counts.pop(k, None)
 
     # ---- finished Grams out of memory (grams --sequential)
     def spill(self, keys: Iterable[str], path: str, signature: str) -> None:
@@ -497,6 +504,7 @@ class GramCollector:
             "spilled": {k: [G.path, G.name, G.shape[0], G.finite] for k, G in self.grams.items()
                         if isinstance(G, OnDisk)},
             "counts": dict(self.counts),
+            "summed": sorted(self.summed),
             "module_map": dict(self.module_map),
             "batches": self.batches,
             "examples": self.examples,
@@ -516,6 +524,7 @@ class GramCollector:
             self.grams[k] = G
         self.counts = {k: int(v) for k, v in state["counts"].items()}
         self.module_map = dict(state["module_map"])
+        self.summed = set(state.get("summed", ()))  # absent: a checkpoint of a run that summed nothing early
         self.batches = int(state["batches"])
         self.examples = int(state["examples"])
         self.tokens = int(state["tokens"])

@@ -2,7 +2,8 @@
 
 One process (`OneProcess`) runs every batch and meets no one; under torchrun (`Ranks`) each rank runs its own
 disjoint share of the batches with its own checkpoint, rank 0 judges the output for all, an interruption of
-one rank stops every rank, and the Grams (and Fisher sums) are summed into rank 0, which writes the file. The
+one rank stops every rank, and the Grams (and Fisher sums) are summed into rank 0, which writes the file
+(--sequential: each block's right after the block, at whose end a stop asked on any rank stops every rank). The
 sync points' names are what a rank's DistributedError says it was doing.
 """
 
@@ -44,6 +45,19 @@ class OneProcess:
         """Did this rank (under torchrun: any rank) stop before the end?"""
         return bool(stopped)
 
+    def sequential_stop(self, stop):
+        """The stop a --sequential run checks before each batch: one process stops at any batch."""
+        return stop
+
+    def meet_part(self, collector, keys: list, stop, what: str) -> None:
+        """--sequential, a part (decoder block) just finished: its Grams (keys) summed into rank 0's collector, and
+        under torchrun every rank told whether any asked to stop (stop.flag, from sequential_stop)."""
+
+    def agree_resume(self, position):
+        """--sequential --resume: the position (part, batch) of this rank's checkpoint, or None -> where every rank
+        goes on from, or None (start afresh) unless every rank's checkpoint is at the same part's start."""
+        return position
+
     def meet_fisher(self, fisher_acc):
         """-> (Fisher examples, Fisher sums on the host) of every rank, on rank 0."""
         return fisher_acc.examples, fisher_acc.result()
@@ -82,6 +96,27 @@ class Ranks(OneProcess):
     def any_stopped(self, stopped: bool) -> bool:
         return self.ctx.all_sum([int(stopped)], "the interruption flags")[0] > 0
 
+    def sequential_stop(self, stop):
+        from .checkpoint import PartEndStop
+
+        return PartEndStop(stop)  # raised at a part end, on every rank at once (meet_part)
+
+    def meet_part(self, collector, keys: list, stop, what: str) -> None:
+        self.ctx.sync(None, what)  # every rank has run its share of the part (a failure there stops every rank)
+        collector.reduce_to_rank0(self.ctx, totals=False, keys=keys)  # the run's totals: once, in meet
+        stop.flag = self.any_stopped(stop.asked.flag)
+
+    def agree_resume(self, position):
+        self.ctx.sync(None, "the checkpoints")  # a rank that failed to read its checkpoint stops every rank here
+        every = self.ctx.all_gather_object(position, "the checkpoints")
+        if position is not None and position[1] == 0 and all(p == position for p in every):
+            return position
+        if self.is_main and any(p is not None for p in every):
+            where = ", ".join("none" if p is None else f"part {p[0]} batch {p[1]}" for p in every)
+            self.ctx.log(f"note: the ranks' checkpoints are not all at the start of the same block ({where}); "
+                         "starting from the beginning")
+        return None
+
     def meet_fisher(self, fisher_acc):
         from ..distributed import reduce_tensor_dict
 
@@ -90,7 +125,7 @@ class Ranks(OneProcess):
         return examples, ({n: F.detach().cpu() for n, F in summed.items()} if self.is_main else None)
 
     def meet(self, collector) -> None:
-        collector.reduce_to_rank0(self.ctx)  # one Gram at a time
+        collector.reduce_to_rank0(self.ctx)  # one Gram at a time; --sequential: only the totals are left
 
     def written(self) -> None:
         self.ctx.sync(None, "the writing of the Gram file")

@@ -125,6 +125,9 @@ def _prepare(job: _Job):
     job.metadata = _metadata(args, max_length, job.signature)
     dist.describe(job.metadata)
     job.mode = job.metadata["mode"] = _mode(args, job.config)
+    if job.mode == "sequential" and len(batches) < dist.world:  # each rank takes part in every block's sum
+        raise GramsError(f"--sequential with {dist.world} ranks needs at least one batch per rank; the data makes "
+                         f"{len(batches)} (use fewer ranks or a smaller --batch-size)")
     job.ckpt = checkpoint_path(args.out, dist.rank, dist.world)
     return dist
 
@@ -377,8 +380,16 @@ def _execute_sequential(job: _Job, dist, resume: bool):
                         include=args.include, exclude=args.exclude, include_padding=args.include_padding,
                         share_inputs=not args.no_share, trust_remote_code=args.trust_remote_code,
                         adapter=args.adapter)
+    state = others = None
     if resume:
         state, others = read_checkpoint(job.ckpt, job.ckpt_signature, "sequential")
+    # under torchrun every rank goes on from the same block's start, or every rank starts afresh
+    position = _position(state)
+    if dist.agree_resume(position) is None and position is not None:
+        state = None
+        if os.path.exists(job.ckpt):
+            os.remove(job.ckpt)  # before the work files it names: never a checkpoint without them
+    if state is not None:
         run.load_checkpoint(state, others, job.ckpt, job.ckpt_signature)
         print(f"regmean_fast: resuming from {job.ckpt} at {run.position()}", file=sys.stderr)
     else:
@@ -388,7 +399,10 @@ def _execute_sequential(job: _Job, dist, resume: bool):
         write_checkpoint(job.ckpt, run.collector, job.ckpt_signature, "sequential", run.checkpoint_extra())
 
     def on_part_done(li):
-        # a finished block's Grams go to the work folder: memory holds one block's, and a checkpoint names them
+        # torchrun: the ranks sum the part's Grams into rank 0 and agree whether to stop here. A finished part's
+        # Grams go to the work folder (rank 0's: the sums; the other ranks have none left): memory holds one
+        # block's, and a checkpoint names them
+        dist.meet_part(run.collector, run.part_keys(li), stop, f"the Grams of part {li + 1} of {run.n_parts}")
         run.spill_part(li, work_folder(job.ckpt), job.ckpt_signature)
         kill_point("grams.spilled")
         if args.checkpoint_every and (li + 1) % args.checkpoint_every == 0 and not run.complete:
@@ -397,18 +411,26 @@ def _execute_sequential(job: _Job, dist, resume: bool):
     kill_point("grams.loaded")
     dist.ready()
     try:
-        with Stop() as stop:
+        with Stop() as asked:
+            stop = dist.sequential_stop(asked)  # under torchrun: raised at part ends only, on every rank at once
             run.run(stop, on_part_done, progress=not args.no_progress and dist.is_main)
     except BaseException:
         if not os.path.exists(job.ckpt):  # no checkpoint refers to the work files: nothing to keep
             remove_work_folder(job.ckpt)
         raise
     dist.done()
-    # complete yet stopped: under torchrun, another rank was interrupted
     where = "with this rank's share done" if run.complete else f"before {run.position()}"
-    if save_if_stopped(dist, stop, run.complete, save_ckpt, job.ckpt, where):
+    if save_if_stopped(dist, asked, run.complete, save_ckpt, job.ckpt, where):
         return None, None
     return run.collector, None
+
+
+def _position(state: dict | None):
+    """A --sequential checkpoint's (part, batch), or None (none, or unreadable: load_checkpoint says why)."""
+    try:
+        return None if state is None else (int(state["part"]), int(state["batch"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

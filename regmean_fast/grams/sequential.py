@@ -282,7 +282,7 @@ class SequentialRun:
         if fresh:
             self.hidden = hidden
 
-    def _part_keys(self, li: int) -> list[str]:
+    def part_keys(self, li: int) -> list[str]:
         """The Gram keys that part li accumulates."""
         blocks = self.blocks_prefix
         if li < len(self.layers):
@@ -333,7 +333,7 @@ class SequentialRun:
         layer = self.layers[li] if li < L else None
         if layer is not None:
             _materialize(layer, f"{self.blocks_prefix}{li}", self.reader, dev, self.dtype, self.init)
-        for k in self._part_keys(li):  # resumed mid-part: its Grams go back to the device
+        for k in self.part_keys(li):  # resumed mid-part: its Grams go back to the device
             c.grams[k] = c.grams[k].to(dev)
         heads = [m for m in c.order if not m.startswith(self.blocks_prefix)]
         for bi in range(self.batch, n):
@@ -418,18 +418,21 @@ class SequentialRun:
 
         c = self.collector
         c.finish()
-        keys = set(self._part_keys(li))
+        keys = set(self.part_keys(li))
         entries = {m: e for m, e in c.module_entries().items() if e["key"] in keys}
         fp = dict(c.fingerprint, weights={m: c.fingerprint["weights"][m] for m in entries})
         return GramSet.from_memory({k: c.grams[k] for k in keys}, {k: c.counts[k] for k in keys}, entries, fp)
 
     def spill_part(self, li: int, folder: str, signature: str) -> None:
-        """Part li's Grams (finished) to a work file in `folder`: memory holds one block's Grams, not all."""
-        os.makedirs(folder, exist_ok=True)
-        self.collector.spill(self._part_keys(li), os.path.join(folder, f"part-{li:05d}.safetensors"), signature)
+        """Part li's Grams (finished) to a work file in `folder`: memory holds one block's Grams, not all. Nothing
+        (no folder either) when this rank holds none of them (under torchrun they went to rank 0)."""
+        keys = [k for k in self.part_keys(li) if torch.is_tensor(self.collector.grams[k])]
+        if keys:
+            os.makedirs(folder, exist_ok=True)
+            self.collector.spill(keys, os.path.join(folder, f"part-{li:05d}.safetensors"), signature)
 
     def drop_part(self, li: int) -> None:
         """Forget part li's Grams (once merged: memory stays one block's Grams)."""
-        for k in self._part_keys(li):
+        for k in self.part_keys(li):
             del self.collector.grams[k]
             self.collector.counts.pop(k, None)
