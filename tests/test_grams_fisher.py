@@ -127,17 +127,35 @@ def test_fisher_chat_answers_only(tmp_path, capsys):
     assert gs.metadata["fisher_examples"] == 4 and gs.metadata["fisher_labels"] == "next-token, chat answers only"
     model, tok = hf_tiny.make_model("gpt2")
     F: dict = {}
+    F_mean: dict = {}
     for c in convs:  # the answer begins after "[BOS] user <text> [EOS] [BOS] assistant", written out here
         prompt = tok(f"[BOS] user {c[0]['content']} [EOS] [BOS] assistant", add_special_tokens=False)["input_ids"]
         answer = tok(f"{c[1]['content']} [EOS]", add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt + answer])
-        model.zero_grad()
-        logp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
-        targets = ids[0, 1:]
-        lp = logp[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum()  # answer tokens only
-        lp.backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                F[n] = F.get(n, 0) + p.grad.double() ** 2
+        for acc, reduce in ((F, torch.sum), (F_mean, torch.mean)):
+            model.zero_grad()
+            logp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
+            targets = ids[0, 1:]
+            lp = reduce(logp[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]))  # answer tokens only
+            lp.backward()
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    acc[n] = acc.get(n, 0) + p.grad.double() ** 2
     for n, R in F.items():
         torch.testing.assert_close(gs.fisher(n).double(), R, rtol=1e-3, atol=1e-9)
+    # --fisher-tokens mean: each example's log-likelihood is the mean over its answer's tokens
+    out_mean = tmp_path / "g_mean.safetensors"
+    rc = main(["grams", m, "--data", str(data), "--out", str(out_mean), "--fisher", "--fisher-tokens", "mean",
+               "--batch-size", "3", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    gm = load_grams(out_mean, verify=True)
+    assert gm.metadata["fisher_labels"] == "next-token, chat answers only, mean over the tokens"
+    for n, R in F_mean.items():
+        torch.testing.assert_close(gm.fisher(n).double(), R, rtol=1e-3, atol=1e-9)
+    assert not torch.allclose(gm.fisher(n).double(), F[n], rtol=1e-2)  # (answers of several tokens: not the sum)
+    capsys.readouterr()
+    assert main(["grams", m, "--data", str(data), "--out", str(tmp_path / "x.safetensors"), "--fisher-tokens",
+                 "mean", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "regmean_fast: error: --fisher-tokens goes with --fisher", err
+    assert not os.path.exists(tmp_path / "x.safetensors")

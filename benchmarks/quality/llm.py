@@ -87,6 +87,9 @@ class Config:
     ta_scalings: tuple = (0.3, 0.5, 1.0)
     ties_density: float = 0.2
     fisher_examples: int = 100  # per model (one backward each); 0: no Fisher merge
+    # an example's log-likelihood over its answer tokens: their sum (log p(y | x)) and their mean (grams
+    # --fisher-tokens): one Fisher row each
+    fisher_tokens: tuple = ("sum", "mean")
 
     def data_key(self) -> dict:
         return {k: getattr(self, k) for k in ("model", "n_train", "n_test", "split_seed", "opening_words")}
@@ -403,9 +406,9 @@ def calibration_args(cfg: Config) -> list[str]:
     return ["--max-length", str(cfg.max_length), "--batch-size", "16"]
 
 
-def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: str, fisher: bool = False) -> str:
-    """Grams of every training example, or (fisher) the diagonal Fisher of the first fisher_examples (one
-    backward pass each; the Grams in that file are not used)."""
+def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: str, fisher: str | None = None) -> str:
+    """Grams of every training example, or (fisher: "sum" or "mean", grams --fisher-tokens) the diagonal Fisher
+    of the first fisher_examples (one backward pass each; the Grams in that file are not used)."""
     if os.path.exists(out):
         return out
     t0 = time.perf_counter()
@@ -413,9 +416,10 @@ def grams(model: str, train_file: str, out: str, cfg: Config, log: Log, name: st
     args = ["grams", model, "--data", train_file, "--out", out, *calibration_args(cfg),
             "--dtype", "bf16" if cfg.bf16 else "fp32", "--no-progress"]
     if fisher:
-        args += ["--fisher", "--max-examples", str(cfg.fisher_examples)]
+        args += ["--fisher", "--fisher-tokens", fisher, "--max-examples", str(cfg.fisher_examples)]
     run_cli(args, log)
-    log(f"  regmean_fast grams {name}{' --fisher' if fisher else ''}: {time.perf_counter() - t0:.0f} s")
+    log(f"  regmean_fast grams {name}{f' --fisher --fisher-tokens {fisher}' if fisher else ''}: "
+        f"{time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -428,8 +432,17 @@ def merge_specs(cfg: Config) -> list[tuple[str, list[str]]]:
     specs.append((f"TIES (density={cfg.ties_density}, lambda=1.0)",
                   ["--method", "ties", "--density", str(cfg.ties_density), "--scaling", "1.0"]))
     if cfg.fisher_examples:
-        specs.append((f"Fisher ({cfg.fisher_examples} examples)", ["--method", "fisher"]))
+        specs += [(fisher_row(cfg, tokens), ["--method", "fisher"]) for tokens in cfg.fisher_tokens]
     return specs
+
+
+def fisher_row(cfg: Config, tokens: str) -> str:
+    return f"Fisher ({cfg.fisher_examples} examples{', mean over answer tokens' if tokens == 'mean' else ''})"
+
+
+def fisher_file(grams_dir: str, task: str, cfg: Config, tokens: str) -> str:
+    return os.path.join(grams_dir, f"{task}.fisher{cfg.fisher_examples}{'-mean' if tokens == 'mean' else ''}"
+                                   ".safetensors")
 
 
 def merge(models, gram_files, fisher_files, train_files, base, flags, out, cfg: Config, log: Log, name: str) -> str:
@@ -478,17 +491,20 @@ def run(cfg: Config, root: str | None = None, quiet: bool = False, cached_only: 
                 {t: r[t] for t, r in zip(TASKS, experts)},  # general_ppl: the experts' mean
                 general_ppl=sum(r["general_ppl"] for r in experts) / len(experts))
         gfiles = [os.path.join(sd, "grams", f"{t}.safetensors") for t in TASKS]
-        ffiles = [os.path.join(sd, "grams", f"{t}.fisher{cfg.fisher_examples}.safetensors") for t in TASKS]
+        ffiles = {k: [fisher_file(os.path.join(sd, "grams"), t, cfg, k) for t in TASKS] for k in cfg.fisher_tokens}
         if not cached_only:
-            for t, g, f in zip(TASKS, gfiles, ffiles):
+            for i, (t, g) in enumerate(zip(TASKS, gfiles)):
                 grams(models[t], data[t][0], g, cfg, log, t)
-                if cfg.fisher_examples:
-                    grams(models[t], data[t][0], f, cfg, log, t, fisher=True)
+                for k in cfg.fisher_tokens if cfg.fisher_examples else ():
+                    grams(models[t], data[t][0], ffiles[k][i], cfg, log, t, fisher=k)
         for name, flags in merge_specs(cfg):
-            out = os.path.join(sd, "merged", _h(flags + [cfg.fisher_examples] * (flags[1] == "fisher")))
+            tokens = next((k for k in cfg.fisher_tokens if name == fisher_row(cfg, k)), None)
+            # (the sum's key is what it was before the mean was added: its cached merge stays valid)
+            out = os.path.join(sd, "merged", _h(flags + [cfg.fisher_examples] * (tokens is not None)
+                                                + [tokens] * (tokens == "mean")))
             if not cached_only:
-                merge([models[t] for t in TASKS], gfiles, ffiles, [data[t][0] for t in TASKS], base, flags, out, cfg,
-                      log, name)
+                merge([models[t] for t in TASKS], gfiles, ffiles.get(tokens), [data[t][0] for t in TASKS], base,
+                      flags, out, cfg, log, name)
             put(name, seed, out, "merged-" + os.path.basename(out))
     # The multi-task references last: the most expensive training (as many steps as the three fine-tunes).
     for seed in cfg.seeds if cfg.multitask_seeds is None else cfg.multitask_seeds:

@@ -100,6 +100,10 @@ def register_grams(sub) -> argparse.ArgumentParser:
                    help="keep padding rows (what the published codes do; default: dropped by the attention mask)")
     g.add_argument("--no-share", action="store_true", help="one Gram per module even when inputs are shared")
     g.add_argument("--fisher", action="store_true", help="also collect the diagonal empirical Fisher")
+    g.add_argument("--fisher-tokens", choices=("sum", "mean"),
+                   help="--fisher on a causal LM: an example's log-likelihood is the sum over its predicted tokens "
+                        "(default: log p(y | x), so longer answers weigh more) or their mean (every example weighs "
+                        "alike, whatever its length: for merging tasks of different answer lengths)")
     g = p.add_argument_group("output")
     g.add_argument("--packed", action="store_true", help="store the upper triangle only (about half the size)")
     g.add_argument("--shard-size", metavar="SIZE",

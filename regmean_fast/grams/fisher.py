@@ -5,6 +5,9 @@ log-likelihood is the model's own loss: next-token prediction for causal LMs (ev
 the first; for a chat example that ends with the assistant's turn, the answer's tokens only, as chat
 fine-tuning trains: data.answer_starts), the labels for classifiers when the data has them (otherwise the model's own prediction,
 recorded as fisher_labels = "predicted"). Stored as raw sums; divide by metadata fisher_examples.
+A causal LM's log p(y | x) sums over the predicted tokens, so an example with a longer answer weighs more
+(merging a task of one-token answers with one of long answers, the latter's Fisher dominates);
+token_mean=True (grams --fisher-tokens mean) takes their mean instead: every example weighs alike.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ def _kind(model) -> str:
 
 
 class FisherAccumulator:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, token_mean: bool = False):
         self.model = model
+        self.token_mean = token_mean  # causal LMs: the mean of the tokens' log-likelihoods, not their sum
         self.kind = _kind(model)
         self.params = {n: p for n, p in model.named_parameters()}
         self.sums: dict[str, torch.Tensor] = {}
@@ -49,7 +53,7 @@ class FisherAccumulator:
                 targets[:, :start] = -100  # the prompt: context, not predicted
                 self.answers_only = True
             out = model(input_ids=ids, attention_mask=att, labels=targets)
-            loglik = -out.loss * predicted  # the loss is the mean over predicted tokens
+            loglik = -out.loss if self.token_mean else -out.loss * predicted  # (the loss: their mean)
         else:
             logits = model(input_ids=ids, attention_mask=att).logits.float()
             if logits.size(-1) == 1:

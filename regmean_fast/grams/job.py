@@ -75,6 +75,8 @@ def _check_inputs(args) -> _Job:
     """The cheap checks first, in the order a user would fix them."""
     if args.batch_size is not None and args.batch_size < 1:
         raise GramsError("--batch-size must be >= 1")
+    if args.fisher_tokens and not args.fisher:
+        raise GramsError("--fisher-tokens goes with --fisher")
     for flag in ("max_examples", "max_tokens", "checkpoint_every", "max_length"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -258,6 +260,8 @@ def _signature(args, model_dir: str, st_files: list[str], max_length: int, batch
     keys = ("format", "text_field", "batch_size", "max_examples", "max_tokens", "shuffle", "seed", "keep_order",
             "dtype", "include", "exclude", "include_padding", "no_share", "sequential", "fisher", "label_field")
     opts = {k: getattr(args, k) for k in keys}
+    if args.fisher_tokens == "mean":  # (absent otherwise: the signature of a default run is what it was)
+        opts["fisher_tokens"] = "mean"
     h.update(json.dumps(dict(opts, max_length=max_length, world=world), sort_keys=True).encode())
     for b in batches:
         for t in (b.input_ids, b.attention_mask, b.labels):
@@ -301,6 +305,7 @@ def _execute_whole(job: _Job, dist, resume: bool):
         job.metadata["fisher_examples"], fisher = dist.meet_fisher(fisher_acc)
         job.metadata["fisher_labels"] = fisher_acc.label_source or (
             ("next-token, chat answers only" if fisher_acc.answers_only else "next-token")
+            + (", mean over the tokens" if fisher_acc.token_mean else "")
             if fisher_acc.kind == "causal" else None)
     return collector, fisher
 
@@ -320,7 +325,7 @@ def _whole_model(job: _Job, resume: bool):
     if args.fisher:
         from .fisher import FisherAccumulator
 
-        fisher_acc = FisherAccumulator(model)
+        fisher_acc = FisherAccumulator(model, token_mean=args.fisher_tokens == "mean")
     start = 0
     if resume:
         state, others = read_checkpoint(job.ckpt, job.ckpt_signature, "whole-model")
