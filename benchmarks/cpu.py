@@ -13,7 +13,8 @@ collector's shapes (a few hundred rows, many Grams in turn) the full product `to
 input dtype is the baseline; the reduction: the tensor expression sum_k f_k (alpha G_k + (1 - alpha) diag(G_k)).
 The task-vector passes of ties / dare_*: dare_drop_ against torch's way (torch.rand from a CPU generator, < density,
 the mask multiplied in, fp64 L1 norms before and after, a slice of 2^20 entries at a time; mergekit draws
-torch.bernoulli, no faster), consensus_merge_ against its tensor expressions (ops.torch_consensus_merge_), and the
+torch.bernoulli, no faster), magnitude_drop_ (TIES's top-k) against its tensor expressions (a bincount radix
+select), consensus_merge_ against its tensor expressions (ops.torch_consensus_merge_), and the
 weighted sum scaled_add_ from bf16 against converting each tensor to fp32, then mul / add_.
 Times are medians; the machine may be shared, so read the ratios.
 """
@@ -145,6 +146,32 @@ def bench_dare_drop(n: int, repeats: int):
             "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
 
 
+def bench_magnitude_drop(n: int, repeats: int):
+    """TIES's top-k drop (density 0.5): the compiled radix select + drop against the same in tensor expressions
+    (task_vectors.torch_magnitude_drop_: a radix select by bincount over slices, the mask, fp64 L1 norms)."""
+    from regmean_fast.merge.methods.task_vectors import torch_magnitude_drop_
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(n, generator=g)
+    work = x.clone()
+
+    def fast():
+        work.copy_(x)
+        ops.magnitude_drop_(work, n // 2)
+
+    def plain():
+        work.copy_(x)
+        torch_magnitude_drop_(work, n // 2)
+
+    def copy():
+        work.copy_(x)
+
+    t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
+    fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]
+    return {"op": "magnitude_drop_", "shape": f"n={n} fp32 density 0.5", "path": "cpu",
+            "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
+
+
 def bench_consensus(n: int, k: int, repeats: int):
     g = torch.Generator().manual_seed(4)
     deltas = [torch.randn(n, generator=g) for _ in range(k)]
@@ -225,6 +252,7 @@ def main(argv=None) -> int:
         bench_reduce(dr, 4, args.repeats, packed=True),
         # an embedding matrix's worth of entries (32000 x 1024), then a layer's projection
         *(bench_dare_drop(n, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
+        *(bench_magnitude_drop(n, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
         *(bench_consensus(n, 3, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
         *(bench_scaled_add(n, 3, args.repeats) for n in ((1 << 20,) if args.quick else (32000 * 1024, 1024 * 2816))),
     ]

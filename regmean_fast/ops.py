@@ -560,6 +560,21 @@ def dare_drop_(delta: torch.Tensor, key: tuple[int, int], threshold: int) -> tup
     return torch_dare_drop_(delta, key, threshold)
 
 
+def magnitude_drop_(delta: torch.Tensor, k: int, torch_path=None) -> tuple[float, float]:
+    """In place: TIES's magnitude sparsification of a contiguous tensor: the k entries of largest magnitude are
+    kept (among equal magnitudes at the cut-off, the earliest), the others multiplied by 0. Returns (sum |delta|
+    before, after) in fp64. Compiled for float32 CPU tensors (a radix select over the magnitudes' bits, then one
+    pass); elsewhere torch_path(delta, k) (the method's tensor expressions)."""
+    if not delta.is_contiguous():
+        raise ValueError("magnitude_drop_: delta must be contiguous")
+    if not 1 <= k <= delta.numel():
+        raise ValueError(f"magnitude_drop_: k = {k} is outside [1, {delta.numel()}]")
+    if (_ext.HAVE_EXTENSION and hasattr(_ext._C, "magnitude_drop_") and delta.device.type == "cpu"
+            and delta.dtype == torch.float32):
+        return _ext._C.magnitude_drop_(delta, int(k))
+    return torch_path(delta, k)
+
+
 def torch_consensus_merge_(base, deltas, coeffs, weights, normalize: bool, scaling: float) -> torch.Tensor:
     """consensus_merge_ in tensor expressions, a slice at a time (any device, dtype)."""
     flats = [t.view(-1) for t in (base, *deltas)]

@@ -216,3 +216,30 @@ def test_cuda_passes_equal_the_cpu():
         ops.scaled_add_(acc_cpu, t, 0.3 * (i + 1), assign=i == 0)
         ops.scaled_add_(acc_dev, t.cuda(), 0.3 * (i + 1), assign=i == 0)
     torch.testing.assert_close(acc_dev.cpu(), acc_cpu, atol=1e-6, rtol=1e-6)
+
+
+@compiled
+@pytest.mark.parametrize("n", [1, 1037, 300001])
+@pytest.mark.parametrize("tied", [False, True])
+def test_magnitude_drop_kernel_equals_the_definition(n, tied):
+    """TIES's compiled top-k drop: the k largest magnitudes kept, ties at the cut-off to the earliest (a stable
+    sort written here), the same entries as the torch path, the L1s within fp64 rounding."""
+    from regmean_fast.merge.methods.task_vectors import torch_magnitude_drop_
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randint(-3, 4, (n,), generator=g).float() * 2.0 ** -9) if tied else torch.randn(n, generator=g)
+    if n > 100:
+        x[17], x[50] = -0.0, float("inf")
+    order = torch.sort(x.double().abs(), descending=True, stable=True).indices
+    for k in sorted({1, n // 3 + 1, n}):
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[order[:k]] = True
+        got, ref = x.clone(), x.clone()
+        l1 = ops.magnitude_drop_(got, k)
+        ref_l1 = torch_magnitude_drop_(ref, k)
+        assert _same(got, x * keep) and _same(got, ref), (n, k)
+        for a, b in zip(l1, ref_l1):
+            assert a == pytest.approx(b, rel=1e-12) or (math.isinf(a) and math.isinf(b)) or (
+                math.isnan(a) and math.isnan(b))
+    with pytest.raises(ValueError, match="outside"):
+        ops.magnitude_drop_(x.clone(), 0)

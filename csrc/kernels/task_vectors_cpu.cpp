@@ -210,6 +210,116 @@ void dare_drop_cpu(float* delta, int64_t n, const uint32_t key[2], uint64_t thre
   }
 }
 
+namespace {
+
+inline uint32_t magnitude_bits(float v) { return float_bits(v) & 0x7FFFFFFFu; }
+
+// hist[d] = how many entries have (bits >> shift) & mask == d among those whose bits >> (shift + width) equal
+// prefix (width: the digit's width; prefix ignored when shift + width == 31). Per-task histograms, then summed.
+void magnitude_histogram(const float* x, int64_t n, int shift, int width, uint32_t prefix, std::vector<int64_t>& hist,
+                         const TaskRunner& runner) {
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  const int64_t chunks = ceil_div(n, kChunk);
+  const size_t bins = size_t(1) << width;
+  const uint32_t mask = static_cast<uint32_t>(bins - 1);
+  const bool filtered = shift + width < 31;
+  std::vector<std::vector<int64_t>> parts(static_cast<size_t>(chunks));
+  runner.parallel_for(chunks, [&](int64_t cb, int64_t ce) {
+    std::vector<uint32_t> local(bins, 0);  // a chunk's counts fit 32 bits
+    for (int64_t c = cb; c < ce; ++c) {
+      std::fill(local.begin(), local.end(), 0u);
+      const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
+      for (int64_t j = b; j < e; ++j) {
+        const uint32_t m = magnitude_bits(x[j]);
+        if (filtered && (m >> (shift + width)) != prefix) continue;
+        ++local[(m >> shift) & mask];
+      }
+      parts[static_cast<size_t>(c)].assign(local.begin(), local.end());
+    }
+  });
+  hist.assign(bins, 0);
+  for (const auto& p : parts) {
+    for (size_t d = 0; d < bins; ++d) hist[d] += p[d];
+  }
+}
+
+// The digit (from the top) whose cumulative count from the top reaches `need`; `above`: the count above it.
+uint32_t select_digit(const std::vector<int64_t>& hist, int64_t need, int64_t* above) {
+  int64_t acc = 0;
+  for (size_t d = hist.size(); d-- > 0;) {
+    if (acc + hist[d] >= need) {
+      *above = acc;
+      return static_cast<uint32_t>(d);
+    }
+    acc += hist[d];
+  }
+  *above = acc;
+  return 0;
+}
+
+}  // namespace
+
+void magnitude_drop_cpu(float* delta, int64_t n, int64_t k, double l1[2], const TaskRunner& runner) {
+  // The k-th largest magnitude's bit pattern: its top 16 bits, then its low 15 among the entries sharing them.
+  std::vector<int64_t> hist;
+  int64_t above_hi = 0, above_lo = 0;
+  magnitude_histogram(delta, n, 15, 16, 0, hist, runner);
+  const uint32_t hi = select_digit(hist, k, &above_hi);
+  magnitude_histogram(delta, n, 0, 15, hi, hist, runner);
+  const uint32_t lo = select_digit(hist, k - above_hi, &above_lo);
+  const uint32_t threshold = (hi << 15) | lo;
+  int64_t ties_left = k - above_hi - above_lo;  // entries at the threshold to keep: the first ones
+  // Per chunk: how many entries sit at the threshold, then each chunk's quota of them in flat order, and the
+  // index before which its kept ties lie (so that "kept" is a branch-free test per entry).
+  constexpr int64_t kChunk = kDropChunk;
+  const int64_t chunks = ceil_div(n, kChunk);
+  std::vector<int64_t> quota(static_cast<size_t>(chunks), 0);
+  runner.parallel_for(chunks, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      int64_t at = 0;
+      for (int64_t j = c * kChunk; j < std::min(n, (c + 1) * kChunk); ++j) at += magnitude_bits(delta[j]) == threshold;
+      quota[static_cast<size_t>(c)] = at;
+    }
+  });
+  for (auto& q : quota) {  // in flat order: the earliest ties are kept
+    const int64_t take = std::min(q, ties_left);
+    ties_left -= take;
+    q = take;
+  }
+  std::vector<double> sums(static_cast<size_t>(2 * chunks), 0.0);
+  runner.parallel_for(chunks, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
+      int64_t ties_end = b;  // the ties before it are kept
+      for (int64_t ties = quota[static_cast<size_t>(c)]; ties > 0; ++ties_end) ties -= magnitude_bits(delta[ties_end]) == threshold;
+      double before[kAcc] = {}, after[kAcc] = {};  // entry j into lane j % kAcc (b is a multiple of kAcc)
+      for (int64_t j0 = b; j0 < e; j0 += kAcc) {
+        const int64_t m_end = std::min<int64_t>(kAcc, e - j0);
+        for (int64_t lane = 0; lane < m_end; ++lane) {  // (v * 1 is v, v * 0 the drop: branch-free, vectorises)
+          const int64_t j = j0 + lane;
+          const float v = delta[j];
+          const uint32_t m = magnitude_bits(v);
+          const float keep = (m > threshold) | ((m == threshold) & (j < ties_end)) ? 1.0f : 0.0f;
+          const float kept = v * keep;
+          before[lane] += std::fabs(static_cast<double>(v));
+          after[lane] += std::fabs(static_cast<double>(kept));
+          delta[j] = kept;
+        }
+      }
+      for (int a = 0; a < kAcc; ++a) {
+        sums[static_cast<size_t>(2 * c)] += before[a];
+        sums[static_cast<size_t>(2 * c + 1)] += after[a];
+      }
+    }
+  });
+  l1[0] = 0.0;
+  l1[1] = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    l1[0] += sums[static_cast<size_t>(2 * c)];
+    l1[1] += sums[static_cast<size_t>(2 * c + 1)];
+  }
+}
+
 void consensus_merge_cpu(float* base, const float* const* deltas, int64_t K, const float* coeffs,
                          const float* weights, bool normalize, float scaling, int64_t n, const TaskRunner& runner) {
   constexpr int64_t kTile = 1024;     // entries per inner pass: the tile's sums stay in L1

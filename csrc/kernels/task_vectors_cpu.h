@@ -20,6 +20,13 @@ void dare_drop_cpu(float* delta, int64_t n, const uint32_t key[2], uint64_t thre
                    const TaskRunner& runner, bool allow_avx512 = true);
 bool dare_drop_avx512_compiled();  // this build has the AVX-512 path (the CPU may still lack it)
 
+// TIES's magnitude sparsification, in place: keeps the k entries of delta (n entries) of largest magnitude,
+// among equal magnitudes at the cut-off the earliest (flat index), and multiplies the others by 0 (as
+// dare_drop_cpu). The k-th largest magnitude comes from a radix select over the magnitudes' bit patterns
+// (16 then 15 bits, one histogram pass each); the kept ties from per-chunk counts. 1 <= k <= n. l1 as in
+// dare_drop_cpu.
+void magnitude_drop_cpu(float* delta, int64_t n, int64_t k, double l1[2], const TaskRunner& runner);
+
 // TIES's sign consensus and disjoint mean, into base (n entries): with tau_i = coeffs[i] * deltas[i][j]
 // (fp32), elected = +1 where tau_0 + ... + tau_{K-1} >= 0 (summed in that order) else -1; agree_i = sign(tau_i)
 // == elected; mixed = sum of the agreeing tau_i, divisor = sum of the agreeing weights[i];

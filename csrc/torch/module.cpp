@@ -114,6 +114,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "In place: DARE's drop of the Philox stream of (key0, key1) below threshold; returns (L1 before, after).");
   m.def(
+      "magnitude_drop_",
+      [](at::Tensor delta, int64_t k) {
+        TORCH_CHECK_VALUE(delta.device().is_cpu() && delta.scalar_type() == at::kFloat && delta.is_contiguous(),
+                          "magnitude_drop_: a contiguous float32 CPU tensor is expected");
+        TORCH_CHECK_VALUE(k >= 1 && k <= delta.numel(), "magnitude_drop_: k must be in [1, ", delta.numel(), "]");
+        double l1[2];
+        regmean_fast::kernels::magnitude_drop_cpu(delta.data_ptr<float>(), delta.numel(), k, l1,
+                                                  regmean_fast::binding::AtenRunner());
+        return pybind11::make_tuple(l1[0], l1[1]);
+      },
+      "In place: TIES's drop of all but the k entries of largest magnitude; returns (L1 before, after).");
+  m.def(
       "consensus_merge_",
       [](at::Tensor base, const std::vector<at::Tensor>& deltas, const std::vector<double>& coeffs,
          const std::vector<double>& weights, bool normalize, double scaling) {

@@ -1,6 +1,7 @@
 // Unit tests of the framework-agnostic kernels: the tile/index math shared with the CUDA kernels,
 // half-precision conversions, and the CPU Gram kernel against a double-precision loop.
 // Run by ctest; no GPU, no torch.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <cstdio>
@@ -893,6 +894,46 @@ static void test_scaled_add() {
   }
 }
 
+// magnitude_drop_cpu against a stable sort by decreasing magnitude: exactly the k largest kept, ties at the
+// cut-off to the earliest, signed zeros and an inf among them; the same bits on 1 and 3 threads.
+static void test_magnitude_drop() {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::normal_distribution<float> normal;
+  for (int64_t n : {int64_t(1), int64_t(7), int64_t(1037), int64_t(300001)}) {
+    for (int tied = 0; tied < 2; ++tied) {
+      std::vector<float> x(static_cast<size_t>(n));
+      for (auto& v : x) v = tied ? std::ldexp(static_cast<float>(small(rng)), -9) : normal(rng);
+      if (n > 100) {
+        x[17] = -0.0f;
+        x[50] = std::numeric_limits<float>::infinity();
+      }
+      std::vector<int64_t> order(static_cast<size_t>(n));
+      for (int64_t j = 0; j < n; ++j) order[j] = j;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return std::fabs(x[a]) > std::fabs(x[b]);
+      });
+      for (int64_t k : {int64_t(1), n / 3 + 1, n}) {
+        std::vector<char> keep(static_cast<size_t>(n), 0);
+        for (int64_t r = 0; r < k; ++r) keep[order[r]] = 1;
+        std::vector<float> a = x, b = x;
+        double l1a[2], l1b[2];
+        magnitude_drop_cpu(a.data(), n, k, l1a, SerialRunner());
+        magnitude_drop_cpu(b.data(), n, k, l1b, ThreadRunner(3));
+        int64_t wrong = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const float expect = keep[j] ? x[j] : x[j] * 0.0f;
+          wrong += std::memcmp(&expect, &a[j], sizeof(float)) != 0 && !(std::isnan(expect) && std::isnan(a[j]));
+        }
+        CHECK(wrong == 0, "n %lld k %lld tied %d: %lld entries differ", (long long)n, (long long)k, tied,
+              (long long)wrong);
+        CHECK(std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0 && std::memcmp(l1a, l1b, sizeof(l1a)) == 0,
+              "n %lld: 1 and 3 threads differ", (long long)n);
+      }
+    }
+  }
+}
+
 int main() {
   test_triangle_enumeration();
   test_ranges();
@@ -911,6 +952,7 @@ int main() {
   test_philox_known_answers();
   test_dare_drop();
   test_consensus_merge();
+  test_magnitude_drop();
   test_scaled_add();
   test_wmma_layout();
   test_wmma_kernel_twin();

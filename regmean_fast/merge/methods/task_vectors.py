@@ -19,7 +19,8 @@ the order or the shards of the run. (mergekit draws torch.bernoulli from the glo
 differ from ours for any seed; the distribution is the same.) The rescale factor ||delta||_1 / ||kept||_1 is
 folded into the model's coefficient (one multiply per entry, in the consensus pass).
 The passes over a whole tensor (top-k, draws, L1 norms, consensus) go a slice of ops.TASK_VECTOR_SLICE entries
-at a time, or through compiled kernels on float32 CPU tensors (ops.dare_drop_, ops.consensus_merge_): the
+at a time, or through compiled kernels on float32 CPU tensors (ops.magnitude_drop_, ops.dare_drop_,
+ops.consensus_merge_): the
 same values as on the whole tensor, with a slice's temporaries only (the L1 norms are fp64 sums of partial
 fp64 sums: an order of summation of their own, within fp64 rounding of one whole-tensor sum)."""
 
@@ -115,6 +116,15 @@ def _l1(x: torch.Tensor) -> float:
     return sum(float(part.abs().sum(dtype=torch.float64)) for (part,) in _slices(x))
 
 
+def torch_magnitude_drop_(delta: torch.Tensor, k: int) -> tuple[float, float]:
+    """ops.magnitude_drop_ in tensor expressions, a slice at a time (any device and dtype)."""
+    keep = magnitude_keep(delta, k)
+    before = _l1(delta)
+    for part, keep_part in _slices(delta, keep):
+        part.mul_(keep_part)
+    return before, _l1(delta)
+
+
 def rescale_factor(before: float, after: float) -> float:
     """mergekit's rescale of a sparsified delta: ||delta||_1 / ||kept||_1, when both are >= RESCALE_EPS."""
     return before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0
@@ -164,11 +174,8 @@ class TaskVectorMerge(MergeMethod):
         k = kept_count(density, d.numel())
         if k <= 0:  # refused up front (plan); mergekit asserts
             raise MergeError(f"{inputs.name}: density {density} keeps no entry of {d.numel()}")
-        keep = magnitude_keep(d, k)
-        before = _l1(d) if rescale else None
-        for part, keep_part in _slices(d, keep):
-            part.mul_(keep_part)
-        return d, rescale_factor(before, _l1(d)) if rescale else 1.0
+        before, after = ops.magnitude_drop_(d, k, torch_magnitude_drop_)
+        return d, rescale_factor(before, after) if rescale else 1.0
 
     def merge(self, inputs, params):
         base = inputs.base().contiguous()
