@@ -142,7 +142,8 @@ def bench_dare_drop(n: int, repeats: int):
 
     t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
     fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]  # (the refill timed apart, taken off)
-    return {"op": "dare_drop_", "shape": f"n={n} fp32 density 0.5", "path": rf.build_info().get("dare_drop_path", "torch"),
+    path = rf.build_info().get("dare_drop_path", "torch")
+    return {"op": "dare_drop_", "shape": f"n={n} fp32 density 0.5", "path": path,
             "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
 
 
@@ -267,8 +268,9 @@ def main(argv=None) -> int:
         ["op", "shape", "path", "fast ms", "torch ms", "speed-up", "bf16 mm ms", "fast/bf16 mm"],
     )
     print("torch ms: fp32 G.addmm_(X.T, X) for gram_update (X already fp32), torch.mm(X.T, X) in X's dtype for the "
-          "collector's shapes, the tensor expression for gram_reduce and consensus_merge_, torch.rand's drop for "
-          "dare_drop_, convert + mul/add_ for scaled_add_; bf16 mm: torch's full bf16 X.T @ X, same shape.")
+          "collector's shapes, the tensor expressions for gram_reduce, magnitude_drop_ and consensus_merge_, "
+          "torch.rand's drop for dare_drop_, convert + mul/add_ for scaled_add_; bf16 mm: torch's full bf16 X.T @ X, "
+          "same shape.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": where, "results": results}, f, indent=2)

@@ -291,7 +291,9 @@ void magnitude_drop_cpu(float* delta, int64_t n, int64_t k, double l1[2], const 
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
       int64_t ties_end = b;  // the ties before it are kept
-      for (int64_t ties = quota[static_cast<size_t>(c)]; ties > 0; ++ties_end) ties -= magnitude_bits(delta[ties_end]) == threshold;
+      for (int64_t ties = quota[static_cast<size_t>(c)]; ties > 0; ++ties_end) {
+        ties -= magnitude_bits(delta[ties_end]) == threshold;
+      }
       double before[kAcc] = {}, after[kAcc] = {};  // entry j into lane j % kAcc (b is a multiple of kAcc)
       for (int64_t j0 = b; j0 < e; j0 += kAcc) {
         const int64_t m_end = std::min<int64_t>(kAcc, e - j0);

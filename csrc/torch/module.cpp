@@ -63,7 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cpu_features"] = std::string(features);  // what the path choice saw (cpu_path.h)
     d["cpu_paths"] = std::string(paths);        // the paths REGMEAN_FAST_CPU_PATH may name here
     // DARE's draws (task_vectors_cpu.h): AVX-512 intrinsics where built and the CPU has them
-    d["dare_drop_path"] = std::string(k::dare_drop_avx512_compiled() && k::cpu_features().avx512 ? "avx512" : "portable");
+    const bool dare_avx512 = k::dare_drop_avx512_compiled() && k::cpu_features().avx512;
+    d["dare_drop_path"] = std::string(dare_avx512 ? "avx512" : "portable");
     d["torch_version"] = std::string(TORCH_VERSION);
     return d;
   });
