@@ -149,9 +149,7 @@ def bench_dare_drop(n: int, repeats: int):
 
 def bench_magnitude_drop(n: int, repeats: int):
     """TIES's top-k drop (density 0.5): the compiled radix select + drop against the same in tensor expressions
-    (task_vectors.torch_magnitude_drop_: a radix select by bincount over slices, the mask, fp64 L1 norms)."""
-    from regmean_fast.merge.methods.task_vectors import torch_magnitude_drop_
-
+    (ops.torch_magnitude_drop_: a radix select by bincount over slices, the mask, fp64 L1 norms)."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(n, generator=g)
     work = x.clone()
@@ -162,7 +160,7 @@ def bench_magnitude_drop(n: int, repeats: int):
 
     def plain():
         work.copy_(x)
-        torch_magnitude_drop_(work, n // 2)
+        ops.torch_magnitude_drop_(work, n // 2)
 
     def copy():
         work.copy_(x)

@@ -533,12 +533,85 @@ def philox_words(first: int, count: int, key: tuple[int, int], device=None) -> t
 TASK_VECTOR_SLICE = 1 << 20  # entries per pass of the torch paths (their temporaries are a slice's)
 
 
+_BITS_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _slices(*tensors):
+    """Matching flat slices of contiguous tensors of the same number of entries, in order (views: writing
+    into a slice writes into the tensor)."""
+    flats, step = [t.view(-1) for t in tensors], TASK_VECTOR_SLICE
+    for a in range(0, flats[0].numel(), step):
+        yield [f[a:a + step] for f in flats]
+
+
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x|'s bit patterns as integers (the sign bit cleared): ordered as the magnitudes are (finite or inf)."""
+    return x.view(_BITS_DTYPE[x.element_size()]) & ((1 << (8 * x.element_size() - 1)) - 1)
+
+
+def _kth_largest_magnitude(x: torch.Tensor, k: int) -> tuple[int, int]:
+    """(the bit pattern of the k-th largest |entry| of x, how many entries are strictly larger). A radix
+    select over the magnitudes' bit patterns, 16 bits a pass, each pass a histogram (bincount) built a slice
+    at a time: the exact order statistic without a copy of x (torch.kthvalue copies it and adds int64
+    indices: 3x the tensor's size)."""
+    width = 8 * x.element_size() - 1
+    prefix, done, need, larger = 0, 0, k, 0  # the answer's top `done` bits; `need`: its rank among those
+    while done < width:
+        digits = min(16, width - done)
+        shift = width - done - digits
+        hist = torch.zeros(1 << digits, dtype=torch.int64, device=x.device)
+        for (part,) in _slices(x):
+            m = _magnitude_bits(part)
+            if done:
+                m = m[(m >> (shift + digits)) == prefix]
+            hist += torch.bincount((m >> shift) & ((1 << digits) - 1), minlength=1 << digits)
+        from_top = hist.flip(0).cumsum(0)  # entries whose digit is >= (top digit - j)
+        j = int(torch.searchsorted(from_top, need))
+        digit = (1 << digits) - 1 - j
+        above = int(from_top[j]) - int(hist[digit])
+        larger, need = larger + above, need - above
+        prefix, done = (prefix << digits) | digit, done + digits
+    return prefix, larger
+
+
+def magnitude_keep(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k entries of largest magnitude; ties at the k-th magnitude go to the earliest entries."""
+    src = (x.cpu() if x.device.type == "mps" else x).contiguous()  # (no bincount on MPS)
+    threshold, larger = _kth_largest_magnitude(src, k)
+    short = k - larger  # entries at the k-th magnitude that are kept: the first ones
+    keep = torch.empty(src.shape, dtype=torch.bool, device=src.device)
+    for part, keep_part in _slices(src, keep):
+        m = _magnitude_bits(part)
+        torch.gt(m, threshold, out=keep_part)
+        if short > 0:
+            at = m == threshold
+            n_at = int(at.sum())
+            if n_at > short:  # the first `short` of them (int32 running count: half the memory of int64)
+                at &= torch.cumsum(at, 0, dtype=torch.int32) <= short
+                n_at = short
+            keep_part |= at
+            short -= n_at
+    return keep.to(x.device)
+
+
+def _l1(x: torch.Tensor) -> float:
+    """sum |x| in fp64, a slice at a time (a whole-tensor fp64 sum makes an fp64 copy of x)."""
+    return sum(float(part.abs().sum(dtype=torch.float64)) for (part,) in _slices(x))
+
+
+def torch_magnitude_drop_(delta: torch.Tensor, k: int) -> tuple[float, float]:
+    """magnitude_drop_ in tensor expressions, a slice at a time (any device and dtype)."""
+    keep = magnitude_keep(delta, k)
+    before = _l1(delta)
+    for part, keep_part in _slices(delta, keep):
+        part.mul_(keep_part)
+    return before, _l1(delta)
+
+
 def torch_dare_drop_(delta: torch.Tensor, key: tuple[int, int], threshold: int) -> tuple[float, float]:
     """dare_drop_ in tensor expressions, a slice of TASK_VECTOR_SLICE entries at a time (any device, dtype)."""
-    flat = delta.view(-1)
     before = after = 0.0
-    for a in range(0, flat.numel(), TASK_VECTOR_SLICE):
-        part = flat[a:a + TASK_VECTOR_SLICE]
+    for a, (part,) in zip(range(0, delta.numel(), TASK_VECTOR_SLICE), _slices(delta)):
         before += float(part.abs().sum(dtype=torch.float64))
         part.mul_(philox_words(a, part.numel(), key, part.device) < threshold)
         after += float(part.abs().sum(dtype=torch.float64))
@@ -560,11 +633,11 @@ def dare_drop_(delta: torch.Tensor, key: tuple[int, int], threshold: int) -> tup
     return torch_dare_drop_(delta, key, threshold)
 
 
-def magnitude_drop_(delta: torch.Tensor, k: int, torch_path=None) -> tuple[float, float]:
+def magnitude_drop_(delta: torch.Tensor, k: int) -> tuple[float, float]:
     """In place: TIES's magnitude sparsification of a contiguous tensor: the k entries of largest magnitude are
     kept (among equal magnitudes at the cut-off, the earliest), the others multiplied by 0. Returns (sum |delta|
     before, after) in fp64. Compiled for float32 CPU tensors (a radix select over the magnitudes' bits, then one
-    pass); elsewhere torch_path(delta, k) (the method's tensor expressions)."""
+    pass); elsewhere torch_magnitude_drop_."""
     if not delta.is_contiguous():
         raise ValueError("magnitude_drop_: delta must be contiguous")
     if not 1 <= k <= delta.numel():
@@ -572,14 +645,12 @@ def magnitude_drop_(delta: torch.Tensor, k: int, torch_path=None) -> tuple[float
     if (_ext.HAVE_EXTENSION and hasattr(_ext._C, "magnitude_drop_") and delta.device.type == "cpu"
             and delta.dtype == torch.float32):
         return _ext._C.magnitude_drop_(delta, int(k))
-    return torch_path(delta, k)
+    return torch_magnitude_drop_(delta, k)
 
 
 def torch_consensus_merge_(base, deltas, coeffs, weights, normalize: bool, scaling: float) -> torch.Tensor:
     """consensus_merge_ in tensor expressions, a slice at a time (any device, dtype)."""
-    flats = [t.view(-1) for t in (base, *deltas)]
-    for a in range(0, base.numel(), TASK_VECTOR_SLICE):
-        base_part, *parts = (f[a:a + TASK_VECTOR_SLICE] for f in flats)
+    for base_part, *parts in _slices(base, *deltas):
         taus = [p * c for p, c in zip(parts, coeffs)]
         elected = torch.where(sum(taus) >= 0, 1.0, -1.0).to(base.dtype)
         mixed = torch.zeros_like(base_part)

@@ -39,67 +39,6 @@ RESCALE_EPS = 1e-7  # below it an L1 norm is not rescaled to (mergekit's)
 DIVISOR_EPS = 1e-8  # |sum of weights| below it is not divided by (mergekit's, without consensus)
 
 
-_BITS_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _slices(*tensors):
-    """Matching flat slices of contiguous tensors of the same number of entries, in order (views: writing
-    into a slice writes into the tensor)."""
-    flats, step = [t.view(-1) for t in tensors], ops.TASK_VECTOR_SLICE
-    for a in range(0, flats[0].numel(), step):
-        yield [f[a:a + step] for f in flats]
-
-
-def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """|x|'s bit patterns as integers (the sign bit cleared): ordered as the magnitudes are (finite or inf)."""
-    return x.view(_BITS_DTYPE[x.element_size()]) & ((1 << (8 * x.element_size() - 1)) - 1)
-
-
-def _kth_largest_magnitude(x: torch.Tensor, k: int) -> tuple[int, int]:
-    """(the bit pattern of the k-th largest |entry| of x, how many entries are strictly larger). A radix
-    select over the magnitudes' bit patterns, 16 bits a pass, each pass a histogram (bincount) built a slice
-    at a time: the exact order statistic without a copy of x (torch.kthvalue copies it and adds int64
-    indices: 3x the tensor's size)."""
-    width = 8 * x.element_size() - 1
-    prefix, done, need, larger = 0, 0, k, 0  # the answer's top `done` bits; `need`: its rank among those
-    while done < width:
-        digits = min(16, width - done)
-        shift = width - done - digits
-        hist = torch.zeros(1 << digits, dtype=torch.int64, device=x.device)
-        for (part,) in _slices(x):
-            m = _magnitude_bits(part)
-            if done:
-                m = m[(m >> (shift + digits)) == prefix]
-            hist += torch.bincount((m >> shift) & ((1 << digits) - 1), minlength=1 << digits)
-        from_top = hist.flip(0).cumsum(0)  # entries whose digit is >= (top digit - j)
-        j = int(torch.searchsorted(from_top, need))
-        digit = (1 << digits) - 1 - j
-        above = int(from_top[j]) - int(hist[digit])
-        larger, need = larger + above, need - above
-        prefix, done = (prefix << digits) | digit, done + digits
-    return prefix, larger
-
-
-def magnitude_keep(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k entries of largest magnitude; ties at the k-th magnitude go to the earliest entries."""
-    src = (x.cpu() if x.device.type == "mps" else x).contiguous()  # (no bincount on MPS)
-    threshold, larger = _kth_largest_magnitude(src, k)
-    short = k - larger  # entries at the k-th magnitude that are kept: the first ones
-    keep = torch.empty(src.shape, dtype=torch.bool, device=src.device)
-    for part, keep_part in _slices(src, keep):
-        m = _magnitude_bits(part)
-        torch.gt(m, threshold, out=keep_part)
-        if short > 0:
-            at = m == threshold
-            n_at = int(at.sum())
-            if n_at > short:  # the first `short` of them (int32 running count: half the memory of int64)
-                at &= torch.cumsum(at, 0, dtype=torch.int32) <= short
-                n_at = short
-            keep_part |= at
-            short -= n_at
-    return keep.to(x.device)
-
-
 def dare_key(seed: int, name: str, i: int) -> tuple[int, int]:
     """The Philox key of model i's mask of tensor `name` under `seed`: the first 8 bytes of a sha256."""
     digest = hashlib.sha256(f"{seed}\0{name}\0{i}".encode()).digest()
@@ -109,20 +48,6 @@ def dare_key(seed: int, name: str, i: int) -> tuple[int, int]:
 def keep_threshold(density: float) -> int:
     """The Philox word below which an entry is kept: ceil(density * 2^32) (exact: a power-of-two scaling)."""
     return math.ceil(density * (1 << 32))
-
-
-def _l1(x: torch.Tensor) -> float:
-    """sum |x| in fp64, a slice at a time (a whole-tensor fp64 sum makes an fp64 copy of x)."""
-    return sum(float(part.abs().sum(dtype=torch.float64)) for (part,) in _slices(x))
-
-
-def torch_magnitude_drop_(delta: torch.Tensor, k: int) -> tuple[float, float]:
-    """ops.magnitude_drop_ in tensor expressions, a slice at a time (any device and dtype)."""
-    keep = magnitude_keep(delta, k)
-    before = _l1(delta)
-    for part, keep_part in _slices(delta, keep):
-        part.mul_(keep_part)
-    return before, _l1(delta)
 
 
 def rescale_factor(before: float, after: float) -> float:
@@ -174,7 +99,7 @@ class TaskVectorMerge(MergeMethod):
         k = kept_count(density, d.numel())
         if k <= 0:  # refused up front (plan); mergekit asserts
             raise MergeError(f"{inputs.name}: density {density} keeps no entry of {d.numel()}")
-        before, after = ops.magnitude_drop_(d, k, torch_magnitude_drop_)
+        before, after = ops.magnitude_drop_(d, k)
         return d, rescale_factor(before, after) if rescale else 1.0
 
     def merge(self, inputs, params):
