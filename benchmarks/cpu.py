@@ -118,18 +118,23 @@ def bench_reduce(d: int, k: int, repeats: int, packed: bool = False):
     }
 
 
+def _in_place(op: str, shape: str, path: str, refill, fast, plain, repeats: int) -> dict:
+    """A row for two in-place ops whose input must be refilled before each call: the refill is timed on its
+    own, in the same turns, and taken off both."""
+    t = interleaved_medians({"fast": lambda: (refill(), fast()), "plain": lambda: (refill(), plain()),
+                             "refill": refill}, repeats)
+    fast_s, plain_s = t["fast"] - t["refill"], t["plain"] - t["refill"]
+    return {"op": op, "shape": shape, "path": path, "fast_s": fast_s, "torch_s": plain_s,
+            "speedup": plain_s / fast_s}
+
+
 def bench_dare_drop(n: int, repeats: int):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, generator=g)
     work = x.clone()
     key, threshold = (123, 456), 1 << 31
 
-    def fast():
-        work.copy_(x)
-        ops.dare_drop_(work, key, threshold)
-
     def plain():  # the same contract the way torch offers: its serial CPU generator
-        work.copy_(x)
         gen = torch.Generator().manual_seed(7)
         for a in range(0, n, 1 << 20):
             part = work[a:a + (1 << 20)]
@@ -137,14 +142,8 @@ def bench_dare_drop(n: int, repeats: int):
             part.mul_(torch.rand(part.numel(), generator=gen) < 0.5)
             part.abs().sum(dtype=torch.float64)
 
-    def copy():
-        work.copy_(x)
-
-    t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
-    fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]  # (the refill timed apart, taken off)
-    path = rf.build_info().get("dare_drop_path", "torch")
-    return {"op": "dare_drop_", "shape": f"n={n} fp32 density 0.5", "path": path,
-            "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
+    return _in_place("dare_drop_", f"n={n} fp32 density 0.5", rf.build_info().get("dare_drop_path", "torch"),
+                     lambda: work.copy_(x), lambda: ops.dare_drop_(work, key, threshold), plain, repeats)
 
 
 def bench_magnitude_drop(n: int, repeats: int):
@@ -153,22 +152,9 @@ def bench_magnitude_drop(n: int, repeats: int):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(n, generator=g)
     work = x.clone()
-
-    def fast():
-        work.copy_(x)
-        ops.magnitude_drop_(work, n // 2)
-
-    def plain():
-        work.copy_(x)
-        ops.torch_magnitude_drop_(work, n // 2)
-
-    def copy():
-        work.copy_(x)
-
-    t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
-    fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]
-    return {"op": "magnitude_drop_", "shape": f"n={n} fp32 density 0.5", "path": "cpu",
-            "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
+    return _in_place("magnitude_drop_", f"n={n} fp32 density 0.5", "cpu", lambda: work.copy_(x),
+                     lambda: ops.magnitude_drop_(work, n // 2), lambda: ops.torch_magnitude_drop_(work, n // 2),
+                     repeats)
 
 
 def bench_consensus(n: int, k: int, repeats: int):
@@ -176,23 +162,10 @@ def bench_consensus(n: int, k: int, repeats: int):
     deltas = [torch.randn(n, generator=g) for _ in range(k)]
     base = torch.randn(n, generator=g)
     out = base.clone()
-    coeffs, weights = [1.0, 0.5, 0.8][:k] + [1.0] * max(0, k - 3), [1.0] * k
-
-    def fast():
-        out.copy_(base)
-        ops.consensus_merge_(out, deltas, coeffs, weights, True, 1.0)
-
-    def plain():
-        out.copy_(base)
-        ops.torch_consensus_merge_(out, deltas, coeffs, weights, True, 1.0)
-
-    def copy():
-        out.copy_(base)
-
-    t = interleaved_medians({"fast": fast, "plain": plain, "copy": copy}, repeats)
-    fast_s, plain_s = t["fast"] - t["copy"], t["plain"] - t["copy"]
-    return {"op": "consensus_merge_", "shape": f"K={k} n={n} fp32", "path": "cpu",
-            "fast_s": fast_s, "torch_s": plain_s, "speedup": plain_s / fast_s}
+    args = (deltas, [1.0, 0.5, 0.8][:k] + [1.0] * max(0, k - 3), [1.0] * k, True, 1.0)
+    return _in_place("consensus_merge_", f"K={k} n={n} fp32", "cpu", lambda: out.copy_(base),
+                     lambda: ops.consensus_merge_(out, *args), lambda: ops.torch_consensus_merge_(out, *args),
+                     repeats)
 
 
 def bench_scaled_add(n: int, k: int, repeats: int):
