@@ -29,9 +29,8 @@ constexpr int64_t kDropChunk = 1 << 16;    // entries per task and per partial s
 constexpr int kAcc = 8;                    // partial sums per chunk (vertical adds vectorise; fixed order)
 
 // The keep factors (1 kept, 0 dropped: v * 1 is v, v * 0 is torch's drop) of entries [4 * first_block,
-// 4 * first_block + kGroup) into keep: philox4x32_10 (philox.h,
-// the one-block definition) written lane by lane so that the lanes vectorise (32x32->64-bit products:
-// vpmuludq).
+// 4 * first_block + kGroup) into keep: philox4x32_10 (philox.h, the one-block definition) written lane by
+// lane so that the lanes vectorise.
 void draw_group(uint64_t first_block, const uint32_t key[2], uint64_t threshold, float* keep) {
   // The words live in 64-bit lanes (always < 2^32): a product of two values masked to 32 bits is the idiom
   // compilers turn into the vector 32x32->64-bit multiply (pmuludq), where uint32 lanes widened for the

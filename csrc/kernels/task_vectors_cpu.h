@@ -1,6 +1,6 @@
 // The per-entry passes of the task-vector merges (ties, dare_ties, dare_linear), CPU, fp32, contiguous
-// buffers. Raw pointers; no torch. The pure-PyTorch references are regmean_fast.ops.torch_dare_drop_ and
-// torch_consensus_merge_ (the paths taken on other devices and dtypes).
+// buffers. Raw pointers; no torch. The pure-PyTorch references are regmean_fast.ops.torch_magnitude_drop_,
+// torch_dare_drop_ and torch_consensus_merge_ (the paths taken on other devices and dtypes).
 #pragma once
 
 #include <cstdint>
