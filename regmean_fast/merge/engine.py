@@ -30,7 +30,7 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> None:
 
 # Per-tensor items larger than this free the group scratch buffers first (embeddings, heads); the small
 # ones between groups (norms, biases) keep them. The per-tensor items' own buffers (names starting with
-# TENSOR_SCRATCH: a model's tensor as read and converted) are kept from one per-tensor item to the next
+# TENSOR_SCRATCH: a model's tensor as read) are kept from one per-tensor item to the next
 # and freed by a group.
 SCRATCH_KEEP_BYTES = 1 << 20
 TENSOR_SCRATCH = "tensor."
@@ -124,16 +124,6 @@ class Engine:
         t = self.sources[i].get(name)
         _finite_or_raise(t, f"{self._src_label(i)}: tensor {name}")
         return t.to(device=self.device, dtype=None if stored_dtype else self.compute_dtype)
-
-    def _load_reused(self, i: int, name: str) -> torch.Tensor:
-        """Model i's tensor on the device in the compute dtype, read (and converted) into the per-tensor scratch
-        buffers: valid until the next call."""
-        src = self.sources[i]
-        shape, stored = tuple(src.shape(name)), src.dtype(name)
-        t = self._load_stored(i, name)
-        if stored == self.compute_dtype:
-            return t
-        return self._scratch(TENSOR_SCRATCH + "compute", shape, self.compute_dtype).copy_(t)
 
     def _load_stored(self, i: int, name: str) -> torch.Tensor:
         """Model i's tensor on the device as stored, read into the per-tensor scratch buffer: valid until the
@@ -249,7 +239,7 @@ class Engine:
             base=(lambda: self._load_base(name)) if self.base is not None else (lambda: None),
             fisher=(lambda i: self._load_fisher(i, name)) if self.gramsets is not None else (lambda i: None),
             model_params=r.model_params, seed=plan.seed,
-            load_reused=lambda i: self._load_reused(i, name), load_stored=lambda i: self._load_stored(i, name),
+            load_stored=lambda i: self._load_stored(i, name),
             compute_dtype=self.compute_dtype)
         if item.method == "fisher":
             fs = [self._load_fisher(i, name) for i in range(self.k)]

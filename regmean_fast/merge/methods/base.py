@@ -17,10 +17,10 @@ REQUIRED = object()  # a parameter without a default
 class TensorInputs:
     """One output tensor's inputs, loaded lazily (so a method can stream over the K models).
 
-    load(i) -> model i's tensor in the compute dtype on the compute device, a fresh one (load_reused(i): the
-    same values in buffers reused from call to call, valid until the next call: for a method that only reads
-    it, with no fresh pages per model; load_stored(i): the same as stored, before any conversion); base() likewise for the base model (None without one); fisher(i) ->
-    model i's diagonal Fisher or None.
+    load(i) -> model i's tensor in the compute dtype on the compute device, a fresh one (load_stored(i): as
+    stored, in a buffer reused from call to call, valid until the next call: for a method that only reads it,
+    with no fresh pages per model and no conversion); base() likewise for the base model (None without one);
+    fisher(i) -> model i's diagonal Fisher or None.
     coeffs: the models' weights scaled to sum to 1; raw_weights: as given.
     """
 
@@ -34,11 +34,8 @@ class TensorInputs:
     model_params: list = field(default_factory=list)
     seed: int = 0
     info: dict = field(default_factory=dict)
-    load_reused: Callable[[int], torch.Tensor] | None = None
-    # load_stored(i): model i's tensor as stored (its checkpoint's dtype) on the compute device, in a reused
-    # buffer valid until the next call; compute_dtype: the dtype the method computes in.
     load_stored: Callable[[int], torch.Tensor] | None = None
-    compute_dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float32  # the dtype the methods compute in
 
 
 class MergeMethod:
@@ -89,29 +86,16 @@ class MergeMethod:
 
 
 def weighted_average(inputs: TensorInputs, coeffs=None) -> torch.Tensor:
-    """sum_i c_i W_i (c: inputs.coeffs unless given), streaming over the models: from each model's tensor as
-    stored (load_stored) into a fresh result where the engine offers it, else from the compute dtype."""
+    """sum_i c_i W_i (c: inputs.coeffs unless given) into a fresh tensor of the compute dtype, streaming over the
+    models, each read as stored where the engine offers it (load_stored: no converted copy per model)."""
     c = inputs.coeffs if coeffs is None else coeffs
-    if inputs.load_stored is not None:
-        acc = None
-        for i in range(inputs.k):
-            t = inputs.load_stored(i)
-            if acc is None:
-                acc = torch.empty(t.shape, dtype=inputs.compute_dtype, device=t.device)
-            ops.scaled_add_(acc, t, c[i], assign=i == 0)
-        return acc
-    load = inputs.load_reused or inputs.load
+    load = inputs.load_stored or inputs.load
     acc = None
     for i in range(inputs.k):
         t = load(i)
-        if acc is None:  # the result: a fresh tensor (a reused buffer is copied)
-            if c[i] != 1.0:
-                acc = torch.mul(t, c[i])
-            else:
-                acc = t.clone() if inputs.load_reused else t
-        else:
-            acc.add_(t, alpha=c[i])
-        del t
+        if acc is None:
+            acc = torch.empty(t.shape, dtype=inputs.compute_dtype, device=t.device)
+        ops.scaled_add_(acc, t, c[i], assign=i == 0)
     return acc
 
 
